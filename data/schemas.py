@@ -1,0 +1,163 @@
+"""One pyarrow schema per table, checked on every write.
+
+Every table carries ``round`` as a real column (not only as a hive partition in
+the path), so a single Parquet file is self-describing when copied out of the
+workspace, and the DuckDB views can read with ``hive_partitioning=false`` and
+never disagree with the file about which round a row belongs to.
+
+A sample record (table ``samples``)::
+
+    {"round": 1, "problem_id": "arith-train-000017", "sample_idx": 0,
+     "completion": "<think>\\n3 + 4 = 7 ...\\n</think>\\n\\nAnswer: 7",
+     "token_ids": [5, 71, ...], "prompt_tokens": 23, "think_tokens": 41,
+     "answer_tokens": 4, "total_tokens": 46, "finish_reason": "stop",
+     "truncated": False, "correct": True, "pred_answer": "7", "model": "..."}
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Columns shared by every table that holds generated traces (samples, rewrites,
+# evals). The rest of the system relies on these names.
+TRACE_FIELDS: list[pa.Field] = [
+    pa.field("round", pa.int32(), nullable=False),
+    pa.field("problem_id", pa.string(), nullable=False),
+    pa.field("sample_idx", pa.int32(), nullable=False),
+    pa.field("completion", pa.string(), nullable=False),
+    pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("prompt_tokens", pa.int32(), nullable=False),
+    pa.field("think_tokens", pa.int32(), nullable=False),
+    pa.field("answer_tokens", pa.int32(), nullable=False),
+    pa.field("total_tokens", pa.int32(), nullable=False),
+    pa.field("finish_reason", pa.string(), nullable=False),  # "stop" | "length"
+    pa.field("truncated", pa.bool_(), nullable=False),
+    pa.field("correct", pa.bool_(), nullable=False),
+    pa.field("pred_answer", pa.string()),  # None when no answer could be extracted
+    pa.field("model", pa.string(), nullable=False),  # identity of the generating model
+]
+
+PROBLEMS = pa.schema(
+    [
+        pa.field("round", pa.int32(), nullable=False),
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("family", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),  # "train" | "test" | "heldout"
+        pa.field("difficulty", pa.int32(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),  # the question, not chat-formatted
+        pa.field("answer", pa.string(), nullable=False),  # gold answer, canonical text
+        pa.field("source", pa.string(), nullable=False),  # "builtin" or the user's file
+    ]
+)
+
+SAMPLES = pa.schema(TRACE_FIELDS)
+
+REWRITES = pa.schema(
+    [
+        *TRACE_FIELDS,
+        # The student sample this rewrite was made from, denormalised so the
+        # filter and users' SQL need no join for the common questions.
+        pa.field("orig_think_tokens", pa.int32(), nullable=False),
+        pa.field("orig_total_tokens", pa.int32(), nullable=False),
+        pa.field("orig_correct", pa.bool_(), nullable=False),
+        pa.field("orig_truncated", pa.bool_(), nullable=False),
+    ]
+)
+
+# Teacher top-k per target token, flattened row-major: entry t*k + j is the j-th
+# candidate at target position t. Logprobs are quantised to int16 in units of
+# LOGPROB_SCALE nats (clipped at LOGPROB_MIN): 2 bytes instead of 4, resolution
+# 0.001 nats, which is far below what training can resolve.
+LOGPROB_SCALE = 1e-3
+LOGPROB_MIN = -32.0
+SCORES = pa.schema(
+    [
+        pa.field("round", pa.int32(), nullable=False),
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("sample_idx", pa.int32(), nullable=False),
+        pa.field("k", pa.int32(), nullable=False),
+        pa.field("num_tokens", pa.int32(), nullable=False),
+        pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("topk_logprobs_q", pa.list_(pa.int16()), nullable=False),
+        pa.field("context", pa.string(), nullable=False),  # "problem" | "rewrite"
+        pa.field("model", pa.string(), nullable=False),
+    ]
+)
+
+DECISIONS = pa.schema(
+    [
+        pa.field("round", pa.int32(), nullable=False),
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("sample_idx", pa.int32(), nullable=False),
+        pa.field("kept", pa.bool_(), nullable=False),
+        # "kept" | "wrong" | "truncated" | "not_shorter" | "duplicate" | "no_answer"
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("think_tokens", pa.int32(), nullable=False),
+        pa.field("orig_think_tokens", pa.int32(), nullable=False),
+        pa.field("ratio", pa.float64()),  # think_tokens / orig_think_tokens
+    ]
+)
+
+TRAIN_LOG = pa.schema(
+    [
+        pa.field("round", pa.int32(), nullable=False),
+        pa.field("step", pa.int32(), nullable=False),
+        pa.field("loss", pa.float64()),
+        pa.field("tokens", pa.int64(), nullable=False),
+        pa.field("grad_norm", pa.float64()),
+        pa.field("lr", pa.float64(), nullable=False),
+        pa.field("skipped", pa.bool_(), nullable=False),
+        pa.field("elapsed_s", pa.float64(), nullable=False),
+    ]
+)
+
+EVALS = pa.schema(
+    [
+        *TRACE_FIELDS,
+        pa.field("split", pa.string(), nullable=False),  # "test" | "heldout"
+        pa.field("family", pa.string(), nullable=False),
+    ]
+)
+
+# table name -> schema. Table names are what SQL users see.
+TABLES: dict[str, pa.Schema] = {
+    "problems": PROBLEMS,
+    "samples": SAMPLES,
+    "rewrites": REWRITES,
+    "scores": SCORES,
+    "decisions": DECISIONS,
+    "train_log": TRAIN_LOG,
+    "evals": EVALS,
+}
+
+
+class SchemaError(ValueError):
+    """A table about to be written does not match its declared schema."""
+
+
+def conform(table: pa.Table, schema: pa.Schema, *, name: str = "table") -> pa.Table:
+    """Return ``table`` cast to ``schema`` or raise :class:`SchemaError`.
+
+    Missing or unexpected columns are errors (a typo in a column name must not
+    silently produce a NULL column); safe casts (int64 -> int32 when values fit,
+    large_string -> string) are applied so producers can build tables from
+    plain Python lists. Nulls in non-nullable columns are errors.
+    """
+    have, want = set(table.column_names), set(schema.names)
+    if missing := sorted(want - have):
+        raise SchemaError(f"{name}: missing column(s) {', '.join(missing)}")
+    if extra := sorted(have - want):
+        raise SchemaError(f"{name}: unexpected column(s) {', '.join(extra)}")
+    table = table.select(schema.names)
+    columns = []
+    for field in schema:
+        col = table.column(field.name)
+        if not field.nullable and col.null_count:
+            raise SchemaError(f"{name}: column {field.name!r} has {col.null_count} null value(s)")
+        try:
+            columns.append(col.cast(field.type, safe=True))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise SchemaError(
+                f"{name}: column {field.name!r} is {col.type}, expected {field.type} ({exc})"
+            ) from None
+    return pa.Table.from_arrays(columns, schema=schema)

@@ -1,0 +1,304 @@
+"""The stage store: staging, shards, atomic commit, manifests, look-up.
+
+Layout, per stage run ``(stage, round)``::
+
+    <ws>/.staging/<stage>/round=<r>/<key16>/     work in progress (invisible to SQL)
+        part-00000.parquet                       a finished shard (renamed into place)
+        _shards/part-00000.parquet.json          its completion marker, written after it
+    <ws>/<stage>/round=<r>/                      committed: one atomic rename
+        part-00000.parquet ... _manifest.json
+
+A committed manifest::
+
+    {"stage": "sample", "round": 1, "key": "9f2c...", "rows": 512,
+     "files": [{"path": "part-00000.parquet", "bytes": 81234, "rows": 64,
+                "sha256": "..."}], "started_at": ..., "finished_at": ...,
+     "duration_s": 12.3, "resumed_shards": 3, "code_version": "0.1.0+ab12cd34",
+     "extra": {...}}
+
+The disk is the source of truth: a stage is done when its manifest exists,
+names the requested key, and every file it lists exists with the recorded size
+and sha256. Anything else is "not done" and will be recomputed.
+
+Staging is keyed by the stage key, so a restart with the *same* key finds the
+shards that finished before a crash (their marker is written after the shard
+was renamed into place, so a marker implies a whole shard) and redoes only the
+rest; a restart with a different key starts clean and cannot mix inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data.fsutil import atomic_write_json, fsync_dir, sha256_file
+from data.schemas import conform
+
+MANIFEST = "_manifest.json"
+SHARD_MARKERS = "_shards"
+STAGING = ".staging"
+TRASH = ".trash"
+PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd"}
+
+
+@dataclass
+class FileEntry:
+    path: str
+    bytes: int
+    sha256: str
+    rows: int | None = None
+
+
+@dataclass
+class Manifest:
+    stage: str
+    round: int
+    key: str
+    files: list[FileEntry]
+    rows: int
+    started_at: float
+    finished_at: float
+    duration_s: float
+    code_version: str
+    resumed_shards: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Manifest:
+        files = [FileEntry(**f) for f in raw.pop("files")]
+        return cls(files=files, **raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CorruptShardError(RuntimeError):
+    """A shard's marker disagrees with its file (or the file is missing)."""
+
+
+class StageStore:
+    """All stage runs of one workspace."""
+
+    def __init__(self, workspace: Path | str) -> None:
+        self.workspace = Path(workspace).resolve()
+
+    def stage_dir(self, stage: str, round_: int) -> Path:
+        return self.workspace / stage / f"round={round_}"
+
+    def manifest(self, stage: str, round_: int) -> Manifest | None:
+        """The committed manifest, or None when absent or unreadable."""
+        path = self.stage_dir(stage, round_) / MANIFEST
+        try:
+            return Manifest.from_dict(json.loads(path.read_text()))
+        except (FileNotFoundError, ValueError, TypeError, KeyError):
+            return None
+
+    def validate(self, stage: str, round_: int, *, deep: bool = True) -> list[str]:
+        """Problems with the committed output; empty means valid.
+
+        ``deep`` re-hashes every file: slower, but it is what catches a shard
+        overwritten in place or truncated to the same size.
+        """
+        man = self.manifest(stage, round_)
+        if man is None:
+            return [f"{stage} round {round_}: no readable manifest"]
+        base = self.stage_dir(stage, round_)
+        problems = []
+        for entry in man.files:
+            path = base / entry.path
+            if not path.is_file():
+                problems.append(f"{stage} round {round_}: missing file {entry.path}")
+            elif path.stat().st_size != entry.bytes:
+                problems.append(f"{stage} round {round_}: {entry.path} has the wrong size")
+            elif deep and sha256_file(path) != entry.sha256:
+                problems.append(f"{stage} round {round_}: {entry.path} is corrupt (sha256)")
+        return problems
+
+    def lookup(self, stage: str, round_: int, key: str, *, deep: bool = True) -> Manifest | None:
+        """The committed manifest if it has ``key`` and validates; else None (a miss)."""
+        man = self.manifest(stage, round_)
+        if man is None or man.key != key or self.validate(stage, round_, deep=deep):
+            return None
+        return man
+
+    def writer(self, stage: str, round_: int, key: str, *, code_version: str = "") -> StageWriter:
+        return StageWriter(self, stage, round_, key, code_version=code_version)
+
+    def committed(self) -> list[Manifest]:
+        """Every committed stage run, sorted by round then stage."""
+        out = []
+        for path in sorted(self.workspace.glob(f"*/round=*/{MANIFEST}")):
+            stage, rdir = path.parent.parent.name, path.parent.name
+            man = self.manifest(stage, int(rdir.split("=", 1)[1]))
+            if man is not None:
+                out.append(man)
+        return sorted(out, key=lambda m: (m.round, m.stage))
+
+    def invalidate(self, stage: str, round_: int) -> bool:
+        """Move a committed output aside (``mpd rerun``); True if there was one."""
+        target = self.stage_dir(stage, round_)
+        if not target.exists():
+            return False
+        _move_to_trash(self.workspace, target, f"{stage}-round={round_}")
+        return True
+
+
+class StageWriter:
+    """Writes one stage run into staging, then commits it atomically."""
+
+    def __init__(
+        self, store: StageStore, stage: str, round_: int, key: str, *, code_version: str = ""
+    ) -> None:
+        self.store, self.stage, self.round, self.key = store, stage, round_, key
+        self.code_version = code_version
+        self.dir = store.workspace / STAGING / stage / f"round={round_}" / key[:16]
+        self.markers = self.dir / SHARD_MARKERS
+        self.started_at = time.time()
+        self._drop_other_keys()
+        self.markers.mkdir(parents=True, exist_ok=True)
+        self._clean_temporaries()
+        self.resumed = self.done_shards()
+
+    # -- shards -------------------------------------------------------------
+    def shard_name(self, index: int) -> str:
+        return f"part-{index:05d}.parquet"
+
+    def done_shards(self) -> set[int]:
+        """Indices of shards whose file matches their marker; bad ones are removed."""
+        done = set()
+        for marker in self.markers.glob("part-*.parquet.json"):
+            name = marker.name.removesuffix(".json")
+            index = int(name.split("-")[1].split(".")[0])
+            try:
+                self._check_shard(name, json.loads(marker.read_text()))
+                done.add(index)
+            except (CorruptShardError, ValueError):
+                marker.unlink(missing_ok=True)
+                (self.dir / name).unlink(missing_ok=True)
+        return done
+
+    def write_shard(self, index: int, table: pa.Table, schema: pa.Schema) -> int:
+        """Write shard ``index`` atomically and mark it done; returns its rows."""
+        return self.write_table(self.shard_name(index), table, schema, marker=True)
+
+    def write_table(
+        self, name: str, table: pa.Table, schema: pa.Schema, *, marker: bool = False
+    ) -> int:
+        """Write a whole Parquet file into staging (checked against ``schema``)."""
+        table = conform(table, schema, name=f"{self.stage}/{name}")
+        path = self.dir / name
+        tmp = path.with_name(f".{name}.tmp")
+        pq.write_table(table, tmp, **PARQUET_OPTIONS)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+        fsync_dir(self.dir)
+        if marker:
+            entry = {"rows": table.num_rows, "bytes": path.stat().st_size}
+            entry["sha256"] = sha256_file(path)
+            atomic_write_json(self.markers / f"{name}.json", entry)
+        return table.num_rows
+
+    def path(self, relative: str) -> Path:
+        """A path inside staging for non-Parquet outputs (a model directory)."""
+        out = self.dir / relative
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
+
+    # -- commit -------------------------------------------------------------
+    def commit(
+        self, extra: dict[str, Any] | None = None, *, expected_shards: int | None = None
+    ) -> Manifest:
+        """Publish the staging directory as the stage's output in one rename.
+
+        With ``expected_shards``, refuse to publish unless shards ``0..n-1`` are
+        all present and intact: a stage must never commit with a hole in it.
+        """
+        if expected_shards is not None:
+            missing = set(range(expected_shards)) - self.done_shards()
+            if missing:
+                raise CorruptShardError(
+                    f"{self.stage} round {self.round}: shard(s) {sorted(missing)} not finished"
+                )
+        shutil.rmtree(self.markers, ignore_errors=True)
+        files = []
+        for path in sorted(p for p in self.dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(self.dir).as_posix()
+            if rel == MANIFEST or path.name.startswith("."):
+                path.unlink()
+                continue
+            rows = pq.read_metadata(path).num_rows if path.suffix == ".parquet" else None
+            files.append(FileEntry(rel, path.stat().st_size, sha256_file(path), rows))
+        finished = time.time()
+        man = Manifest(
+            stage=self.stage,
+            round=self.round,
+            key=self.key,
+            files=files,
+            rows=sum(f.rows or 0 for f in files if f.path.endswith(".parquet")),
+            started_at=self.started_at,
+            finished_at=finished,
+            duration_s=round(finished - self.started_at, 3),
+            code_version=self.code_version,
+            resumed_shards=len(self.resumed),
+            extra=extra or {},
+        )
+        atomic_write_json(self.dir / MANIFEST, man.to_dict())
+        target = self.store.stage_dir(self.stage, self.round)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            _move_to_trash(self.store.workspace, target, f"{self.stage}-round={self.round}")
+        self.dir.replace(target)
+        fsync_dir(target.parent)
+        _prune_empty(self.dir.parent, self.store.workspace / STAGING)
+        return man
+
+    def abandon(self) -> None:
+        """Delete this run's staging (finished shards included)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- internals ----------------------------------------------------------
+    def _check_shard(self, name: str, entry: dict[str, Any]) -> None:
+        path = self.dir / name
+        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+            raise CorruptShardError(f"{name}: missing or wrong size")
+        if sha256_file(path) != entry["sha256"]:
+            raise CorruptShardError(f"{name}: sha256 mismatch")
+
+    def _clean_temporaries(self) -> None:
+        """Remove files a killed writer left half-written (never renamed into place)."""
+        for tmp in self.dir.rglob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
+        for path in self.dir.glob("part-*.parquet"):
+            if not (self.markers / f"{path.name}.json").exists():
+                path.unlink()
+
+    def _drop_other_keys(self) -> None:
+        """Staging of this (stage, round) under another key can never be reused."""
+        parent = self.dir.parent
+        if parent.is_dir():
+            for other in parent.iterdir():
+                if other.name != self.dir.name:
+                    shutil.rmtree(other, ignore_errors=True)
+
+
+def _move_to_trash(workspace: Path, target: Path, label: str) -> None:
+    trash = workspace / TRASH
+    trash.mkdir(parents=True, exist_ok=True)
+    aside = trash / f"{label}-{time.time_ns()}"
+    target.replace(aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _prune_empty(path: Path, stop: Path) -> None:
+    while path != stop and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+        path = path.parent

@@ -1,0 +1,173 @@
+"""The ``mpd`` command line: one entry point, one sub-command per job.
+
+Heavy imports (torch, prefect, duckdb) happen inside the sub-command that needs
+them, so ``mpd --help`` and config errors answer instantly. Every error a user
+can cause (a bad config key, a busy workspace, a refused SQL statement, a bad
+problems file) is printed as one line, exit code 2, never a traceback; a
+traceback means a bug in mpd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flows.config import RunConfig
+
+EXAMPLES = """examples:
+  mpd run                                 bootstrap and run the default campaign (configs/tiny.yaml)
+  mpd run -c configs/tiny.yaml --rounds 4 continue the campaign to round 4
+  mpd config show --set train.lr=1e-4     the resolved config, with an override
+  mpd status                              every (round, stage): done / partial / corrupt
+  mpd sql "select * from round_summary"   read-only SQL over every table
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", type=Path, help="run config YAML (default configs/tiny.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+
+
+def _add_workspace_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("-w", "--workspace", type=Path, help="workspace directory (overrides config)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpd",
+        description="Mixed-Policy Distillation: make a small reasoning model think in fewer "
+        "tokens, in cached, resumable rounds whose data you can query in SQL.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the campaign (every stage cached and resumable)")
+    _add_workspace_args(p)
+    p.add_argument("--rounds", type=int, help="run up to this round (overrides config)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("config", help="show the resolved run config")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = csub.add_parser("show", help="print the config with every default filled in")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("status", help="show the state of every (round, stage) in a workspace")
+    _add_workspace_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "sql",
+        help="run a read-only SQL query over the workspace's tables",
+        description="Read-only DuckDB SQL over the views problems, samples, rewrites, scores, "
+        "decisions, kept, train_log, evals, round_summary. Statements that write files, attach "
+        "databases, load extensions or change settings are refused.",
+    )
+    _add_workspace_args(p)
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--out", type=Path, help="write the result to FILE.parquet instead")
+    p.add_argument("query", help='e.g. "select round, accuracy from round_summary"')
+    p.set_defaults(func=cmd_sql)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the user asked for something wrong"."""
+    from data.lock import WorkspaceBusyError
+    from data.schemas import SchemaError
+    from flows.config import ConfigError
+
+    errors: list[type[BaseException]] = [ConfigError, WorkspaceBusyError, SchemaError]
+    for module, names in (
+        ("data.catalog", ("ReadOnlyError", "SqlError")),
+        ("data.sources", ("ProblemSourceError",)),
+        ("flows.errors", ("UserError",)),
+    ):
+        try:
+            mod = __import__(module, fromlist=list(names))
+        except ImportError:
+            continue
+        errors.extend(getattr(mod, n) for n in names if hasattr(mod, n))
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print(
+            "mpd: interrupted; finished shards are kept and reused by the next run", file=sys.stderr
+        )
+        return 130
+    except _user_errors() as exc:
+        print(f"mpd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    from flows.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "workspace", None) is not None:
+        cfg.workspace = args.workspace
+    if getattr(args, "rounds", None) is not None:
+        cfg.rounds = args.rounds
+    return cfg
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from flows.config import dump_config
+
+    sys.stdout.write(dump_config(_load(args)))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.campaign import run_campaign
+
+    run_campaign(_load(args))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from flows.status import print_status
+
+    cfg = _load(args)
+    print_status(cfg.workspace, cfg.rounds)
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from data.catalog import format_table, run_query, write_parquet_atomic
+
+    workspace = _load(args).workspace
+    table = run_query(workspace, args.query)
+    if args.out is not None:
+        write_parquet_atomic(table, args.out)
+        print(f"wrote {table.num_rows} rows to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(format_table(table, args.format).rstrip("\n") + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The run config: one YAML file, validated by the stage configs it composes.
+
+Every stage owns its config model next to its code (``tasks/sample.py`` has
+``SampleConfig`` ...); this module only composes them, loads YAML, applies
+``--set key=value`` overrides, and turns pydantic's errors into one line that
+names the key and, for a misspelling, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from data.configbase import StrictModel
+from engines.config import EnginesConfig
+from tasks.evaluate import EvaluateConfig
+from tasks.filter import FilterConfig
+from tasks.problems import ProblemsConfig
+from tasks.rewrite import RewriteConfig
+from tasks.sample import SampleConfig
+from tasks.score import ScoreConfig
+from train.config import ModelsConfig, TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+
+Method = Literal["mpd", "on_policy", "off_policy", "self_distill", "sft_compressed", "truncation"]
+
+
+class RunConfig(StrictModel):
+    """A whole campaign. Relative paths are relative to the current directory."""
+
+    method: Method = Field("mpd", description="Which distillation method the rounds run.")
+    workspace: Path = Field(Path("runs/tiny"), description="Where every table and model goes.")
+    seed: int = Field(0, description="Seeds problem generation, sampling and training.")
+    rounds: int = Field(3, ge=0, description="Rounds in the campaign (0 = evaluate only).")
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    engines: EnginesConfig = Field(default_factory=EnginesConfig)
+    problems: ProblemsConfig = Field(default_factory=ProblemsConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    rewrite: RewriteConfig = Field(default_factory=RewriteConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; its message is one line."""
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read ``path`` (default ``configs/tiny.yaml``), apply overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({_first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    for item in overrides or []:
+        apply_override(data, item)
+    return validate(data, source=str(path))
+
+
+def validate(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {describe_error(exc)}") from None
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.c=value`` to nested ``data``; the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line for the first error (pydantic lists every one; the first is enough to act on)."""
+    errors = exc.errors()
+    err = errors[0]
+    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+    key = ".".join(loc) or "(top level)"
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    if err["type"] == "extra_forbidden":
+        hint = _closest_key(loc)
+        return f"unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else "") + more
+    if err["type"] == "missing":
+        return f"missing key '{key}'{more}"
+    got = err.get("input")
+    shown = f", got {got!r}" if got is not None and not isinstance(got, dict | list) else ""
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"'{key}': {msg}{shown}{more}"
+
+
+def _closest_key(loc: list[str]) -> str | None:
+    """The valid key nearest to the misspelt last element of ``loc``."""
+    model: type[BaseModel] | None = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if model else None
+        model = _model_of(field.annotation) if field else None
+    if model is None:
+        return None
+    match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.5)
+    return ".".join([*loc[:-1], match[0]]) if match else None
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML, defaults included (what ``run.yaml`` holds)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=100)

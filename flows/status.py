@@ -1,0 +1,89 @@
+"""``mpd status``: the state of every (round, stage) of a workspace, from disk alone.
+
+States: ``done`` (committed, files intact), ``corrupt`` (committed but a file is
+missing or altered: the next run redoes it), ``partial`` (staging holds finished
+shards of an interrupted run: the next run with the same key reuses them),
+``missing`` (planned by the config, never started).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from data.store import SHARD_MARKERS, STAGING, StageStore
+
+ROUND_STAGES = ["sample", "rewrite", "score", "filter", "train", "eval"]
+
+
+@dataclass
+class StageState:
+    round: int
+    stage: str
+    state: str
+    rows: int | None = None
+    duration_s: float | None = None
+    key: str = ""
+    detail: str = ""
+
+
+def planned(rounds: int) -> list[tuple[int, str]]:
+    """(round, stage) pairs a campaign of ``rounds`` rounds produces."""
+    out = [(0, "problems"), (0, "eval")]
+    for r in range(1, rounds + 1):
+        out += [(r, s) for s in ROUND_STAGES]
+    return out
+
+
+def collect(workspace: Path, rounds: int | None = None) -> list[StageState]:
+    store = StageStore(workspace)
+    states: dict[tuple[int, str], StageState] = {}
+    for man in store.committed():
+        problems = store.validate(man.stage, man.round, deep=False)
+        states[(man.round, man.stage)] = StageState(
+            man.round,
+            man.stage,
+            "corrupt" if problems else "done",
+            man.rows,
+            man.duration_s,
+            man.key[:12],
+            problems[0] if problems else "",
+        )
+    staging = store.workspace / STAGING
+    for keydir in sorted(staging.glob("*/round=*/*")) if staging.is_dir() else []:
+        stage, round_ = keydir.parent.parent.name, int(keydir.parent.name.split("=", 1)[1])
+        if (round_, stage) in states and states[(round_, stage)].key.startswith(keydir.name[:12]):
+            continue
+        markers = list((keydir / SHARD_MARKERS).glob("*.json"))
+        rows = sum(json.loads(m.read_text()).get("rows", 0) for m in markers)
+        states[(round_, stage)] = StageState(
+            round_, stage, "partial", rows, None, keydir.name[:12], f"{len(markers)} shard(s)"
+        )
+    for round_, stage in planned(rounds or 0):
+        states.setdefault((round_, stage), StageState(round_, stage, "missing"))
+    order = {s: i for i, s in enumerate(["problems", *ROUND_STAGES])}
+    return sorted(states.values(), key=lambda s: (s.round, order.get(s.stage, 99), s.stage))
+
+
+def print_status(workspace: Path, rounds: int | None = None) -> list[StageState]:
+    states = collect(workspace, rounds)
+    table = Table(title=f"workspace {workspace}")
+    for col in ("round", "stage", "state", "rows", "duration", "key", "detail"):
+        table.add_column(col, justify="right" if col in ("round", "rows", "duration") else "left")
+    colors = {"done": "green", "corrupt": "red", "partial": "yellow", "missing": "dim"}
+    for s in states:
+        table.add_row(
+            str(s.round),
+            s.stage,
+            f"[{colors.get(s.state, 'white')}]{s.state}[/]",
+            "" if s.rows is None else str(s.rows),
+            "" if s.duration_s is None else f"{s.duration_s:.1f}s",
+            s.key,
+            s.detail,
+        )
+    Console().print(table)
+    return states

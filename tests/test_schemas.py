@@ -1,0 +1,72 @@
+"""Schemas are checked on write: wrong columns, types and nulls are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from data.schemas import DECISIONS, TABLES, TRACE_FIELDS, SchemaError, conform
+from data.store import StageStore
+from tests.test_store import decisions
+
+
+def test_every_trace_table_has_the_columns_the_system_relies_on() -> None:
+    needed = {
+        "round",
+        "problem_id",
+        "sample_idx",
+        "completion",
+        "token_ids",
+        "think_tokens",
+        "answer_tokens",
+        "total_tokens",
+        "finish_reason",
+        "truncated",
+        "correct",
+    }
+    for name in ("samples", "rewrites", "evals"):
+        assert needed <= set(TABLES[name].names), name
+    assert all("round" in schema.names for schema in TABLES.values())
+    assert {"kept", "reason"} <= set(TABLES["decisions"].names)
+    assert [f.name for f in TRACE_FIELDS][:3] == ["round", "problem_id", "sample_idx"]
+
+
+def test_safe_casts_are_applied() -> None:
+    table = decisions(1, 0, 3)  # Python ints arrive as int64
+    out = conform(table, DECISIONS)
+    assert out.schema == DECISIONS
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda t: t.drop_columns(["reason"]), "missing column(s) reason"),
+        (lambda t: t.append_column("extra", pa.array([1, 2, 3])), "unexpected column(s) extra"),
+        (
+            lambda t: t.set_column(3, "kept", pa.array(["yes", "no", "x"])),
+            "column 'kept' is string, expected bool",
+        ),
+        (
+            lambda t: t.set_column(1, "problem_id", pa.array(["a", None, "c"])),
+            "column 'problem_id' has 1 null value(s)",
+        ),
+        (
+            lambda t: t.set_column(0, "round", pa.array([1, 2**40, 3])),
+            "column 'round' is int64, expected int32",
+        ),
+    ],
+)
+def test_violations_are_refused(mutate, message: str) -> None:
+    with pytest.raises(SchemaError) as err:
+        conform(mutate(decisions(1, 0, 3)), DECISIONS, name="decisions")
+    assert message in str(err.value)
+
+
+def test_store_refuses_a_bad_shard_and_writes_nothing(tmp_path: Path) -> None:
+    w = StageStore(tmp_path).writer("filter", 1, "s" * 64)
+    with pytest.raises(SchemaError):
+        w.write_shard(0, decisions(1, 0, 3).drop_columns(["ratio"]), DECISIONS)
+    assert w.done_shards() == set()
+    assert not list(w.dir.glob("*.parquet"))

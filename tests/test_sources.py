@@ -1,0 +1,264 @@
+"""User problem sources: every format, column mapping, splits, and every error.
+
+Each error test asserts the type and the words a user needs to fix the file
+(the column, the available names, the suggestion, the line or row number).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+
+from data.schemas import PROBLEMS
+from data.sources import ProblemSourceConfig, ProblemSourceError, load_problems
+
+ROWS = [{"question": f"What is {i} + {i}?", "solution": 2 * i, "uid": f"q{i}"} for i in range(40)]
+MAPPED = {"prompt_column": "question", "answer_column": "solution"}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test here may reach the hub: load_from_disk must work offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def load(path: Path, seed: int = 0, **kw: object) -> list[dict]:
+    return load_problems(ProblemSourceConfig(path=str(path), **kw), seed)
+
+
+def error(path: Path, **kw: object) -> str:
+    with pytest.raises(ProblemSourceError) as info:
+        load(path, **kw)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+# --- formats ---------------------------------------------------------------
+
+
+def test_jsonl_records_and_defaults(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "arith.jsonl", [{"prompt": "1+1?", "answer": " 2 "}])
+    (rec,) = load(path)
+    assert rec["family"] == "arith"
+    assert rec["problem_id"].startswith("arith-000000-") and len(rec["problem_id"]) == 21
+    assert rec | {"problem_id": None} == {
+        "problem_id": None,
+        "family": "arith",
+        "split": rec["split"],
+        "difficulty": 0,
+        "prompt": "1+1?",
+        "answer": "2",
+        "source": str(path),
+    }
+    assert rec["split"] in {"train", "test"}
+    table = pa.Table.from_pylist([{"round": 0, **rec}], schema=PROBLEMS)
+    assert table.num_rows == 1
+
+
+def test_jsonl_column_mapping_ids_and_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS[:3]) + "\n\n  \n", encoding="utf-8")
+    recs = load(path, id_column="uid", family="mine", **MAPPED)
+    assert [r["problem_id"] for r in recs] == ["q0", "q1", "q2"]
+    assert [r["answer"] for r in recs] == ["0", "2", "4"]  # numbers become text
+    assert {r["family"] for r in recs} == {"mine"}
+
+
+def test_parquet_file_and_directory_agree(tmp_path: Path) -> None:
+    table = pa.Table.from_pylist(ROWS)
+    pq.write_table(table, tmp_path / "one.parquet")
+    directory = tmp_path / "many"
+    (directory / "sub").mkdir(parents=True)
+    pq.write_table(table.slice(0, 25), directory / "part-00000.parquet")
+    pq.write_table(table.slice(25), directory / "sub" / "part-00001.parquet")
+    pq.write_table(table.slice(0, 1), directory / ".hidden.parquet")  # ignored
+    (directory / "_manifest.json").write_text("{}")  # ignored
+    one = load(tmp_path / "one.parquet", **MAPPED)
+    many = load(directory, **MAPPED)
+    assert len(one) == len(many) == 40
+    assert [r["prompt"] for r in one] == [r["prompt"] for r in many]
+    assert [r["split"] for r in one] == [r["split"] for r in many]
+    assert {r["family"] for r in many} == {"many"}
+
+
+def test_parquet_limit_reads_first_rows(tmp_path: Path) -> None:
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "p.parquet")
+    recs = load(tmp_path / "p.parquet", limit=5, **MAPPED)
+    assert [r["prompt"] for r in recs] == [r["question"] for r in ROWS[:5]]
+
+
+def test_hf_dataset_saved_to_disk(tmp_path: Path) -> None:
+    import datasets
+
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "gsm"))
+    recs = load(tmp_path / "gsm", id_column="uid", **MAPPED)
+    assert len(recs) == 40 and recs[3]["problem_id"] == "q3" and recs[3]["answer"] == "6"
+    assert recs[0]["family"] == "gsm"
+    assert {r["split"] for r in recs} == {"train", "test"}  # hash split
+
+
+def test_hf_dataset_dict_splits(tmp_path: Path) -> None:
+    import datasets
+
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(ROWS[:30]),
+            "validation": datasets.Dataset.from_list(ROWS[30:]),
+        }
+    )
+    dd.save_to_disk(str(tmp_path / "dd"))
+    recs = load(tmp_path / "dd", format="hf_disk", id_column="uid", **MAPPED)
+    assert [r["split"] for r in recs] == ["train"] * 30 + ["test"] * 10
+    one = load(tmp_path / "dd", split="validation", test_fraction=0.0, **MAPPED)
+    assert len(one) == 10 and {r["split"] for r in one} == {"train"}
+    assert one[0]["prompt"] == ROWS[30]["question"]
+    limited = load(tmp_path / "dd", limit=32, **MAPPED)
+    assert [r["split"] for r in limited] == ["train"] * 30 + ["test"] * 2
+
+
+def test_hf_dataset_dict_errors(tmp_path: Path) -> None:
+    import datasets
+
+    part = datasets.Dataset.from_list(ROWS[:4])
+    datasets.DatasetDict({"train": part, "other": part}).save_to_disk(str(tmp_path / "dd"))
+    msg = error(tmp_path / "dd", **MAPPED)
+    assert "'other'" in msg and "set split" in msg
+    msg = error(tmp_path / "dd", split="test", **MAPPED)
+    assert "split 'test' not found" in msg and "train, other" in msg
+    datasets.DatasetDict({"train": part}).save_to_disk(str(tmp_path / "only_train"))
+    hashed = load(tmp_path / "only_train", test_fraction=0.5, **MAPPED)
+    assert {r["split"] for r in hashed} == {"train", "test"}  # one split: hash split
+    datasets.DatasetDict({}).save_to_disk(str(tmp_path / "no_splits"))
+    assert "no rows" in error(tmp_path / "no_splits", **MAPPED)
+    part.save_to_disk(str(tmp_path / "single"))
+    assert "not a DatasetDict" in error(tmp_path / "single", split="train", **MAPPED)
+
+
+# --- splits ----------------------------------------------------------------
+
+
+def test_hash_split_is_deterministic_and_order_free(tmp_path: Path) -> None:
+    rows = [{"prompt": f"problem {i}", "answer": "1"} for i in range(2000)]
+    a = load(write_jsonl(tmp_path / "a.jsonl", rows), seed=7, test_fraction=0.2)
+    b = load(write_jsonl(tmp_path / "b.jsonl", rows[::-1]), seed=7, test_fraction=0.2)
+    split_a = {r["prompt"]: r["split"] for r in a}
+    assert split_a == {r["prompt"]: r["split"] for r in b}
+    assert a == load(tmp_path / "a.jsonl", seed=7, test_fraction=0.2)
+    share = sum(s == "test" for s in split_a.values()) / len(rows)
+    assert 0.17 < share < 0.23
+    other_seed = load(tmp_path / "a.jsonl", seed=8, test_fraction=0.2)
+    assert [r["split"] for r in other_seed] != [r["split"] for r in a]
+    assert {r["split"] for r in load(tmp_path / "a.jsonl", test_fraction=0.0)} == {"train"}
+    assert {r["split"] for r in load(tmp_path / "a.jsonl", test_fraction=1.0)} == {"test"}
+
+
+def test_split_column_names(tmp_path: Path) -> None:
+    names = ["train", "Test", "validation", "dev", "TRAINING", "val"]
+    rows = [{"prompt": f"p{i}", "answer": "1", "part": n} for i, n in enumerate(names)]
+    recs = load(write_jsonl(tmp_path / "s.jsonl", rows), split_column="part")
+    assert [r["split"] for r in recs] == ["train", "test", "test", "test", "train", "test"]
+    rows.append({"prompt": "p9", "answer": "1", "part": "holdout"})
+    msg = error(write_jsonl(tmp_path / "s.jsonl", rows), split_column="part")
+    assert "'holdout'" in msg and "neither train" in msg
+
+
+# --- errors ----------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert error(tmp_path / "nope.jsonl").startswith("problem source not found:")
+
+
+def test_unknown_format(tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_text("prompt,answer\n1+1,2\n")
+    assert "unknown format" in error(tmp_path / "p.csv")
+    (tmp_path / "empty_dir").mkdir()
+    assert "neither a datasets save_to_disk" in error(tmp_path / "empty_dir")
+    assert "needs a file" in error(tmp_path / "empty_dir", format="jsonl")
+    assert "needs a save_to_disk directory" in error(tmp_path / "p.csv", format="hf_disk")
+    with pytest.raises(ValidationError, match="format"):
+        ProblemSourceConfig(path="p.csv", format="csv")
+
+
+def test_config_rejects_unknown_keys_and_bad_ranges() -> None:
+    with pytest.raises(ValidationError, match="prompt_colum"):
+        ProblemSourceConfig(path="p.jsonl", prompt_colum="q")
+    with pytest.raises(ValidationError):
+        ProblemSourceConfig(path="p.jsonl", test_fraction=1.5)
+    with pytest.raises(ValidationError):
+        ProblemSourceConfig(path="p.jsonl", limit=0)
+
+
+def test_missing_column_suggests_closest(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS[:2])
+    msg = error(path, prompt_column="questions", answer_column="solution")
+    assert "column 'questions' (prompt_column) not found" in msg
+    assert "available: question, solution, uid" in msg
+    assert "did you mean 'question'?" in msg
+    msg = error(path, prompt_column="question", answer_column="zzz")
+    assert "'zzz' (answer_column)" in msg and "did you mean" not in msg
+    pq.write_table(pa.Table.from_pylist(ROWS[:2]), tmp_path / "p.parquet")
+    assert "did you mean 'question'?" in error(tmp_path / "p.parquet", prompt_column="Question")
+
+
+def test_empty_dataset(tmp_path: Path) -> None:
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    assert "no rows" in error(tmp_path / "e.jsonl")
+    empty = pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())})
+    pq.write_table(empty, tmp_path / "e.parquet")
+    assert "no rows" in error(tmp_path / "e.parquet")
+
+
+def test_null_or_empty_values_counted(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "ok", "answer": "1"},
+        {"prompt": "  ", "answer": "1"},
+        {"answer": "1"},
+        {"prompt": None, "answer": "1"},
+    ]
+    msg = error(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert "3 of 4 row(s) have a null or empty 'prompt' (prompt_column); first at line 2" in msg
+    table = pa.table({"prompt": ["a", "b", "c"], "answer": [1.0, float("nan"), None]})
+    pq.write_table(table, tmp_path / "p.parquet")
+    msg = error(tmp_path / "p.parquet")
+    assert "2 of 3 row(s) have a null or empty 'answer' (answer_column); first at row 1" in msg
+
+
+def test_non_scalar_answer(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "answer": [1, 2]}])
+    assert "holds list values at line 1" in error(path)
+
+
+def test_duplicate_ids(tmp_path: Path) -> None:
+    rows = [{"prompt": f"p{i}", "answer": "1", "id": i % 3} for i in range(7)]
+    msg = error(write_jsonl(tmp_path / "p.jsonl", rows), id_column="id")
+    assert "3 duplicate id(s) in 'id' (id_column), e.g. '0', '1', '2'" in msg
+
+
+def test_malformed_json_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b", "answer": \n')
+    assert error(path).startswith(f"{path}:3: malformed JSON")
+    path.write_text('{"prompt": "a", "answer": "1"}\n["b", "2"]\n')
+    assert "p.jsonl:2: expected one JSON object per line, got list" in error(path)
+
+
+def test_split_option_only_for_hf(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "answer": "1"}])
+    assert "use split_column" in error(path, split="train")
+
+
+def test_unreadable_parquet(tmp_path: Path) -> None:
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    assert "cannot read Parquet" in error(tmp_path / "bad.parquet")
