@@ -1,0 +1,104 @@
+"""Two renderings of one solution: concise (the target) and verbose (the habit).
+
+Both walk ``problem.steps`` in order and both contain each step's equation
+line verbatim, so the concise trace is a subsequence of the verbose trace's
+lines: rewriting verbose into concise is deleting, never re-solving. Concise::
+
+    <think>
+    347 + 258 = 605
+    605 - 129 = 476
+    </think>
+
+    Answer: 476
+
+Verbose adds, per ``verbosity`` level (each level includes the ones below):
+
+1. a restatement of the problem, a header per step in words, and the running
+   value after each step;
+2. (the default) a re-check after every step that invites one (carry, borrow,
+   big product, quotient ≥ 2, close comparison), a recap of the intermediate
+   results and a final re-reading of the question;
+3. the column-by-column (add/sub) or part-by-part (mul, mod) work before each
+   equation. This one changes how a step is computed, not only how it is
+   told, so a student trained on it may lean on it: compressing it away tests
+   more than deleting redundancy.
+
+Length varies with the problem (digits, carries, steps), not with chance; the
+``rng`` only picks among interchangeable phrasings of the same length.
+"""
+
+from __future__ import annotations
+
+import random
+
+from data.answers import format_completion
+from data.world.families import corrupt
+from data.world.narrate import detail, equation, header, recheck, so_far
+from data.world.steps import Problem, Step
+
+VERBOSITY_LEVELS = (1, 2, 3)
+_OPENERS = (
+    "Okay, let me read the problem carefully.",
+    "Alright, let me read the problem carefully.",
+    "Okay, let me go through the problem carefully.",
+)
+_PLANS = (
+    "That takes {n} steps, so I will go one step at a time.",
+    "That takes {n} steps, so I will do them one at a time.",
+)
+
+
+def concise_lines(problem: Problem) -> list[str]:
+    """One equation per step, nothing else."""
+    return [equation(step) for step in problem.steps]
+
+
+def render_concise(problem: Problem) -> str:
+    """The concise completion: the target of every rewrite of this problem."""
+    return format_completion(concise_lines(problem), problem.answer)
+
+
+def verbose_lines(problem: Problem, rng: random.Random, verbosity: int = 2) -> list[str]:
+    """The verbose think lines; see the module docstring for what each level adds."""
+    if verbosity not in VERBOSITY_LEVELS:
+        raise ValueError(f"verbosity must be one of {VERBOSITY_LEVELS}, got {verbosity}")
+    lines = [rng.choice(_OPENERS), *problem.given, f"The question asks for {problem.goal}."]
+    lines.append(rng.choice(_PLANS).format(n=len(problem.steps)))
+    for index, step in enumerate(problem.steps, start=1):
+        lines.append(header(step, index))
+        if verbosity >= 3:
+            lines.extend(detail(step))
+        lines.append(equation(step))
+        check = recheck(step) if verbosity >= 2 else None
+        if check:
+            lines.append(check)
+        lines.append(so_far(step))
+    if verbosity >= 2:
+        results = ", ".join(_result_word(step) for step in problem.steps)
+        lines.append(f"Let me list the results once more: {results}.")
+        lines.append(f"The question asks for {problem.goal}, and that is {problem.answer}.")
+    lines.append(f"So the answer is {problem.answer}.")
+    return lines
+
+
+def render_verbose(
+    problem: Problem,
+    rng: random.Random,
+    verbosity: int = 2,
+    error_rate: float = 0.0,
+) -> str:
+    """A verbose completion; with probability ``error_rate``, one step slips.
+
+    A slipped trace carries the wrong value to a wrong final answer (see
+    ``families.corrupt``); its rewrite target is still ``render_concise`` of
+    the original problem, which is how a teacher learns to fix errors.
+    """
+    if error_rate > 0 and rng.random() < error_rate:
+        problem = corrupt(problem, rng)
+    return format_completion(verbose_lines(problem, rng, verbosity), problem.answer)
+
+
+def _result_word(step: Step) -> str:
+    if step.op == "gt":
+        return "yes" if step.result else "no"
+    return str(step.result)
