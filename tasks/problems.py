@@ -27,3 +27,20 @@ class ProblemsConfig(StrictModel):
         if self.source == "file" and self.file is None:
             raise ValueError("source: file needs a problems.file section (path, columns)")
         return self
+
+
+def problem_records(cfg: ProblemsConfig, seed: int) -> list[dict]:
+    """The campaign's problems as plain records (round 0), from the world or a file."""
+    if cfg.source == "file":
+        from data.sources import load_problems
+
+        assert cfg.file is not None  # guaranteed by the validator
+        records = load_problems(cfg.file, seed)
+    else:
+        from data.world import build_problems
+
+        records = [
+            {**r, "source": "builtin"}
+            for r in build_problems(seed, cfg.n_train, cfg.n_test, cfg.n_heldout, cfg.difficulty)
+        ]
+    return [{"round": 0, **r} for r in records]

@@ -1,0 +1,431 @@
+"""DuckDB views over a workspace's committed Parquet, and the ``mpd sql`` plumbing.
+
+Every stage table is one view over all its rounds::
+
+    problems  samples  rewrites  scores  decisions  kept  train_log  evals  round_summary
+
+A view reads only *committed* files: those matching the table's glob in
+:data:`TABLE_GLOBS`, inside a ``<stage>/round=<r>/`` directory that holds the
+store's ``_manifest.json`` (the commit marker; a round directory without one is
+a commit that did not finish). Names starting with ``.`` or ``_`` are skipped,
+so ``.staging/``, ``.trash/``, temporaries and the manifest are never read, and
+neither is anything outside the glob (``train/round=1/model/``).
+
+Files are read with ``hive_partitioning=false``: every file carries ``round`` as
+a real column, and the path must never override it. A table with no committed
+file yet is still a view, built from a typed empty SELECT, so ``DESCRIBE`` and
+joins work on a fresh workspace.
+
+Two ways in:
+
+- :func:`connect` builds the views in an in-memory connection with *absolute*
+  paths of the workspace where it is now (so a moved or copied workspace just
+  works), then hardens it (no extension install/autoload, configuration
+  locked). :func:`run_query` checks a query with :mod:`data.sql_guard` and runs
+  it there.
+- :func:`write_catalog` persists the same views to ``<ws>/catalog.duckdb`` with
+  paths *relative* to the workspace, for the duckdb CLI::
+
+      cd runs/tiny && duckdb catalog.duckdb
+      duckdb -cmd "SET file_search_path='runs/tiny'" runs/tiny/catalog.duckdb
+
+  A persisted view names the files and rounds that were committed when it was
+  written (and an empty table's view is a typed empty SELECT), so the file goes
+  stale when a stage commits. It is rebuilt by every mpd command that commits
+  and by :func:`write_catalog`; anything users add to it is lost on rebuild.
+
+A ``round_summary`` row (SQL in ``data/sql/round_summary.sql``)::
+
+    {"round": 1, "eval_n": 200, "accuracy": 0.91, "heldout_n": 50,
+     "heldout_accuracy": 0.84, "mean_think_tokens": 61.2, ..., "samples_n": 512,
+     "kept": 301, "dropped": 211, "dropped_wrong": 40, ...,
+     "dropped_by_reason": {"not_shorter": 150, "wrong": 40, ...}}
+"""
+
+from __future__ import annotations
+
+import csv
+import decimal
+import io
+import json
+import math
+import os
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data.schemas import TABLES
+from data.sql_guard import ReadOnlyError, SqlError, check_read_only, one_line
+from data.store import MANIFEST
+
+__all__ = [
+    "CATALOG_FILE",
+    "TABLE_GLOBS",
+    "VIEWS",
+    "ReadOnlyError",
+    "SqlError",
+    "check_read_only",
+    "committed_files",
+    "connect",
+    "format_table",
+    "run_query",
+    "write_catalog",
+    "write_parquet_atomic",
+]
+
+# table -> glob relative to the workspace. Every glob has the form
+# "<stage dir>/round=*/<file glob>"; the stage dir and round are what commits.
+TABLE_GLOBS: dict[str, str] = {
+    "problems": "problems/round=*/*.parquet",
+    "samples": "sample/round=*/*.parquet",
+    "rewrites": "rewrite/round=*/*.parquet",
+    "scores": "score/round=*/*.parquet",
+    "decisions": "filter/round=*/decisions.parquet",
+    "train_log": "train/round=*/log.parquet",
+    "evals": "eval/round=*/*.parquet",
+}
+VIEWS: tuple[str, ...] = (*TABLE_GLOBS, "kept", "round_summary")
+CATALOG_FILE = "catalog.duckdb"
+
+# Applied after the views exist; lock_configuration last, so that nothing run on
+# the connection afterwards can undo the others. External access stays on: the
+# views read Parquet through it.
+_HARDENING = (
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET allow_community_extensions = false",
+    "SET python_enable_replacements = false",  # no Python variables as tables
+    "SET lock_configuration = true",
+)
+
+_SCALAR_TYPES: dict[pa.DataType, str] = {
+    pa.bool_(): "BOOLEAN",
+    pa.int8(): "TINYINT",
+    pa.int16(): "SMALLINT",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+    pa.uint8(): "UTINYINT",
+    pa.uint16(): "USMALLINT",
+    pa.uint32(): "UINTEGER",
+    pa.uint64(): "UBIGINT",
+    pa.float32(): "FLOAT",
+    pa.float64(): "DOUBLE",
+    pa.string(): "VARCHAR",
+    pa.large_string(): "VARCHAR",
+    pa.binary(): "BLOB",
+    pa.date32(): "DATE",
+}
+
+
+def duckdb_type(arrow_type: pa.DataType) -> str:
+    """DuckDB's name for an Arrow type, e.g. ``list<int16>`` -> ``SMALLINT[]``."""
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return f"{duckdb_type(arrow_type.value_type)}[]"
+    if arrow_type in _SCALAR_TYPES:
+        return _SCALAR_TYPES[arrow_type]
+    raise TypeError(f"no DuckDB type for Arrow type {arrow_type}")
+
+
+def committed_files(workspace: Path, table: str) -> list[Path]:
+    """Absolute paths of ``table``'s committed files, sorted by round then name."""
+    stage, file_glob = TABLE_GLOBS[table].split("/round=*/")
+    found: list[tuple[int, str, Path]] = []
+    for round_dir in Path(workspace).joinpath(stage).glob("round=*"):
+        round_text = round_dir.name.removeprefix("round=")
+        if not (round_text.isdigit() and (round_dir / MANIFEST).is_file()):
+            continue
+        for path in round_dir.glob(file_glob):
+            if path.is_file() and not path.name.startswith((".", "_")):
+                found.append((int(round_text), path.name, path))
+    return [path for _, _, path in sorted(found)]
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _table_select(table: str, paths: list[str]) -> str:
+    """The SELECT behind a table view: its schema's columns, in schema order."""
+    schema = TABLES[table]
+    if not paths:
+        typed_nulls = ", ".join(
+            f"CAST(NULL AS {duckdb_type(f.type)}) AS {_ident(f.name)}" for f in schema
+        )
+        return f"SELECT {typed_nulls} WHERE false"
+    columns = ", ".join(_ident(f.name) for f in schema)
+    files = ", ".join(_quote(p) for p in paths)
+    return (
+        f"SELECT {columns} FROM read_parquet([{files}], "
+        "hive_partitioning = false, union_by_name = true)"
+    )
+
+
+def round_summary_sql() -> str:
+    """The round_summary query, from ``data/sql/round_summary.sql``."""
+    text = resources.files("data").joinpath("sql", "round_summary.sql").read_text()
+    return text.strip().rstrip(";")
+
+
+def _view_definitions(workspace: Path, *, relative: bool) -> Iterator[tuple[str, str]]:
+    """(view name, SELECT) in dependency order; paths absolute or workspace-relative."""
+    for table in TABLE_GLOBS:
+        files = committed_files(workspace, table)
+        paths = [f.relative_to(workspace).as_posix() if relative else str(f) for f in files]
+        yield table, _table_select(table, paths)
+    yield "kept", "SELECT * FROM decisions WHERE kept"
+    yield "round_summary", round_summary_sql()
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, workspace: Path, *, relative: bool) -> None:
+    for name, select in _view_definitions(workspace, relative=relative):
+        try:
+            con.execute(f"CREATE OR REPLACE VIEW {_ident(name)} AS {select}")
+        except duckdb.Error as exc:  # e.g. a committed file that is not valid Parquet
+            raise SqlError(f"cannot build view {name}: {one_line(exc)}") from None
+
+
+def _workspace(workspace: Path | str) -> Path:
+    path = Path(workspace).resolve()
+    if not path.is_dir():
+        raise SqlError(f"workspace {path} does not exist (nothing has run there yet?)")
+    return path
+
+
+def connect(workspace: Path | str) -> duckdb.DuckDBPyConnection:
+    """An in-memory, hardened connection with every view over the workspace as it is now.
+
+    The views name absolute paths of the committed files found now: a
+    connection does not see later commits (open a new one; it takes
+    milliseconds). After the views are made, extension install/autoload are
+    off and ``lock_configuration`` is on, so no later statement can change a
+    setting; reading files stays possible because the views need it.
+    """
+    ws = _workspace(workspace)
+    con = duckdb.connect(":memory:")
+    try:
+        _create_views(con, ws, relative=False)
+        for statement in _HARDENING:
+            con.execute(statement)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def write_catalog(workspace: Path | str) -> Path:
+    """(Re)write ``<ws>/catalog.duckdb``, views with workspace-relative paths; return its path.
+
+    Relative paths resolve against the duckdb CLI's working directory or its
+    ``file_search_path``, so the file works wherever the workspace is moved::
+
+        cd ws && duckdb catalog.duckdb
+        duckdb -cmd "SET file_search_path='ws'" ws/catalog.duckdb
+
+    The views name the rounds and files committed *now*, and a table with no
+    files yet is a typed empty SELECT, so the file goes stale at the next
+    commit: it is rebuilt by every mpd command that commits, and by calling
+    this. It is written to a temporary file and renamed, so a reader never
+    sees a half-written catalog. (DuckDB splits ``file_search_path`` on
+    commas: a workspace path containing a comma cannot be written here.)
+    """
+    ws = _workspace(workspace)
+    target = ws / CATALOG_FILE
+    tmp = ws / f".{CATALOG_FILE}.tmp-{os.getpid()}"
+    leftovers = (tmp, tmp.with_name(tmp.name + ".wal"))
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            # Views are bound when created, so relative paths must resolve now.
+            con.execute(f"SET file_search_path = {_quote(str(ws))}")
+            _create_views(con, ws, relative=True)
+        finally:
+            con.close()
+        # A WAL left beside an older catalog must not be replayed onto this one.
+        target.with_name(target.name + ".wal").unlink(missing_ok=True)
+        os.replace(tmp, target)
+    finally:
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+    return target
+
+
+def run_query(workspace: Path | str, query: str) -> pa.Table:
+    """Check ``query`` with the read-only guard, run it over the views, return the result.
+
+    With several statements (all read-only), the last one's result is returned.
+    DuckDB errors become :class:`SqlError` with DuckDB's first message line.
+    """
+    check_read_only(query)
+    con = connect(workspace)
+    try:
+        relation = con.sql(query)
+        return relation.to_arrow_table() if relation is not None else pa.table({})
+    except duckdb.Error as exc:
+        raise SqlError(one_line(exc)) from None
+    finally:
+        con.close()
+
+
+# -- output -----------------------------------------------------------------
+
+Format = Literal["table", "csv", "json"]
+_CELL_WIDTH = 48
+_LIST_ITEMS = 6
+
+
+def format_table(table: pa.Table, fmt: Format = "table", *, max_rows: int | None = 100) -> str:
+    """Render a query result as aligned text, CSV or JSON.
+
+    ``table`` is for reading: long text and lists are shortened, floats get
+    4 decimals, at most ``max_rows`` rows are shown. ``csv`` and ``json`` are
+    for programs: every row, full values; lists, maps and structs are JSON
+    (inside a CSV cell, too), NaN/inf become null, maps become JSON objects.
+    ``json`` is an array of row objects, one per line.
+    """
+    if fmt == "table":
+        if table.column_names == ["explain_key", "explain_value"]:  # EXPLAIN: show the plan
+            return "\n".join(str(v) for v in table.column("explain_value").to_pylist())
+        return _format_text(table, max_rows)
+    rows = _python_rows(table)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(table.column_names)
+        writer.writerows([_csv_cell(row[name]) for name in table.column_names] for row in rows)
+        return out.getvalue()
+    if fmt == "json":
+        lines = [json.dumps(_finite(row), ensure_ascii=False, allow_nan=False) for row in rows]
+        return "[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n"
+    raise ValueError(f"unknown format {fmt!r}: use table, csv or json")
+
+
+def _python_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """Rows as JSON-ready dicts; the Arrow type decides how maps etc. convert."""
+    columns = {
+        field.name: [_plain(v, field.type) for v in table.column(i).to_pylist()]
+        for i, field in enumerate(table.schema)
+    }
+    return [{name: values[i] for name, values in columns.items()} for i in range(table.num_rows)]
+
+
+def _plain(value: Any, arrow_type: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if pa.types.is_map(arrow_type):
+        return {str(k): _plain(v, arrow_type.item_type) for k, v in value}
+    if isinstance(arrow_type, pa.ListType | pa.LargeListType | pa.FixedSizeListType):
+        return [_plain(v, arrow_type.value_type) for v in value]
+    if pa.types.is_struct(arrow_type):
+        return {f.name: _plain(value.get(f.name), f.type) for f in arrow_type}
+    if isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null: JSON has no spelling for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | dict):
+        return json.dumps(_finite(value), ensure_ascii=False)
+    return str(value)
+
+
+def _format_text(table: pa.Table, max_rows: int | None) -> str:
+    shown = table if max_rows is None else table.slice(0, max_rows)
+    names = table.column_names
+    numeric = [
+        pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_decimal(f.type)
+        for f in table.schema
+    ]
+    cells = [
+        [_text_cell(_plain(v, field.type)) for v in col.to_pylist()]
+        for field, col in zip(shown.schema, shown.columns, strict=True)
+    ]
+    widths = [max([len(n), *(len(c) for c in col)]) for n, col in zip(names, cells, strict=True)]
+
+    def line(values: list[str]) -> str:
+        parts = [
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    out = [line(names), "  ".join("-" * w for w in widths)]
+    out.extend(line([col[i] for col in cells]) for i in range(shown.num_rows))
+    total = table.num_rows
+    if shown.num_rows < total:
+        out.append(f"({shown.num_rows} of {total} rows shown; --format csv or --out for all)")
+    else:
+        out.append(f"({total} row{'' if total == 1 else 's'})")
+    return "\n".join(out) + "\n"
+
+
+def _text_cell(value: Any) -> str:
+    """One value, short and on one line, for reading in a terminal."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.3e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}".rstrip("0").rstrip(".")
+    if isinstance(value, list):
+        items = [_text_cell(v) for v in value[:_LIST_ITEMS]]
+        more = f", … +{len(value) - _LIST_ITEMS}" if len(value) > _LIST_ITEMS else ""
+        return _shorten("[" + ", ".join(items) + more + "]")
+    if isinstance(value, dict):
+        return _shorten("{" + ", ".join(f"{k}: {_text_cell(v)}" for k, v in value.items()) + "}")
+    return _shorten(str(value))
+
+
+def _shorten(text: str) -> str:
+    text = text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
+
+
+def write_parquet_atomic(table: pa.Table, path: Path | str) -> Path:
+    """Write ``table`` to ``path`` (must end in .parquet) via a temp file and a rename.
+
+    A reader (or a crash) never sees half a file; a failed write leaves no
+    temporary behind. Parent directories are created.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".parquet":
+        raise SqlError(f"--out must name a .parquet file, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

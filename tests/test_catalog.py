@@ -1,0 +1,462 @@
+"""The DuckDB catalog on real Parquet in a temp workspace: views, visibility, moves, output."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data.catalog import (
+    CATALOG_FILE,
+    TABLE_GLOBS,
+    VIEWS,
+    SqlError,
+    committed_files,
+    connect,
+    duckdb_type,
+    format_table,
+    round_summary_sql,
+    run_query,
+    write_catalog,
+    write_parquet_atomic,
+)
+from data.schemas import TABLES, conform
+
+STAGE_OF = {table: glob.split("/")[0] for table, glob in TABLE_GLOBS.items()}
+
+
+# -- building a workspace ----------------------------------------------------
+
+
+def trace(round_: int, pid: str, idx: int = 0, **over: Any) -> dict[str, Any]:
+    """A samples/evals/rewrites row with plausible defaults; ``over`` overrides."""
+    row: dict[str, Any] = {
+        "round": round_,
+        "problem_id": pid,
+        "sample_idx": idx,
+        "completion": "<think>\n1 + 1 = 2\n</think>\n\nAnswer: 2",
+        "token_ids": [5, 7, 9],
+        "prompt_tokens": 10,
+        "think_tokens": 20,
+        "answer_tokens": 3,
+        "total_tokens": 23,
+        "finish_reason": "stop",
+        "truncated": False,
+        "correct": True,
+        "pred_answer": "2",
+        "model": "student",
+    }
+    row.update(over)
+    return row
+
+
+def eval_row(round_: int, pid: str, split: str, **over: Any) -> dict[str, Any]:
+    return {**trace(round_, pid, **over), "split": split, "family": "arith"}
+
+
+def decision(round_: int, pid: str, reason: str, think: int = 10) -> dict[str, Any]:
+    return {
+        "round": round_,
+        "problem_id": pid,
+        "sample_idx": 0,
+        "kept": reason == "kept",
+        "reason": reason,
+        "think_tokens": think,
+        "orig_think_tokens": 20,
+        "ratio": think / 20,
+    }
+
+
+def write_rows(path: Path, table: str, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` as a Parquet file conforming to ``table``'s schema."""
+    schema = TABLES[table]
+    columns = {f.name: [r[f.name] for r in rows] for f in schema}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(conform(pa.table(columns), schema, name=table), path)
+
+
+def commit(ws: Path, table: str, round_: int, rows: list[dict[str, Any]], name: str = "") -> Path:
+    """Write a committed round: the file, then the manifest (the commit marker)."""
+    default = {"decisions": "decisions.parquet", "train_log": "log.parquet"}
+    round_dir = ws / STAGE_OF[table] / f"round={round_}"
+    path = round_dir / (name or default.get(table, "part-00000.parquet"))
+    write_rows(path, table, rows)
+    (round_dir / "_manifest.json").write_text(json.dumps({"stage": STAGE_OF[table]}))
+    return path
+
+
+def count(con: duckdb.DuckDBPyConnection, view: str) -> int:
+    return int(con.sql(f"SELECT count(*) FROM {view}").fetchall()[0][0])
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    path = tmp_path / "ws"
+    path.mkdir()
+    return path
+
+
+# -- views -------------------------------------------------------------------
+
+
+def test_empty_workspace_has_every_view_typed_and_empty(ws: Path) -> None:
+    con = connect(ws)
+    names = {
+        r[0] for r in con.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
+    }
+    assert names == set(VIEWS)
+    for table, schema in TABLES.items():
+        described = con.sql(f"DESCRIBE {table}").fetchall()
+        assert [(r[0], r[1]) for r in described] == [(f.name, duckdb_type(f.type)) for f in schema]
+        assert count(con, table) == 0
+    assert count(con, "kept") == 0
+    assert count(con, "round_summary") == 0
+    scores = {r[0]: r[1] for r in con.sql("DESCRIBE scores").fetchall()}
+    assert scores["topk_ids"] == "INTEGER[]" and scores["topk_logprobs_q"] == "SMALLINT[]"
+
+
+def test_committed_views_have_the_schema_types(ws: Path) -> None:
+    """A view over real files has the same column types as the typed empty one."""
+    commit(ws, "evals", 0, [eval_row(0, "p1", "test")])
+    commit(ws, "decisions", 1, [decision(1, "p1", "kept")])
+    con = connect(ws)
+    for table in ("evals", "decisions"):
+        described = [(r[0], r[1]) for r in con.sql(f"DESCRIBE {table}").fetchall()]
+        assert described == [(f.name, duckdb_type(f.type)) for f in TABLES[table]]
+
+
+def test_only_committed_files_are_visible(ws: Path) -> None:
+    commit(ws, "samples", 1, [trace(1, "a"), trace(1, "b")])
+    commit(ws, "samples", 2, [trace(2, "c")], name="part-00001.parquet")
+    # Work in progress, replaced versions and an unfinished commit (no manifest).
+    write_rows(ws / ".staging/sample/round=3/abcd/part-00000.parquet", "samples", [trace(3, "x")])
+    write_rows(ws / ".trash/sample-round=1-0001/part-00000.parquet", "samples", [trace(1, "y")])
+    write_rows(ws / "sample/round=4/part-00000.parquet", "samples", [trace(4, "z")])
+    # Files a view must not even open: if read, they would fail as Parquet.
+    (ws / "sample/round=1/.part-00009.parquet.tmp.parquet").write_bytes(b"not parquet")
+    (ws / "sample/round=1/_partial.parquet").write_bytes(b"not parquet")
+    commit(ws, "train_log", 1, [_log_row(1, 0)])
+    (ws / "train/round=1/model").mkdir()
+    (ws / "train/round=1/model/model.safetensors").write_bytes(b"\0" * 64)
+    (ws / "train/round=1/model/extra.parquet").write_bytes(b"not parquet")
+
+    con = connect(ws)
+    assert sorted(con.sql("SELECT problem_id FROM samples").fetchall()) == [("a",), ("b",), ("c",)]
+    assert con.sql("SELECT DISTINCT round FROM samples ORDER BY 1").fetchall() == [(1,), (2,)]
+    assert count(con, "train_log") == 1
+    files = committed_files(ws, "samples")
+    assert [f.relative_to(ws).as_posix() for f in files] == [
+        "sample/round=1/part-00000.parquet",
+        "sample/round=2/part-00001.parquet",
+    ]
+    assert all(f.is_absolute() for f in files)
+
+
+def test_round_column_comes_from_the_file_not_the_path(ws: Path) -> None:
+    """hive_partitioning is off: a file's own ``round`` wins over its directory name."""
+    commit(ws, "evals", 5, [eval_row(0, "p", "test")])
+    assert connect(ws).sql("SELECT round FROM evals").fetchall() == [(0,)]
+
+
+def test_kept_view_is_decisions_where_kept(ws: Path) -> None:
+    rows = [decision(1, "a", "kept"), decision(1, "b", "wrong"), decision(1, "c", "kept")]
+    commit(ws, "decisions", 1, rows)
+    con = connect(ws)
+    assert sorted(r[0] for r in con.sql("SELECT problem_id FROM kept").fetchall()) == ["a", "c"]
+
+
+def _log_row(round_: int, step: int) -> dict[str, Any]:
+    return {
+        "round": round_,
+        "step": step,
+        "loss": 1.5,
+        "tokens": 100,
+        "grad_norm": 0.3,
+        "lr": 1e-3,
+        "skipped": False,
+        "elapsed_s": 0.1,
+    }
+
+
+# -- round_summary -----------------------------------------------------------
+
+
+def _summary_dataset(ws: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    evals = [
+        eval_row(0, "t1", "test", think_tokens=30, answer_tokens=4, total_tokens=34),
+        eval_row(0, "t2", "test", think_tokens=50, answer_tokens=2, total_tokens=52, correct=False),
+        eval_row(0, "t3", "test", think_tokens=64, total_tokens=67, truncated=True, correct=False),
+        eval_row(0, "h1", "heldout", think_tokens=40, correct=True),
+        eval_row(0, "h2", "heldout", think_tokens=41, correct=False),
+        eval_row(1, "t1", "test", think_tokens=12, answer_tokens=3, total_tokens=15),
+        eval_row(1, "t2", "test", think_tokens=18, answer_tokens=5, total_tokens=23),
+        eval_row(1, "h1", "heldout", think_tokens=1000, correct=True, truncated=True),
+    ]
+    samples = [
+        trace(1, "s1", 0, think_tokens=40, correct=True),
+        trace(1, "s1", 1, think_tokens=60, correct=False),
+        trace(1, "s2", 0, think_tokens=80, correct=True),
+    ]
+    decisions = [
+        decision(1, "s1", "kept"),
+        decision(1, "s2", "kept"),
+        decision(1, "s3", "wrong"),
+        decision(1, "s4", "wrong"),
+        decision(1, "s5", "not_shorter"),
+        decision(1, "s6", "truncated"),
+        decision(1, "s7", "duplicate"),
+        decision(1, "s8", "no_answer"),
+        decision(1, "s9", "too_long_custom"),  # a reason outside the standard five
+    ]
+    commit(ws, "evals", 0, [e for e in evals if e["round"] == 0])
+    commit(ws, "evals", 1, [e for e in evals if e["round"] == 1])
+    commit(ws, "samples", 1, samples)
+    commit(ws, "decisions", 1, decisions)
+    return evals, samples, decisions
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _expected_summary(evals: list[dict], samples: list[dict], decisions: list[dict]) -> list[dict]:
+    """round_summary recomputed the naive way, one loop per column."""
+    rounds = sorted({r["round"] for r in [*evals, *samples, *decisions]})
+    out = []
+    for rnd in rounds:
+        test = [e for e in evals if e["round"] == rnd and e["split"] == "test"]
+        held = [e for e in evals if e["round"] == rnd and e["split"] == "heldout"]
+        samp = [s for s in samples if s["round"] == rnd]
+        dec = [d for d in decisions if d["round"] == rnd]
+        dropped = [d["reason"] for d in dec if not d["kept"]]
+        row = {
+            "round": rnd,
+            "eval_n": len(test),
+            "accuracy": _mean([float(e["correct"]) for e in test]),
+            "heldout_n": len(held),
+            "heldout_accuracy": _mean([float(e["correct"]) for e in held]),
+            "mean_think_tokens": _mean([e["think_tokens"] for e in test]),
+            "mean_answer_tokens": _mean([e["answer_tokens"] for e in test]),
+            "mean_total_tokens": _mean([e["total_tokens"] for e in test]),
+            "truncation_rate": _mean([float(e["truncated"]) for e in test]),
+            "samples_n": len(samp),
+            "sample_accuracy": _mean([float(s["correct"]) for s in samp]),
+            "sample_mean_think_tokens": _mean([s["think_tokens"] for s in samp]),
+            "kept": sum(d["kept"] for d in dec),
+            "dropped": len(dropped),
+            "dropped_by_reason": {r: dropped.count(r) for r in sorted(set(dropped))},
+        }
+        for reason in ("wrong", "truncated", "not_shorter", "duplicate", "no_answer"):
+            row[f"dropped_{reason}"] = dropped.count(reason)
+        out.append(row)
+    return out
+
+
+def test_round_summary_equals_a_naive_recomputation(ws: Path) -> None:
+    evals, samples, decisions = _summary_dataset(ws)
+    got = run_query(ws, "SELECT * FROM round_summary").to_pylist()
+    expected = _expected_summary(evals, samples, decisions)
+    assert [r["round"] for r in got] == [0, 1]
+    for got_row, want in zip(got, expected, strict=True):
+        got_row["dropped_by_reason"] = dict(got_row["dropped_by_reason"])
+        assert set(want) <= set(got_row)
+        for column, value in want.items():
+            assert got_row[column] == pytest.approx(value), (want["round"], column)
+    # Spot checks that the recomputation itself is what we mean.
+    assert expected[0]["accuracy"] == pytest.approx(1 / 3)
+    assert expected[1]["dropped_by_reason"]["too_long_custom"] == 1
+    assert expected[1]["dropped"] == 7 and expected[1]["kept"] == 2
+
+
+def test_round_summary_map_is_queryable(ws: Path) -> None:
+    _summary_dataset(ws)
+    row = run_query(
+        ws, "SELECT dropped_by_reason['wrong'] AS w FROM round_summary WHERE round = 1"
+    ).to_pylist()
+    assert row == [{"w": 2}]
+
+
+def test_round_summary_sql_is_a_readable_file() -> None:
+    sql = round_summary_sql()
+    assert sql.lstrip().startswith("--") and "FROM rounds" in sql and not sql.endswith(";")
+
+
+# -- connections, moves, the persisted catalog --------------------------------
+
+
+def test_connection_is_hardened(ws: Path) -> None:
+    con = connect(ws)
+    settings = dict(
+        con.sql(
+            "SELECT name, value FROM duckdb_settings() WHERE name IN ('lock_configuration', "
+            "'autoload_known_extensions', 'autoinstall_known_extensions', 'enable_external_access')"
+        ).fetchall()
+    )
+    assert settings == {
+        "lock_configuration": "true",
+        "autoload_known_extensions": "false",
+        "autoinstall_known_extensions": "false",
+        "enable_external_access": "true",
+    }
+    for statement in ("SET threads = 1", "SET lock_configuration = false", "RESET threads"):
+        with pytest.raises(duckdb.Error, match="locked"):
+            con.execute(statement)
+
+
+def test_missing_workspace_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SqlError, match="does not exist"):
+        connect(tmp_path / "nope")
+
+
+def test_moved_workspace_still_works(ws: Path, tmp_path: Path) -> None:
+    commit(ws, "evals", 0, [eval_row(0, "p1", "test"), eval_row(0, "p2", "heldout")])
+    write_catalog(ws)
+    moved = Path(shutil.move(str(ws), str(tmp_path / "elsewhere" / "moved")))
+    assert not ws.exists()
+    assert count(connect(moved), "evals") == 2
+    assert run_query(moved, "SELECT eval_n FROM round_summary").to_pylist() == [{"eval_n": 1}]
+
+    # The persisted catalog: relative paths, resolved through file_search_path ...
+    con = duckdb.connect(str(moved / CATALOG_FILE), read_only=True)
+    try:
+        con.execute(f"SET file_search_path = '{moved}'")
+        assert count(con, "evals") == 2
+        assert con.sql("SELECT heldout_n FROM round_summary").fetchall() == [(1,)]
+    finally:
+        con.close()
+    # ... or through the working directory, as `cd ws && duckdb catalog.duckdb` does.
+    code = (
+        "import duckdb; c = duckdb.connect('catalog.duckdb', read_only=True); "
+        "print(c.sql('SELECT count(*) FROM evals').fetchall()[0][0])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=moved, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "2"
+
+
+def test_write_catalog_has_every_view_and_no_leftovers(ws: Path) -> None:
+    commit(ws, "decisions", 1, [decision(1, "a", "kept"), decision(1, "b", "wrong")])
+    path = write_catalog(ws)
+    assert path == ws.resolve() / CATALOG_FILE
+    assert sorted(p.name for p in ws.iterdir()) == [CATALOG_FILE, "filter"]
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        con.execute(f"SET file_search_path = '{ws}'")
+        views = con.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
+        assert {v[0] for v in views} == set(VIEWS)
+        assert count(con, "kept") == 1
+        sqls = " ".join(r[0] for r in con.sql("SELECT sql FROM duckdb_views()").fetchall())
+        assert str(ws) not in sqls, "persisted views must use workspace-relative paths"
+    finally:
+        con.close()
+
+
+def test_write_catalog_is_rebuilt_with_new_commits(ws: Path) -> None:
+    write_catalog(ws)
+    commit(ws, "samples", 1, [trace(1, "a")])
+    write_catalog(ws)
+    con = duckdb.connect(str(ws / CATALOG_FILE), read_only=True)
+    try:
+        con.execute(f"SET file_search_path = '{ws}'")
+        assert count(con, "samples") == 1
+    finally:
+        con.close()
+
+
+# -- run_query ---------------------------------------------------------------
+
+
+def test_run_query_errors_are_one_line_sql_errors(ws: Path) -> None:
+    with pytest.raises(SqlError) as err:
+        run_query(ws, "SELECT no_such_column FROM evals")
+    assert "\n" not in str(err.value) and "no_such_column" in str(err.value)
+    with pytest.raises(SqlError, match="syntax error"):
+        run_query(ws, "SELEC 1")
+
+
+def test_corrupt_committed_file_is_a_clear_error(ws: Path) -> None:
+    path = commit(ws, "samples", 1, [trace(1, "a")])
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(SqlError, match="cannot build view samples"):
+        connect(ws)
+
+
+def test_run_query_returns_the_last_statement(ws: Path) -> None:
+    assert run_query(ws, "SELECT 1 AS a; SELECT 2 AS b").to_pylist() == [{"b": 2}]
+
+
+# -- output ------------------------------------------------------------------
+
+
+def _sample_result() -> pa.Table:
+    return pa.table(
+        {
+            "round": pa.array([1, 2], pa.int32()),
+            "name": ["plain", 'has "quotes", a comma\nand a newline'],
+            "acc": [0.5, None],
+            "ok": [True, False],
+            "ids": pa.array([[1, 2, 3, 4, 5, 6, 7, 8, 9], []], pa.list_(pa.int32())),
+            "reasons": pa.array([[("wrong", 2)], []], pa.map_(pa.string(), pa.int64())),
+        }
+    )
+
+
+def test_csv_round_trips() -> None:
+    table = _sample_result()
+    rows = list(csv.DictReader(io.StringIO(format_table(table, "csv"))))
+    assert [int(r["round"]) for r in rows] == [1, 2]
+    assert [r["name"] for r in rows] == table.column("name").to_pylist()
+    assert [r["acc"] for r in rows] == ["0.5", ""]  # NULL is an empty cell
+    assert [r["ok"] for r in rows] == ["true", "false"]
+    assert [json.loads(r["ids"]) for r in rows] == table.column("ids").to_pylist()
+    assert [json.loads(r["reasons"]) for r in rows] == [{"wrong": 2}, {}]
+
+
+def test_json_round_trips() -> None:
+    table = _sample_result()
+    rows = json.loads(format_table(table, "json"))
+    expected = table.to_pylist()
+    for row in expected:
+        row["reasons"] = dict(row["reasons"])
+    assert rows == expected
+    assert json.loads(format_table(table.slice(0, 0), "json")) == []
+
+
+def test_json_writes_nan_as_null() -> None:
+    table = pa.table({"x": [float("nan"), 1.0]})
+    assert json.loads(format_table(table, "json")) == [{"x": None}, {"x": 1.0}]
+
+
+def test_text_table_is_aligned_and_shortened() -> None:
+    text = format_table(_sample_result(), "table")
+    lines = text.splitlines()
+    assert lines[0].split() == ["round", "name", "acc", "ok", "ids", "reasons"]
+    assert "[1, 2, 3, 4, 5, 6, … +3]" in text
+    assert "{wrong: 2}" in text and "NULL" in text and "\\n" in text
+    assert lines[-1] == "(2 rows)"
+    assert set(lines[1]) == {"-", " "}
+    assert all(len(line) <= len(lines[1]) for line in lines[:-1])  # every row within the rule
+    many = format_table(pa.table({"i": list(range(250))}), "table", max_rows=10)
+    assert "(10 of 250 rows shown" in many
+
+
+def test_write_parquet_atomic(tmp_path: Path) -> None:
+    table = _sample_result()
+    out = write_parquet_atomic(table, tmp_path / "sub" / "result.parquet")
+    assert pq.read_table(out).equals(table)
+    assert os.listdir(out.parent) == ["result.parquet"]
+    with pytest.raises(SqlError, match=r"\.parquet"):
+        write_parquet_atomic(table, tmp_path / "result.csv")
+    assert not (tmp_path / "result.csv").exists()

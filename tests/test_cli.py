@@ -1,0 +1,135 @@
+"""The mpd command as a user runs it: real subprocesses, real workspace, real SQL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [
+    "--set",
+    "problems.n_train=40",
+    "--set",
+    "problems.n_test=10",
+    "--set",
+    "problems.n_heldout=5",
+]
+
+
+def mpd(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def test_help_explains_every_command() -> None:
+    out = mpd("--help")
+    assert out.returncode == 0
+    for word in ("run", "status", "sql", "config", "examples:"):
+        assert word in out.stdout
+
+
+def test_run_then_cached_then_sql(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    first = mpd("run", "-w", str(ws), *SMALL)
+    assert first.returncode == 0, first.stderr
+    assert "problems: wrote 55 rows" in first.stderr
+    assert (ws / "run.yaml").is_file() and (ws / "catalog.duckdb").is_file()
+    second = mpd("run", "-w", str(ws), *SMALL)
+    assert "problems: cached (55 rows" in second.stderr
+    out = mpd(
+        "sql",
+        "-w",
+        str(ws),
+        "--format",
+        "json",
+        "select split, count(*) as n from problems group by split order by split",
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [
+        {"split": "heldout", "n": 5},
+        {"split": "test", "n": 10},
+        {"split": "train", "n": 40},
+    ]
+    saved = tmp_path / "train.parquet"
+    out = mpd(
+        "sql", "-w", str(ws), "--out", str(saved), "select * from problems where split='train'"
+    )
+    assert out.returncode == 0 and "wrote 40 rows" in out.stderr
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(saved).num_rows == 40
+    status = mpd("status", "-w", str(ws), "--set", "rounds=1")
+    assert status.returncode == 0 and "problems" in status.stdout and "done" in status.stdout
+
+
+def test_changed_config_recomputes(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    assert mpd("run", "-w", str(ws), *SMALL).returncode == 0
+    again = mpd("run", "-w", str(ws), *SMALL, "--set", "problems.n_train=30")
+    assert "problems: wrote 45 rows" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["copy problems to 'out.csv'", "attach 'x.duckdb' as x", "install httpfs", "set threads=1"],
+)
+def test_sql_refusals_are_one_line_exit_2(tmp_path: Path, query: str) -> None:
+    ws = tmp_path / "ws"
+    assert mpd("run", "-w", str(ws), *SMALL).returncode == 0
+    out = mpd("sql", "-w", str(ws), query, cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.startswith("mpd: error: refused") and out.stderr.count("\n") == 1
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "x.duckdb").exists()
+
+
+def test_sql_syntax_error_is_one_line(tmp_path: Path) -> None:
+    out = mpd("sql", "-w", str(tmp_path), "selec 1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.count("\n") == 1
+
+
+def test_second_run_on_a_busy_workspace_is_refused(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys,time; from data.lock import WorkspaceLock; "
+            f"WorkspaceLock({str(ws)!r}, command='mpd run (nightly)').acquire(); "
+            "print('held', flush=True); time.sleep(60)",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        out = mpd("run", "-w", str(ws), *SMALL)
+        assert out.returncode == 2
+        assert f"in use by pid {holder.pid}" in out.stderr and "mpd run (nightly)" in out.stderr
+        assert not (ws / "problems").exists(), "the refused run wrote nothing"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert mpd("run", "-w", str(ws), *SMALL).returncode == 0, "a killed holder does not block"
+
+
+def test_bad_problems_file_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "2"}\n')
+    out = mpd(
+        "run",
+        "-w",
+        str(tmp_path / "ws"),
+        "--set",
+        "problems.source=file",
+        "--set",
+        f"problems.file.path={bad}",
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "prompt" in out.stderr and out.stderr.count("\n") == 1
