@@ -88,6 +88,7 @@ TABLE_GLOBS: dict[str, str] = {
     "decisions": "filter/round=*/decisions.parquet",
     "train_log": "train/round=*/log.parquet",
     "evals": "eval/round=*/*.parquet",
+    "bootstrap_evals": "bootstrap/round=*/evals.parquet",
 }
 VIEWS: tuple[str, ...] = (*TABLE_GLOBS, "kept", "round_summary")
 CATALOG_FILE = "catalog.duckdb"

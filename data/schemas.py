@@ -119,6 +119,18 @@ EVALS = pa.schema(
     ]
 )
 
+# The bootstrap's evaluation of the built-in student and teacher (round 0 only):
+# role "student" / "teacher" solve the eval problems; role "rewrite" is the
+# teacher rewriting the student's trace (orig_* describe that trace).
+BOOTSTRAP_EVALS = pa.schema(
+    [
+        *EVALS,
+        pa.field("role", pa.string(), nullable=False),
+        pa.field("orig_think_tokens", pa.int32()),
+        pa.field("orig_correct", pa.bool_()),
+    ]
+)
+
 # table name -> schema. Table names are what SQL users see.
 TABLES: dict[str, pa.Schema] = {
     "problems": PROBLEMS,
@@ -128,6 +140,7 @@ TABLES: dict[str, pa.Schema] = {
     "decisions": DECISIONS,
     "train_log": TRAIN_LOG,
     "evals": EVALS,
+    "bootstrap_evals": BOOTSTRAP_EVALS,
 }
 
 

@@ -9,7 +9,6 @@ key, then the SQL catalog, then a summary read back through SQL, so that
 from __future__ import annotations
 
 import logging
-import sys
 
 import pyarrow as pa
 
@@ -21,16 +20,9 @@ from data.lock import WorkspaceLock, describe_holder
 from data.schemas import PROBLEMS
 from data.store import StageStore
 from flows.config import RunConfig, dump_config
+from flows.logs import setup_logging
 
 log = logging.getLogger("mpd")
-
-
-def _setup_logging() -> None:
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
 
 
 def problems_stage(store: StageStore, cfg: RunConfig) -> str:
@@ -49,7 +41,7 @@ def problems_stage(store: StageStore, cfg: RunConfig) -> str:
 
 
 def run_campaign(cfg: RunConfig) -> None:
-    _setup_logging()
+    setup_logging()
     ws = cfg.workspace
     with WorkspaceLock(ws) as lock:
         if lock.stale:

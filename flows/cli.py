@@ -10,6 +10,7 @@ traceback means a bug in mpd.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workspace_args(p)
     p.add_argument("--rounds", type=int, help="run up to this round (overrides config)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "bootstrap",
+        help="build the reference world: tokenizer, student and teacher",
+        description="Without --from-scratch the shipped models (assets/world) are verified and "
+        "installed into the workspace; --from-scratch trains them (minutes on a GPU, long on a "
+        "CPU). With --out DIR the result is written as an assets directory instead.",
+    )
+    _add_workspace_args(p)
+    p.add_argument("--from-scratch", action="store_true", help="train instead of using shipped")
+    p.add_argument("--out", type=Path, help="write an assets directory here (implies training)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda (default: models.device)")
+    p.add_argument("--workers", type=int, default=None, help="processes generating data")
+    p.set_defaults(func=cmd_bootstrap)
 
     p = sub.add_parser("config", help="show the resolved run config")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -138,6 +153,21 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     from flows.config import dump_config
 
     sys.stdout.write(dump_config(_load(args)))
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from flows.bootstrap import bootstrap_assets, bootstrap_workspace
+
+    cfg = _load(args)
+    device = args.device or cfg.models.device
+    command = shlex.join(["mpd", *sys.argv[1:]])
+    if args.out is not None:
+        bootstrap_assets(cfg, args.out, device=device, workers=args.workers, command=command)
+    else:
+        bootstrap_workspace(
+            cfg, from_scratch=args.from_scratch, device=device, workers=args.workers
+        )
     return 0
 
 

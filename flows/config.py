@@ -23,7 +23,7 @@ from tasks.problems import ProblemsConfig
 from tasks.rewrite import RewriteConfig
 from tasks.sample import SampleConfig
 from tasks.score import ScoreConfig
-from train.config import ModelsConfig, TrainConfig
+from train.config import BootstrapConfig, ModelsConfig, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
@@ -47,6 +47,10 @@ class RunConfig(StrictModel):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    bootstrap: BootstrapConfig = Field(
+        default_factory=BootstrapConfig,
+        description="How the built-in world's tokenizer, student and teacher are trained.",
+    )
 
 
 class ConfigError(ValueError):

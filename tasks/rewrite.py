@@ -5,13 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from data.configbase import StrictModel
-
-DEFAULT_REWRITE_PROMPT = (
-    "Rewrite the solution below so it is as concise as possible. Keep the same approach and "
-    "the same steps, remove restatements, narration and repeated checks, fix any error, and end "
-    "with the final answer in the same format. Output only the rewritten solution.\n\n"
-    "Problem:\n{problem}\n\nSolution:\n{trace}"
-)
+from data.prompts import DEFAULT_REWRITE_PROMPT
 
 
 class RewriteConfig(StrictModel):

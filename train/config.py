@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from data.configbase import StrictModel
+from train.tiny import TinyModelConfig
 
 
 class ModelsConfig(StrictModel):
@@ -65,3 +66,44 @@ class TrainConfig(StrictModel):
     max_length: int = Field(1024, ge=16, description="Prompt + target tokens; longer are cut.")
     checkpoint_every: int = Field(25, ge=1, description="Steps between resumable checkpoints.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class Recipe(StrictModel):
+    steps: int = Field(1500, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    examples: int = Field(24000, ge=1, description="Distinct training examples generated.")
+
+
+class BootstrapConfig(StrictModel):
+    vocab_size: int = Field(1024, ge=300, description="BPE target (the world needs ~740).")
+    difficulty: tuple[int, int] = Field((1, 2), description="Inclusive difficulty range.")
+    verbosity: int = Field(2, ge=1, le=3, description="Verbose style level of student traces.")
+    student: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    teacher: TinyModelConfig = Field(
+        default_factory=lambda: TinyModelConfig(
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            intermediate_size=1024,
+        )
+    )
+    student_train: Recipe = Field(default_factory=lambda: Recipe(steps=4000, examples=60000))
+    teacher_train: Recipe = Field(
+        default_factory=lambda: Recipe(steps=7000, lr=2e-3, examples=100000)
+    )
+    rewrite_share: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Teacher examples that rewrite (the rest solve directly). 1.0: the tiny "
+        "teacher rewrites reliably but is no direct solver, so score under the rewrite context.",
+    )
+    error_rate: float = Field(0.3, ge=0, le=1, description="Rewrite inputs with a slip.")
+    exclude_test: int = Field(1000, ge=0, description="Test problems never trained on.")
+    eval_problems: int = Field(200, ge=1, description="Test problems in the bootstrap eval.")
+    eval_heldout: int = Field(100, ge=0, description="Held-out problems in the bootstrap eval.")
+    max_new_tokens: int = Field(768, ge=16)

@@ -1,0 +1,112 @@
+"""``mpd bootstrap``: put the reference world's tokenizer, student and teacher in place.
+
+Two sources, one stage (``bootstrap/round=0`` in the workspace, cached by key):
+- shipped (default): ``assets/world`` in the repository, verified against its
+  manifest's checksums and copied in; it was produced by the command recorded
+  in that manifest (``mpd bootstrap --from-scratch --out assets/world``);
+- ``--from-scratch``: trained here with the config's ``bootstrap`` section.
+The workspace copy makes a workspace self-contained: move it, and its
+``builtin:`` models move with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from data.keys import code_version, stage_key
+from data.lock import WorkspaceLock
+from data.store import StageStore
+from flows.config import REPO_ROOT, RunConfig, dump_config
+
+log = logging.getLogger("mpd")
+SHIPPED = REPO_ROOT / "assets" / "world"
+
+
+def bootstrap_assets(
+    cfg: RunConfig, out: Path, *, device: str, workers: int | None, command: str | None
+) -> dict:
+    """Train from scratch into an assets directory (what ``assets/world`` is made by)."""
+    import train.bootstrap
+    from flows.logs import setup_logging
+    from train.assets import write_assets
+
+    setup_logging()
+    out.mkdir(parents=True, exist_ok=True)
+    rows, metrics = train.bootstrap.run_bootstrap(
+        cfg.bootstrap, out, seed=cfg.seed, device=device, workers=workers
+    )
+    command = command or f"mpd bootstrap --from-scratch --out {out} --device {device}"
+    config = {"seed": cfg.seed, "bootstrap": cfg.bootstrap.model_dump(mode="json")}
+    manifest = write_assets(out, rows, metrics, config, command)
+    log.info("bootstrap assets in %s: %s", out, metrics)
+    return manifest
+
+
+def bootstrap_key(cfg: RunConfig, from_scratch: bool) -> str:
+    import train.bootstrap
+
+    if not from_scratch and (SHIPPED / "MANIFEST.json").is_file():
+        from data.keys import directory_digest
+
+        return stage_key("bootstrap", config={"shipped": directory_digest(SHIPPED)})
+    return stage_key(
+        "bootstrap",
+        config=cfg.bootstrap,
+        seed=cfg.seed,
+        code=code_version(train.bootstrap),
+    )
+
+
+def ensure_bootstrap(
+    store: StageStore,
+    cfg: RunConfig,
+    *,
+    from_scratch: bool = False,
+    device: str = "auto",
+    workers: int | None = None,
+) -> Path:
+    """The committed bootstrap directory, building it when missing (caller holds the lock)."""
+    shipped = not from_scratch and (SHIPPED / "MANIFEST.json").is_file()
+    key = bootstrap_key(cfg, from_scratch)
+    if store.lookup("bootstrap", 0, key):
+        log.info("bootstrap: cached (key %s)", key[:12])
+        return store.stage_dir("bootstrap", 0)
+    writer = store.writer("bootstrap", 0, key)
+    writer.abandon()  # partial models are not resumable: start clean
+    writer = store.writer("bootstrap", 0, key)
+    started = time.monotonic()
+    if shipped:
+        from train.assets import copy_assets
+
+        manifest = copy_assets(SHIPPED, writer.dir)
+        source = f"shipped {SHIPPED} ({manifest['command']})"
+    else:
+        log.info("bootstrap: training the world from scratch on %s", device)
+        manifest = bootstrap_assets(cfg, writer.dir, device=device, workers=workers, command=None)
+        source = "trained here"
+    writer.commit({"source": source, "metrics": manifest["metrics"]})
+    log.info("bootstrap: %s in %.1fs", source, time.monotonic() - started)
+    return store.stage_dir("bootstrap", 0)
+
+
+def bootstrap_workspace(
+    cfg: RunConfig, *, from_scratch: bool, device: str, workers: int | None
+) -> Path:
+    from data import catalog
+    from data.fsutil import atomic_write_bytes
+    from flows.logs import setup_logging
+
+    setup_logging()
+    with WorkspaceLock(cfg.workspace):
+        atomic_write_bytes(cfg.workspace / "run.yaml", dump_config(cfg).encode())
+        path = ensure_bootstrap(
+            StageStore(cfg.workspace),
+            cfg,
+            from_scratch=from_scratch,
+            device=device,
+            workers=workers,
+        )
+        catalog.write_catalog(cfg.workspace)
+    return path
