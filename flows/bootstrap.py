@@ -110,3 +110,33 @@ def bootstrap_workspace(
         )
         catalog.write_catalog(cfg.workspace)
     return path
+
+
+BUILTIN_MODELS = {"builtin:tiny-student": "student", "builtin:tiny-teacher": "teacher"}
+
+
+def resolve_model(name: str, workspace: Path) -> Path:
+    """A model name from the config as a directory: ``builtin:`` names live in the
+    workspace's bootstrap stage, anything else is a path."""
+    from flows.errors import UserError
+
+    if name.startswith("builtin:"):
+        if name not in BUILTIN_MODELS:
+            raise UserError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+        path = StageStore(workspace).stage_dir("bootstrap", 0) / BUILTIN_MODELS[name]
+        if not path.is_dir():
+            raise UserError(f"{name} is not built yet in {workspace}; run `mpd bootstrap` first")
+        return path
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise UserError(f"model path does not exist: {name}")
+    return path
+
+
+def check_tokenizers(cfg: RunConfig) -> None:
+    """Student and teacher must tokenize identically (token-level KL needs it)."""
+    from train.models import check_same_tokenizer, load_tokenizer
+
+    student = load_tokenizer(resolve_model(cfg.models.student, cfg.workspace))
+    teacher = load_tokenizer(resolve_model(cfg.models.teacher, cfg.workspace))
+    check_same_tokenizer(student, teacher)

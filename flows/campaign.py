@@ -19,6 +19,7 @@ from data.keys import code_version, stage_key
 from data.lock import WorkspaceLock, describe_holder
 from data.schemas import PROBLEMS
 from data.store import StageStore
+from flows.bootstrap import check_tokenizers, ensure_bootstrap
 from flows.config import RunConfig, dump_config
 from flows.logs import setup_logging
 
@@ -48,6 +49,9 @@ def run_campaign(cfg: RunConfig) -> None:
             log.info("recovered a stale lock left by %s", describe_holder(lock.stale))
         atomic_write_bytes(ws / "run.yaml", dump_config(cfg).encode())
         store = StageStore(ws)
+        if any(m.startswith("builtin:") for m in (cfg.models.student, cfg.models.teacher)):
+            ensure_bootstrap(store, cfg, device=cfg.models.device)
+        check_tokenizers(cfg)
         problems_stage(store, cfg)
         catalog.write_catalog(ws)
         summary = catalog.run_query(

@@ -110,6 +110,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("data.catalog", ("ReadOnlyError", "SqlError")),
         ("data.sources", ("ProblemSourceError",)),
         ("flows.errors", ("UserError",)),
+        ("train.models", ("ModelLoadError", "TokenizerMismatchError")),
+        ("train.assets", ("AssetsError",)),
     ):
         try:
             mod = __import__(module, fromlist=list(names))

@@ -17,13 +17,24 @@ class ProblemsConfig(StrictModel):
     n_train: int = Field(2000, ge=1, description="builtin: training problems.")
     n_test: int = Field(200, ge=1, description="builtin: test problems (training families).")
     n_heldout: int = Field(100, ge=0, description="builtin: problems of the held-out family.")
-    difficulty: int = Field(3, ge=1, le=5, description="builtin: 1 (short) to 5 (long chains).")
+    difficulty: int | tuple[int, int] = Field(
+        (1, 2),
+        description="builtin: 1 (short, small numbers) to 5 (long chains), or an inclusive "
+        "[lo, hi] range drawn per problem. The shipped models were trained on [1, 2].",
+    )
     file: ProblemSourceConfig | None = Field(
         None, description="source=file: where your problems are and which columns to read."
     )
 
     @model_validator(mode="after")
     def _file_given(self) -> ProblemsConfig:
+        lo, hi = (
+            (self.difficulty, self.difficulty)
+            if isinstance(self.difficulty, int)
+            else (self.difficulty)
+        )
+        if not 1 <= lo <= hi <= 5:
+            raise ValueError(f"difficulty must be within 1..5 (lo <= hi), got {self.difficulty}")
         if self.source == "file" and self.file is None:
             raise ValueError("source: file needs a problems.file section (path, columns)")
         return self

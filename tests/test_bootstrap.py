@@ -1,0 +1,124 @@
+"""The reference world's bootstrap: from scratch (short), shipped assets, and model resolution."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.bootstrap import SHIPPED, resolve_model
+from flows.errors import UserError
+from train.assets import AssetsError, verify_assets
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    f"--set=bootstrap.{k}={v}"
+    for k, v in {
+        "student.hidden_size": 32,
+        "student.num_hidden_layers": 1,
+        "student.num_attention_heads": 2,
+        "student.num_key_value_heads": 1,
+        "student.intermediate_size": 64,
+        "teacher.hidden_size": 32,
+        "teacher.num_hidden_layers": 1,
+        "teacher.num_attention_heads": 2,
+        "teacher.num_key_value_heads": 1,
+        "teacher.intermediate_size": 64,
+        "student_train.steps": 4,
+        "student_train.examples": 64,
+        "student_train.batch_size": 8,
+        "teacher_train.steps": 4,
+        "teacher_train.examples": 64,
+        "teacher_train.batch_size": 8,
+        "eval_problems": 6,
+        "eval_heldout": 3,
+        "max_new_tokens": 24,
+        "exclude_test": 50,
+    }.items()
+]
+
+
+def mpd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO
+    )
+
+
+def test_short_from_scratch_bootstrap_is_real_and_cached(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    out = mpd("bootstrap", "--from-scratch", "-w", str(ws), "--workers", "1", *TINY)
+    assert out.returncode == 0, out.stderr
+    stage = ws / "bootstrap" / "round=0"
+    assert (stage / "_manifest.json").is_file()
+    for part in ("tokenizer", "student", "teacher"):
+        assert (stage / part / "config.json").is_file() or part == "tokenizer"
+    manifest = verify_assets(stage)  # the committed copy carries its own checksums
+    assert manifest["metrics"]["student_test_accuracy"] is not None
+    sql = mpd(
+        "sql",
+        "-w",
+        str(ws),
+        "--format",
+        "csv",
+        "select role, count(*) as n from bootstrap_evals group by role order by role",
+    )
+    assert sql.stdout.split() == ["role,n", "rewrite,9", "student,9", "teacher,9"]
+    again = mpd("bootstrap", "--from-scratch", "-w", str(ws), "--workers", "1", *TINY)
+    assert "bootstrap: cached" in again.stderr
+
+    from train.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(resolve_model("builtin:tiny-student", ws))
+    model = load_model(resolve_model("builtin:tiny-teacher", ws), device="cpu")
+    assert model.config.vocab_size >= len(tok) and model.config.model_type == "qwen3"
+
+
+def test_shipped_assets_verify_and_tampering_is_caught(tmp_path: Path) -> None:
+    manifest = verify_assets(SHIPPED)
+    assert manifest["command"].startswith("mpd bootstrap --from-scratch")
+    assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) <= 25 * 2**20
+    m = manifest["metrics"]
+    assert 0.5 <= m["student_test_accuracy"] <= 0.85, "the shipped student is in the target band"
+    assert m["student_verbosity_ratio"] >= 2.5 and m["rewrite_test_keeps_correct"] >= 0.9
+    assert m["rewrite_test_think_ratio"] <= 0.6
+    copy = tmp_path / "world"
+    shutil.copytree(SHIPPED, copy)
+    cfg = copy / "student" / "config.json"
+    cfg.write_text(cfg.read_text().replace("128", "129", 1))
+    with pytest.raises(AssetsError, match=r"student/config\.json is missing or altered"):
+        verify_assets(copy)
+
+
+def test_builtin_names_before_bootstrap_and_bad_paths(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="run `mpd bootstrap` first"):
+        resolve_model("builtin:tiny-student", tmp_path)
+    with pytest.raises(UserError, match="unknown built-in model"):
+        resolve_model("builtin:huge", tmp_path)
+    with pytest.raises(UserError, match="model path does not exist"):
+        resolve_model(str(tmp_path / "nope"), tmp_path)
+
+
+def test_run_refuses_mismatched_tokenizers(tmp_path: Path) -> None:
+    from data.world import build_problems, corpus_texts
+    from data.world.tokenizer import train_tokenizer
+    from train.tiny import TinyModelConfig, build_tiny_model
+
+    other = tmp_path / "other-teacher"
+    texts = corpus_texts(build_problems(5, 30, 0, 0, 1))  # different text: different merges
+    tok = train_tokenizer(texts, 400, other)
+    build_tiny_model(
+        tok,
+        TinyModelConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+        ),
+    ).save_pretrained(other)
+    out = mpd("run", "-w", str(tmp_path / "ws"), "--set", f"models.teacher={other}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "use different tokenizers" in out.stderr and out.stderr.count("mpd: error") == 1
