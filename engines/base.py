@@ -23,12 +23,26 @@ Progress = Callable[[int, int], None]  # (done, total) in prompts
 
 @dataclass(frozen=True)
 class GenerationParams:
+    """How to sample; checked on construction so a bad value fails before any model runs."""
+
     n: int = 1
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     max_tokens: int = 512
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()  # end-of-turn; generation stops after emitting one
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        # a list would make the frozen params unhashable; normalise to a tuple of ints
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
 
 @dataclass
@@ -70,3 +84,7 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class EngineUnavailableError(ValueError):
+    """The configured engine cannot run here (not installed, or not implemented yet)."""

@@ -1,29 +1,42 @@
-"""The campaign: every round of a run, in one workspace, under one lock.
+"""The campaign: bootstrap, problems, then N rounds, each round's student the last one's.
 
-Until the round DAG lands (issue 6) this runs the stages that exist: the
-problem set (round 0), committed through the stage store and cached by its
-key, then the SQL catalog, then a summary read back through SQL, so that
-``make run`` exercises config, store and catalog for real.
+    problems ─► eval(0) ─► [ sample ─► rewrite ─► score ─► filter ─► train ─► eval ] x N
+
+Every stage is cached on the stage store by its key (``flows/stages.py``), so a
+re-run computes only what changed, and a killed run resumes from its finished
+shards and checkpoints. The whole campaign holds the workspace lock.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pyarrow as pa
+from prefect import flow
+from prefect.states import Failed
 
 import tasks.problems
 from data import catalog
 from data.fsutil import atomic_write_bytes
 from data.keys import code_version, stage_key
-from data.lock import WorkspaceLock, describe_holder
+from data.lock import WorkspaceBusyError, WorkspaceLock, describe_holder
 from data.schemas import PROBLEMS
 from data.store import StageStore
+from flows import stages
 from flows.bootstrap import check_tokenizers, ensure_bootstrap
-from flows.config import RunConfig, dump_config
+from flows.config import ConfigError, RunConfig, dump_config, load_config
+from flows.errors import UserError
 from flows.logs import setup_logging
+from flows.summary import print_summary
 
 log = logging.getLogger("mpd")
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    ValueError,
+    ConfigError,
+    WorkspaceBusyError,
+)
 
 
 def problems_stage(store: StageStore, cfg: RunConfig) -> str:
@@ -41,28 +54,90 @@ def problems_stage(store: StageStore, cfg: RunConfig) -> str:
     return key
 
 
+LAST_RUN = ".mpd/last_run.json"
+
+
+def write_last_run(ws: Path, outcomes: dict) -> None:
+    """What the last run did per (round, stage): computed, cached or failed (for mpd status)."""
+    import time
+
+    from data.fsutil import atomic_write_json
+
+    atomic_write_json(
+        ws / LAST_RUN, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": outcomes}
+    )
+
+
+def run_round(ctx: stages.Context, r: int, student: stages.Student) -> stages.Student:
+    """sample -> rewrite -> score -> filter -> train -> evaluate, for round ``r``."""
+    sampled = stages.sample(ctx, r, student)
+    rewritten = stages.rewrite(ctx, r, sampled, student)
+    offline = ctx.cfg.train.teacher_mode == "offline_topk"
+    scored = stages.score(ctx, r, rewritten) if offline else None
+    filtered = stages.filter_(ctx, r, rewritten)
+    kept, reasons = stages.kept_count(ctx, r)
+    if kept == 0:
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
+        raise UserError(
+            f"round {r}: the filter kept none of {filtered.rows} rewrites ({why}); nothing was "
+            f'trained. Inspect them with: mpd sql "select * from decisions where round = {r}"'
+        )
+    _, student = stages.train(ctx, r, filtered, scored, student)
+    stages.evaluate(ctx, r, student)
+    return student
+
+
+@flow(name="mpd-campaign", log_prints=True)
+def campaign_flow(
+    config: str | None = None,
+    rounds: int | None = None,
+    workspace: str | None = None,
+    overrides: list[str] | None = None,
+) -> list[dict]:
+    """Run (or continue) a campaign: every stage cached, so a nightly run only adds rounds.
+
+    Parameters are what a deployment passes: a config path, the rounds to reach,
+    an optional workspace and ``key=value`` overrides.
+    """
+    cfg = load_config(config, overrides)
+    if workspace is not None:
+        cfg.workspace = Path(workspace)
+    if rounds is not None:
+        cfg.rounds = rounds
+    try:
+        run_campaign(cfg)
+    except USER_ERRORS as exc:
+        # A user mistake ends the run as Failed with one clear line, not a traceback.
+        return Failed(message=str(exc))  # type: ignore[return-value]
+    return catalog.run_query(cfg.workspace, "select * from round_summary").to_pylist()
+
+
 def run_campaign(cfg: RunConfig) -> None:
-    setup_logging()
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        setup_logging()  # inside a flow, Prefect's handlers already carry the mpd logger
     ws = cfg.workspace
     with WorkspaceLock(ws) as lock:
         if lock.stale:
             log.info("recovered a stale lock left by %s", describe_holder(lock.stale))
         atomic_write_bytes(ws / "run.yaml", dump_config(cfg).encode())
         store = StageStore(ws)
-        if any(m.startswith("builtin:") for m in (cfg.models.student, cfg.models.teacher)):
-            ensure_bootstrap(store, cfg, device=cfg.models.device)
-        check_tokenizers(cfg)
-        problems_stage(store, cfg)
-        catalog.write_catalog(ws)
-        summary = catalog.run_query(
-            ws,
-            "select split, family, count(*) as problems, "
-            "round(avg(length(prompt))) as mean_prompt_chars "
-            "from problems group by all order by split, family",
-        )
-        print(catalog.format_table(summary, "table"))
-        log.info(
-            'workspace %s ready; query it with: mpd sql -w %s "select * from problems limit 5"',
-            ws,
-            ws,
-        )
+        ctx = None
+        try:
+            if any(m.startswith("builtin:") for m in (cfg.models.student, cfg.models.teacher)):
+                ensure_bootstrap(store, cfg, device=cfg.models.device)
+            check_tokenizers(cfg)
+            ctx = stages.Context(cfg, problems_stage(store, cfg))
+            student = stages.starting_student(ctx)
+            stages.evaluate(ctx, 0, student)
+            for r in range(1, cfg.rounds + 1):
+                student = run_round(ctx, r, student)
+        finally:
+            from tasks.common import close_engines
+
+            close_engines()
+            if ctx is not None:
+                write_last_run(ws, ctx.outcomes)
+            catalog.write_catalog(ws)
+        print_summary(ws)

@@ -80,6 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(show)
     show.set_defaults(func=cmd_config_show)
 
+    p = sub.add_parser(
+        "rerun",
+        help="recompute one stage of one round and everything downstream",
+        description="Moves the committed output of STAGE in round R, the later stages of round R "
+        "and every later round aside, then runs the campaign: only those are recomputed.",
+    )
+    _add_workspace_args(p)
+    p.add_argument("--round", dest="round_", type=int, required=True, help="round to redo from")
+    p.add_argument(
+        "--from",
+        dest="stage",
+        required=True,
+        choices=["sample", "rewrite", "score", "filter", "train", "eval"],
+    )
+    p.add_argument("--rounds", type=int, help="run up to this round (overrides config)")
+    p.set_defaults(func=cmd_rerun)
+
     p = sub.add_parser("status", help="show the state of every (round, stage) in a workspace")
     _add_workspace_args(p)
     p.set_defaults(func=cmd_status)
@@ -112,6 +129,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("flows.errors", ("UserError",)),
         ("train.models", ("ModelLoadError", "TokenizerMismatchError")),
         ("train.assets", ("AssetsError",)),
+        ("engines.base", ("EngineUnavailableError",)),
+        ("tasks.filter", ("FilterError",)),
     ):
         try:
             mod = __import__(module, fromlist=list(names))
@@ -174,10 +193,44 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.campaign import run_campaign
+    import os
 
-    run_campaign(_load(args))
+    # Stage logs go through Prefect's handlers: to the console and to the run in the UI.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mpd")
+    from flows.campaign import campaign_flow
+
+    _load(args)  # config errors end here, before Prefect starts
+    state = campaign_flow(
+        config=str(args.config) if args.config else None,
+        rounds=args.rounds,
+        workspace=str(args.workspace) if args.workspace else None,
+        overrides=args.overrides,
+        return_state=True,
+    )
+    if state.is_failed():
+        outcome = state.result(raise_on_failure=False)
+        if isinstance(outcome, BaseException):
+            raise outcome  # a user error prints one line in main(); a bug, its traceback
+        print(f"mpd: error: {state.message}", file=sys.stderr)
+        return 2
     return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from data.lock import WorkspaceLock
+    from data.store import StageStore
+    from flows.status import downstream
+
+    cfg = _load(args)
+    with WorkspaceLock(cfg.workspace):
+        store = StageStore(cfg.workspace)
+        gone = [
+            f"{s} r{r}"
+            for r, s in downstream(args.round_, args.stage, cfg.rounds)
+            if store.invalidate(s, r)
+        ]
+    print(f"invalidated: {', '.join(gone) or 'nothing (not computed yet)'}", file=sys.stderr)
+    return cmd_run(args)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

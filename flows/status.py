@@ -18,6 +18,7 @@ from rich.table import Table
 from data.store import SHARD_MARKERS, STAGING, StageStore
 
 ROUND_STAGES = ["sample", "rewrite", "score", "filter", "train", "eval"]
+# done: computed by the last run; cached: reused by it; failed: the last run failed there
 
 
 @dataclass
@@ -31,12 +32,31 @@ class StageState:
     detail: str = ""
 
 
+def last_run(workspace: Path) -> dict[str, dict]:
+    path = Path(workspace) / ".mpd" / "last_run.json"
+    try:
+        return json.loads(path.read_text()).get("stages", {})
+    except (OSError, ValueError):
+        return {}
+
+
 def planned(rounds: int) -> list[tuple[int, str]]:
     """(round, stage) pairs a campaign of ``rounds`` rounds produces."""
     out = [(0, "problems"), (0, "eval")]
     for r in range(1, rounds + 1):
         out += [(r, s) for s in ROUND_STAGES]
     return out
+
+
+def downstream(round_: int, stage: str, rounds: int) -> list[tuple[int, str]]:
+    """``stage`` of ``round_`` and every stage after it, this round and later ones."""
+    order = ROUND_STAGES if round_ > 0 else ["eval"]
+    if stage not in order:
+        from flows.errors import UserError
+
+        raise UserError(f"round {round_} has no {stage} stage (it has: {', '.join(order)})")
+    out = [(round_, s) for s in order[order.index(stage) :]]
+    return out + [(r, s) for r in range(round_ + 1, max(rounds, round_) + 1) for s in ROUND_STAGES]
 
 
 def collect(workspace: Path, rounds: int | None = None) -> list[StageState]:
@@ -65,6 +85,13 @@ def collect(workspace: Path, rounds: int | None = None) -> list[StageState]:
         )
     for round_, stage in planned(rounds or 0):
         states.setdefault((round_, stage), StageState(round_, stage, "missing"))
+    for where, outcome in last_run(workspace).items():
+        round_, stage = int(where.split("/")[0]), where.split("/")[1]
+        st = states.setdefault((round_, stage), StageState(round_, stage, "missing"))
+        if outcome.get("state") == "failed" and st.state != "done":
+            st.state, st.detail = "failed", outcome.get("error", "")
+        elif outcome.get("state") == "cached" and st.state == "done":
+            st.state = "cached"
     order = {s: i for i, s in enumerate(["problems", *ROUND_STAGES])}
     return sorted(states.values(), key=lambda s: (s.round, order.get(s.stage, 99), s.stage))
 
@@ -74,7 +101,14 @@ def print_status(workspace: Path, rounds: int | None = None) -> list[StageState]
     table = Table(title=f"workspace {workspace}")
     for col in ("round", "stage", "state", "rows", "duration", "key", "detail"):
         table.add_column(col, justify="right" if col in ("round", "rows", "duration") else "left")
-    colors = {"done": "green", "corrupt": "red", "partial": "yellow", "missing": "dim"}
+    colors = {
+        "done": "green",
+        "cached": "cyan",
+        "corrupt": "red",
+        "failed": "red",
+        "partial": "yellow",
+        "missing": "dim",
+    }
     for s in states:
         table.add_row(
             str(s.round),

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
 
+import pyarrow as pa
 from pydantic import Field
 
 from data.configbase import StrictModel
+from data.schemas import EVALS
+from data.store import StageWriter
+from tasks.common import chat_prompt, generate_traces, shard_seed, shards
+
+log = logging.getLogger("mpd")
 
 
 class EvaluateConfig(StrictModel):
@@ -18,3 +26,54 @@ class EvaluateConfig(StrictModel):
     temperature: float = Field(0.0, ge=0, description="0 = greedy (the default, reproducible).")
     max_tokens: int = Field(512, ge=1)
     shard_size: int = Field(64, ge=1)
+
+
+def eval_problems(problems: list[dict], cfg: EvaluateConfig) -> list[dict]:
+    """The fixed evaluation set: every split in ``cfg.splits``, at most ``cfg.limit`` each."""
+    out = []
+    for split in cfg.splits:
+        chosen = sorted((p for p in problems if p["split"] == split), key=lambda p: p["problem_id"])
+        out += chosen[: cfg.limit] if cfg.limit else chosen
+    return out
+
+
+def evaluate_body(
+    writer: StageWriter,
+    cfg: EvaluateConfig,
+    *,
+    engine: Any,
+    records: list[dict],
+    round_: int,
+    seed: int,
+    model: str,
+    grader: Callable[[str | None, str], bool],
+) -> dict:
+    """One fixed scorer for every round: greedy by default, same problems, same budget."""
+    from engines.base import GenerationParams
+
+    tok = engine.tokenizer
+    prompts = [chat_prompt(tok, r["prompt"]) for r in records]
+    parts = shards(len(records), cfg.shard_size)
+    for i, part in enumerate(parts):
+        if i in writer.resumed:
+            continue
+        params = GenerationParams(
+            n=cfg.n,
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens,
+            seed=shard_seed(seed, round_, i),
+            stop_token_ids=(tok.eos_token_id,),
+        )
+        rows = generate_traces(
+            engine,
+            [prompts[j] for j in part],
+            [records[j] for j in part],
+            params=params,
+            round_=round_,
+            model=model,
+            grader=grader,
+            extra=lambda rec, row, s: {"split": rec["split"], "family": rec["family"]},
+        )
+        writer.write_shard(i, pa.Table.from_pylist(rows), EVALS)
+        log.info("round %d eval     shard %d/%d", round_, i + 1, len(parts))
+    return {"shards": len(parts), "problems": len(records)}

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from data.configbase import StrictModel
+from data.schemas import DECISIONS, SchemaError, conform
+from data.store import StageWriter
 
 
 class FilterConfig(StrictModel):
@@ -16,3 +22,56 @@ class FilterConfig(StrictModel):
     sql: Path | None = Field(
         None, description="Your own filter SQL file; None uses the built-in data/sql/filter.sql."
     )
+
+
+DEFAULT_SQL = Path(__file__).resolve().parents[1] / "data" / "sql" / "filter.sql"
+
+
+class FilterError(ValueError):
+    """The filter SQL failed, or produced rows that do not fit the decisions table."""
+
+
+def filter_sql(cfg: FilterConfig) -> str:
+    path = cfg.sql or DEFAULT_SQL
+    if not Path(path).is_file():
+        raise FilterError(f"filter SQL file not found: {path}")
+    return Path(path).read_text()
+
+
+def run_filter(rewrites: pa.Table, sql: str, *, ratio: float, round_: int, out: Path) -> pa.Table:
+    """Run the filter SQL over one round's rewrites with DuckDB, ``COPY`` its result to
+    ``out`` (inside staging), and return it checked against the decisions schema."""
+    con = duckdb.connect()
+    try:
+        con.register("rewrites_arrow", rewrites)
+        con.execute("CREATE VIEW rewrites AS SELECT * FROM rewrites_arrow")
+        con.execute(f"SET VARIABLE ratio = {float(ratio)!r}")
+        con.execute(f"SET VARIABLE round = {int(round_)}")
+        body = sql.strip().rstrip(";")
+        con.execute(f"COPY ({body}) TO '{out}' (FORMAT parquet)")
+    except duckdb.Error as exc:
+        raise FilterError(f"filter SQL failed: {str(exc).splitlines()[0]}") from None
+    finally:
+        con.close()
+    table = pq.read_table(out)
+    out.unlink()
+    try:
+        return conform(table, DECISIONS, name="filter output")
+    except SchemaError as exc:
+        raise FilterError(str(exc)) from None
+
+
+def filter_body(writer: StageWriter, cfg: FilterConfig, *, rewrites: pa.Table, round_: int) -> dict:
+    decisions = run_filter(
+        rewrites,
+        filter_sql(cfg),
+        ratio=cfg.ratio,
+        round_=round_,
+        out=writer.path(".decisions.raw.parquet"),
+    )
+    writer.write_table("decisions.parquet", decisions, DECISIONS)
+    reasons = pc.value_counts(decisions.column("reason")).to_pylist()
+    return {
+        "kept": int(pc.sum(decisions.column("kept")).as_py() or 0),
+        "reasons": {r["values"]: r["counts"] for r in reasons},
+    }

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
 from pydantic import Field, field_validator
 
 from data.configbase import StrictModel
 from data.prompts import DEFAULT_REWRITE_PROMPT
+from data.schemas import REWRITES
+from data.store import StageWriter
+from tasks.common import chat_prompt, generate_traces, shard_seed, shards
+
+log = logging.getLogger("mpd")
 
 
 class RewriteConfig(StrictModel):
@@ -26,3 +36,88 @@ class RewriteConfig(StrictModel):
             if name not in value:
                 raise ValueError(f"the rewrite prompt must contain {name}")
         return value
+
+
+def rewrite_body(
+    writer: StageWriter,
+    cfg: RewriteConfig,
+    *,
+    engine: Any,
+    samples: list[dict],
+    problems: dict[str, dict],
+    round_: int,
+    seed: int,
+    model: str,
+    grader: Callable[[str | None, str], bool],
+    student_tokenizer: Any,
+) -> dict:
+    """The rewriter turns each student trace into a concise one (MPD's target).
+
+    When the rewriter tokenizes differently from the student (an instruction
+    model behind an API), its text is tokenized once here with the student's
+    tokenizer and those ids are stored: the teacher scores and the student
+    trains on exactly these ids, never a re-tokenization.
+    """
+    from engines.base import GenerationParams
+    from train.models import TokenizerMismatchError, check_same_tokenizer
+
+    tok = engine.tokenizer
+    try:
+        check_same_tokenizer(student_tokenizer, tok, names=("student", "rewriter"))
+        same = True
+    except TokenizerMismatchError:
+        same = False
+    prompts = [
+        chat_prompt(
+            tok,
+            cfg.prompt.format(problem=problems[s["problem_id"]]["prompt"], trace=s["completion"]),
+        )
+        for s in samples
+    ]
+    parts = shards(len(samples), cfg.shard_size)
+    for i, part in enumerate(parts):
+        if i in writer.resumed:
+            continue
+        params = GenerationParams(
+            n=1,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_tokens=cfg.max_tokens,
+            seed=shard_seed(seed, round_, i),
+            stop_token_ids=(tok.eos_token_id,),
+        )
+        chosen = [samples[j] for j in part]
+        records = [{**problems[s["problem_id"]], "sample_idx": s["sample_idx"]} for s in chosen]
+        rows = generate_traces(
+            engine,
+            [prompts[j] for j in part],
+            records,
+            params=params,
+            round_=round_,
+            model=model,
+            grader=grader,
+        )
+        for row, s in zip(rows, chosen, strict=True):
+            row["sample_idx"] = s["sample_idx"]
+            if not same:
+                _retokenize(row, student_tokenizer)
+            row.update(
+                orig_think_tokens=s["think_tokens"],
+                orig_total_tokens=s["total_tokens"],
+                orig_correct=s["correct"],
+                orig_truncated=s["truncated"],
+            )
+        writer.write_shard(i, pa.Table.from_pylist(rows), REWRITES)
+        log.info("round %d rewrite  shard %d/%d", round_, i + 1, len(parts))
+    return {"shards": len(parts), "same_tokenizer": same, "rewriter": model}
+
+
+def _retokenize(row: dict, tokenizer: Any) -> None:
+    from data.traces import split_counts
+
+    ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+    if row["finish_reason"] == "stop":
+        ids.append(tokenizer.eos_token_id)
+    close = tokenizer.convert_tokens_to_ids("</think>")
+    row["token_ids"] = ids
+    row["think_tokens"], row["answer_tokens"], row["total_tokens"] = split_counts(ids, close)

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
 from pydantic import Field
 
 from data.configbase import StrictModel
+from data.schemas import SAMPLES
+from data.store import StageWriter
+from tasks.common import chat_prompt, generate_traces, shard_seed, shards
+
+log = logging.getLogger("mpd")
 
 
 class SampleConfig(StrictModel):
@@ -14,3 +24,53 @@ class SampleConfig(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(512, ge=1, description="Completion budget; longer traces truncate.")
     shard_size: int = Field(64, ge=1, description="Prompts per resumable shard.")
+
+
+def round_problems(problems: list[dict], n: int, seed: int, round_: int) -> list[dict]:
+    """The training problems of one round: a seeded draw, different every round."""
+    import random
+
+    train = sorted((p for p in problems if p["split"] == "train"), key=lambda p: p["problem_id"])
+    return random.Random(f"{seed}-round-{round_}").sample(train, min(n, len(train)))
+
+
+def sample_body(
+    writer: StageWriter,
+    cfg: SampleConfig,
+    *,
+    engine: Any,
+    records: list[dict],
+    round_: int,
+    seed: int,
+    model: str,
+    grader: Callable[[str | None, str], bool],
+) -> dict:
+    """Sample ``cfg.n`` traces per problem, one resumable shard per ``cfg.shard_size`` prompts."""
+    from engines.base import GenerationParams
+
+    tok = engine.tokenizer
+    prompts = [chat_prompt(tok, r["prompt"]) for r in records]
+    parts = shards(len(records), cfg.shard_size)
+    for i, part in enumerate(parts):
+        if i in writer.resumed:
+            continue
+        params = GenerationParams(
+            n=cfg.n,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_tokens=cfg.max_tokens,
+            seed=shard_seed(seed, round_, i),
+            stop_token_ids=(tok.eos_token_id,),
+        )
+        rows = generate_traces(
+            engine,
+            [prompts[j] for j in part],
+            [records[j] for j in part],
+            params=params,
+            round_=round_,
+            model=model,
+            grader=grader,
+        )
+        writer.write_shard(i, pa.Table.from_pylist(rows), SAMPLES)
+        log.info("round %d sample   shard %d/%d", round_, i + 1, len(parts))
+    return {"shards": len(parts), "problems": len(records)}

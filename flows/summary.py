@@ -1,0 +1,67 @@
+"""The end-of-run report: a round summary table and a plot of accuracy and tokens."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from data import catalog
+from data.store import StageStore
+
+log = logging.getLogger("mpd")
+
+QUERY = """
+select round, eval_n, round(accuracy, 3) as accuracy, round(heldout_accuracy, 3) as heldout_acc,
+       round(mean_think_tokens, 1) as think, round(mean_answer_tokens, 1) as answer,
+       round(truncation_rate, 3) as truncated, kept, dropped
+from round_summary order by round
+"""
+
+
+def stage_times(workspace: Path) -> dict[int, str]:
+    """Per round, the wall time of each stage (from the manifests), as one string."""
+    out: dict[int, list[str]] = {}
+    for man in StageStore(workspace).committed():
+        if man.stage in ("problems", "bootstrap"):
+            continue
+        out.setdefault(man.round, []).append(f"{man.stage} {man.duration_s:.0f}s")
+    return {r: ", ".join(v) for r, v in out.items()}
+
+
+def plot(table: dict[str, list], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax1 = plt.subplots(figsize=(6, 3.6), dpi=120)
+    rounds = table["round"]
+    ax1.plot(rounds, table["accuracy"], "o-", color="tab:blue", label="accuracy (test)")
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("accuracy", color="tab:blue")
+    ax1.set_ylim(0, 1)
+    ax2 = ax1.twinx()
+    ax2.plot(rounds, table["think"], "s--", color="tab:red", label="mean think tokens")
+    ax2.set_ylabel("mean think tokens", color="tab:red")
+    ax2.set_ylim(bottom=0)
+    ax1.set_xticks(rounds)
+    ax1.set_title("accuracy and reasoning length per round")
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def print_summary(workspace: Path) -> None:
+    table = catalog.run_query(workspace, QUERY)
+    times = stage_times(workspace)
+    rows = table.to_pydict()
+    rows["stage times"] = [times.get(r, "") for r in rows["round"]]
+    import pyarrow as pa
+
+    print(catalog.format_table(pa.table(rows), "table"))
+    if rows["round"]:
+        path = plot(rows, workspace / "summary.png")
+        log.info("plot: %s", path)

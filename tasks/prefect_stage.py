@@ -1,0 +1,71 @@
+"""The one Prefect task every stage runs through, and its cache policy.
+
+Prefect's default cache policy hashes the flow run id, so a nightly run would
+recompute everything. ``StageKeyPolicy`` keys on the stage key instead, and
+only while the committed output on disk is valid: the disk stays the source of
+truth (a deleted or corrupt output is recomputed even if Prefect remembers a
+result), and Prefect shows an unchanged stage as ``Cached``.
+
+User mistakes (a filter that keeps nothing, a bad SQL file) are not retried;
+anything else (a killed worker, an out-of-memory, a flaky server) is retried
+with backoff before the run fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+
+from data.store import StageStore
+from tasks.common import StageResult
+
+
+@dataclass
+class StageKeyPolicy(CachePolicy):
+    """Cache key = (stage, round, key) while the committed output validates; else no cache."""
+
+    def compute_key(
+        self,
+        task_ctx: Any,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        stage, round_, key = inputs["stage"], inputs["round_"], inputs["key"]
+        if StageStore(Path(inputs["workspace"])).lookup(stage, round_, key, deep=False):
+            return f"mpd-{stage}-r{round_}-{key}"
+        return None
+
+
+NOT_RETRIED: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except NOT_RETRIED:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(
+    name="stage",
+    task_run_name="{stage}-round-{round_}",
+    cache_policy=StageKeyPolicy(),
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_retry_condition,
+)
+def stage_task(
+    workspace: str, stage: str, round_: int, key: str, run: Callable[[], StageResult]
+) -> StageResult:
+    """Run one stage (``run`` checks the store itself, so a cache miss here is still cheap)."""
+    return run()
