@@ -1,14 +1,21 @@
 """The ``hf`` engine: transformers models in-process, batched, with the KV cache.
 
-Why a hand-written decode loop instead of ``model.generate``: the loop is ~40
-lines, gives exact control over finish reasons and stop tokens, prunes rows
-that have finished from the KV cache (student traces vary 3x in length, so a
-batch otherwise decodes padding for most of its life), and draws all randomness
-from one ``torch.Generator`` seeded per call, so a resumed shard regenerates
-exactly what the killed one would have.
+Why a hand-written decode loop instead of ``model.generate``: the loop is short,
+gives exact control over finish reasons and stop tokens, prunes rows that have
+finished from the KV cache (student traces vary 3x in length, so a batch
+otherwise decodes padding for most of its life), and draws all randomness from
+one ``torch.Generator`` seeded per call, so a resumed shard regenerates exactly
+what the killed one would have.
 
 Batches are formed from length-sorted rows and sized so batch x length stays
 under ``max_batch_tokens``: memory is bounded by config, not by the data.
+
+The loop keeps per-step host work constant: sampled tokens go into a
+preallocated device buffer (one transfer at the end, not a ``.tolist()`` per
+step), the attention mask is preallocated and sliced, sampling is an inverse-CDF
+lookup (``torch.multinomial`` on CPU costs ~1 ms per step at batch 64, as much
+as a tiny model's forward), and without stop tokens no step synchronises with
+the device at all (``benchmarks/bench_generate.py`` measures what is left).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ log = logging.getLogger("mpd.engines.hf")
 
 
 class HFEngine:
+    """Generation and scoring with one in-process causal LM (plain or PEFT-wrapped)."""
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -38,10 +47,15 @@ class HFEngine:
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.vocab_limit = len(tokenizer)  # model rows past this are padding, never sampled
+        # Model rows past len(tokenizer) are padding (vocab rounded up for GPU-friendly
+        # shapes): they are never sampled, ranked or normalised over.
+        model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        self.vocab_limit = min(len(tokenizer), model_vocab or len(tokenizer))
         self.pad_id = tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = tokenizer.eos_token_id
+        if self.pad_id is None:
+            self.pad_id = 0  # masked out everywhere; any valid id will do
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.use_cache = use_cache
@@ -49,9 +63,14 @@ class HFEngine:
 
     # -- batching -------------------------------------------------------------
     def _batches(self, lengths: Sequence[int], budget: int) -> list[list[int]]:
-        """Row indices grouped longest-first so each batch's padding is small."""
+        """Row indices grouped longest-first so each batch's padding is small.
+
+        A batch's footprint is rows x (longest row + ``budget`` new tokens); a
+        row that alone exceeds ``max_batch_tokens`` runs alone.
+        """
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        batches, current = [], []
+        batches: list[list[int]] = []
+        current: list[int] = []
         for i in order:
             rows = len(current) + 1
             width = max(lengths[current[0]] if current else 0, lengths[i]) + budget
@@ -64,15 +83,27 @@ class HFEngine:
             batches.append(current)
         return batches
 
-    def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _left_pad(
+        self, seqs: Sequence[Sequence[int]], extra: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids [B, W] and an attention mask [B, W + extra] (extra columns = 1).
+
+        The mask is allocated once with room for ``extra`` generated tokens so the
+        decode loop slices it instead of concatenating a column every step.
+        """
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        mask = torch.ones((len(seqs), width + extra), dtype=torch.long)
         for row, seq in enumerate(seqs):
-            if seq:
-                ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
-                mask[row, width - len(seq) :] = 1
+            mask[row, : width - len(seq)] = 0
+            ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
         return ids.to(self.device), mask.to(self.device)
+
+    def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
+        """An empty prompt has no position to predict its first token from."""
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
 
     # -- generation -----------------------------------------------------------
     def generate(
@@ -81,81 +112,133 @@ class HFEngine:
         params: GenerationParams,
         progress: Progress | None = None,
     ) -> list[list[Completion]]:
+        """``n`` completions per prompt, in prompt order; progress counts whole prompts."""
+        self._check_prompts(prompts)
         rows = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
         lengths = [len(prompts[p]) for p, _ in rows]
         gen = torch.Generator(device="cpu").manual_seed(params.seed)
         out: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
+        remaining = [params.n] * len(prompts)  # samples still to finish, per prompt
         done, started = 0, time.monotonic()
         for batch in self._batches(lengths, params.max_tokens):
             seqs = [prompts[rows[i][0]] for i in batch]
             for i, (ids, reason) in zip(batch, self._decode(seqs, params, gen), strict=True):
                 p, s = rows[i]
                 out[p][s] = Completion(p, s, ids, self._text(ids, params), reason)
-            done += len(batch)
+                remaining[p] -= 1
+                done += remaining[p] == 0
             if progress is not None:
-                progress(done, len(rows))
-            log.debug("generated %d/%d rows in %.1fs", done, len(rows), time.monotonic() - started)
+                progress(done, len(prompts))
+            log.debug(
+                "generated %d/%d prompts in %.1fs", done, len(prompts), time.monotonic() - started
+            )
         return [[c for c in row if c is not None] for row in out]
 
     def _text(self, ids: list[int], params: GenerationParams) -> str:
         body = ids[:-1] if ids and ids[-1] in params.stop_token_ids else ids
         return self.tokenizer.decode(body, skip_special_tokens=False)
 
-    def _pick(self, logits: torch.Tensor, params: GenerationParams, gen: torch.Generator):
+    def _pick(
+        self, logits: torch.Tensor, params: GenerationParams, gen: torch.Generator
+    ) -> torch.Tensor:
+        """Next token per row: argmax, or a draw from the (top-p truncated) softmax.
+
+        The draw is an inverse-CDF lookup with one uniform per row from ``gen``
+        (CPU, so the stream does not depend on the device). ``u`` is scaled by
+        the row's total mass and the search is strict (``right=True``), so a
+        zero-probability token (past top-p, or underflowed) is never returned.
+        """
         logits = logits[:, : self.vocab_limit].float()
         if params.temperature == 0:
             return logits.argmax(-1)
         probs = torch.softmax(logits / params.temperature, dim=-1)
+        order = None
         if params.top_p < 1.0:
-            sorted_p, idx = probs.sort(dim=-1, descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p > params.top_p  # keep the token crossing p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-        return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+            probs, order = probs.sort(dim=-1, descending=True)
+            drop = probs.cumsum(-1) - probs > params.top_p  # keep the token crossing p
+            probs = probs.masked_fill(drop, 0.0)
+        cdf = probs.cumsum(-1)
+        u = torch.rand((len(probs), 1), generator=gen).to(cdf.device) * cdf[:, -1:]
+        idx = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+        # u == total after rounding (p ~ 2^-24): fall back to the most likely token
+        idx = torch.where(idx < cdf.shape[-1], idx, probs.argmax(-1))
+        return idx if order is None else order.gather(-1, idx[:, None]).squeeze(-1)
 
     @torch.inference_mode()
     def _decode(
         self, seqs: list[Sequence[int]], params: GenerationParams, gen: torch.Generator
     ) -> list[tuple[list[int], str]]:
         """Decode one batch; returns (token ids, finish reason) per row."""
+        if not self.use_cache:
+            return self._decode_no_cache(seqs, params, gen)
+        n, steps = len(seqs), params.max_tokens
+        ids, full_mask = self._left_pad(seqs, extra=steps)
+        width = ids.shape[1]
+        stop = torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device)
+        buf = torch.full((n, steps), self.pad_id, dtype=torch.long, device=self.device)
+        length = torch.full((n,), steps, dtype=torch.long)  # tokens kept per row
+        stopped = torch.zeros(n, dtype=torch.bool)
+        alive = torch.arange(n, device=self.device)  # batch row -> original row
+        mask = full_mask[:, :width]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
+        )
+        cache, pos = out.past_key_values, pos[:, -1:]
+        for step in range(steps):
+            nxt = self._pick(out.logits[:, -1], params, gen)
+            buf[alive, step] = nxt
+            if len(stop):
+                finished = torch.isin(nxt, stop)
+                if bool(finished.any()):  # the only per-step sync, and only with stop tokens
+                    rows = alive[finished].cpu()
+                    length[rows], stopped[rows] = step + 1, True
+                    keep = (~finished).nonzero().squeeze(-1)
+                    if len(keep) == 0:
+                        break
+                    # prune finished rows from the cache and the batch
+                    alive, nxt, pos = alive[keep], nxt[keep], pos[keep]
+                    full_mask = full_mask[keep]
+                    cache.batch_select_indices(keep)
+            if step == steps - 1:
+                break
+            pos = pos + 1
+            out = self.model(
+                input_ids=nxt[:, None],
+                attention_mask=full_mask[:, : width + step + 1],
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        tokens, kept, stops = buf.cpu().tolist(), length.tolist(), stopped.tolist()
+        return [(tokens[r][: kept[r]], "stop" if stops[r] else "length") for r in range(n)]
+
+    def _decode_no_cache(
+        self, seqs: list[Sequence[int]], params: GenerationParams, gen: torch.Generator
+    ) -> list[tuple[list[int], str]]:
+        """Reference path for tests: every step recomputes the whole prefix, no cache."""
         ids, mask = self._left_pad(seqs)
-        stop = torch.tensor(list(params.stop_token_ids) or [-1], device=self.device)
+        stop = set(params.stop_token_ids)
         tokens: list[list[int]] = [[] for _ in seqs]
         reasons = ["length"] * len(seqs)
-        alive = torch.arange(len(seqs), device=self.device)  # batch row -> original row
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-        full = ids
-        for step in range(params.max_tokens):
-            nxt = self._pick(logits, params, gen)
-            finished = torch.isin(nxt, stop)
-            for row, tok in zip(alive.tolist(), nxt.tolist(), strict=True):
+        alive = list(range(len(seqs)))
+        for _ in range(params.max_tokens):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            nxt = self._pick(logits[:, -1], params, gen)
+            keep = []
+            for j, (row, tok) in enumerate(zip(alive, nxt.tolist(), strict=True)):
                 tokens[row].append(tok)
-            for row in alive[finished].tolist():
-                reasons[row] = "stop"
-            if step == params.max_tokens - 1 or bool(finished.all()):
+                if tok in stop:
+                    reasons[row] = "stop"
+                else:
+                    keep.append(j)
+            if not keep:
                 break
-            keep = (~finished).nonzero().squeeze(-1)
-            if len(keep) < len(alive):  # prune finished rows from the cache and the batch
-                alive, nxt, mask, pos = alive[keep], nxt[keep], mask[keep], pos[keep]
-                full = full[keep]
-                cache.batch_select_indices(keep)
-            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-            pos = pos[:, -1:] + 1
-            if self.use_cache:
-                out = self.model(
-                    input_ids=nxt[:, None],
-                    attention_mask=mask,
-                    position_ids=pos,
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-            else:  # reference path for tests: recompute everything from scratch each step
-                full = torch.cat([full, nxt[:, None]], dim=1)
-                all_pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                out = self.model(input_ids=full, attention_mask=mask, position_ids=all_pos)
-            logits = out.logits[:, -1]
+            sel = torch.tensor(keep, device=self.device)
+            alive = [alive[j] for j in keep]
+            ids = torch.cat([ids[sel], nxt[sel, None]], dim=1)
+            mask = torch.cat([mask[sel], mask.new_ones((len(keep), 1))], dim=1)
         return list(zip(tokens, reasons, strict=True))
 
     # -- scoring --------------------------------------------------------------
@@ -167,11 +250,19 @@ class HFEngine:
         top_k: int,
         progress: Progress | None = None,
     ) -> list[TokenScores]:
-        """Left-pad prompt+target so every target ends at the last position; keep only
-        the logits that predict target tokens (``logits_to_keep``), never B x L x V."""
+        """Top-k logprobs at every target position (position P+j-1 predicts target j).
+
+        Left-pad prompt+target so every target ends at the last position and keep
+        only the logits that predict target tokens (``logits_to_keep``), so a
+        batch's logits are rows x (longest target + 1) x V, never rows x L x V.
+        Log-softmax is over the tokenizer's vocabulary (padding rows sliced off).
+        """
+        if len(prompt_ids) != len(target_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(target_ids)} targets")
+        self._check_prompts(prompt_ids)
         seqs = [list(p) + list(t) for p, t in zip(prompt_ids, target_ids, strict=True)]
         out: list[TokenScores | None] = [None] * len(seqs)
-        k = min(top_k, self.vocab_limit)
+        k = max(0, min(top_k, self.vocab_limit))
         done = 0
         for batch in self._batches([len(s) for s in seqs], 0):
             ids, mask = self._left_pad([seqs[i] for i in batch])
@@ -179,12 +270,12 @@ class HFEngine:
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=tmax + 1
-            ).logits[:, :-1, : self.vocab_limit]  # position j predicts token j + 1
+            ).logits[:, :-1, : self.vocab_limit]  # kept position r predicts token W - tmax + r
             for row, i in enumerate(batch):
                 t = len(target_ids[i])
                 lp = torch.log_softmax(logits[row, tmax - t :].float(), dim=-1)
                 vals, idx = lp.topk(k, dim=-1)
-                tgt = torch.tensor(list(target_ids[i]), dtype=torch.long, device=lp.device)
+                tgt = torch.as_tensor(list(target_ids[i]), dtype=torch.long, device=lp.device)
                 out[i] = TokenScores(
                     idx.to(torch.int32).cpu().numpy(),
                     vals.cpu().numpy().astype(np.float32),

@@ -26,62 +26,123 @@ class TokenizerMismatchError(ValueError):
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` means cuda when a GPU is visible; asking for cuda without one is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device: cuda was asked for but no GPU is visible")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelLoadError(
+            f"device: {device!r} is not a torch device (auto, cpu, cuda, cuda:N)"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device: {device} was asked for but no GPU is visible")
+    return dev
+
+
+def _resolve_dtype(dtype: str) -> torch.dtype:
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype):
+        raise ModelLoadError(f"dtype: {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    return value
+
+
+def _local_path(path: Path | str, what: str) -> Path:
+    """The directory behind ``path``; ``builtin:`` names are resolved by the bootstrap."""
+    if str(path).startswith(BUILTIN_PREFIX):
+        raise ModelLoadError(
+            f"{what} {path!s} is a built-in name: resolve it to the directory the bootstrap "
+            "wrote before loading"
+        )
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{what} path does not exist: {path}")
+    return path
 
 
 def _check_dir(path: Path) -> None:
-    if not path.exists():
-        raise ModelLoadError(f"model path does not exist: {path}")
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is not a directory (expected a Hugging Face model directory)")
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise ModelLoadError(
             f"{path} is not a Hugging Face model directory (no config.json or adapter_config.json)"
         )
 
 
+def adapter_base(adapter_dir: Path) -> Path:
+    """The base model directory a LoRA adapter names in its ``adapter_config.json``.
+
+    A relative base is tried against the adapter's own directory first (so a
+    workspace that holds base and adapter side by side can move), then against
+    the current directory (what peft writes when the base was loaded by a
+    relative path). Hub names are refused: nothing here downloads.
+    """
+    config = adapter_dir / "adapter_config.json"
+    try:
+        base = json.loads(config.read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(
+            f"{config}: cannot read base_model_name_or_path ({type(exc).__name__}: {exc})"
+        ) from None
+    if not base:
+        raise ModelLoadError(f"{config} names no base model (base_model_name_or_path is empty)")
+    base_path = Path(base)
+    candidates = [base_path] if base_path.is_absolute() else [adapter_dir / base_path, base_path]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate.resolve()
+    raise ModelLoadError(
+        f"the base model of adapter {adapter_dir} ({base}) is not a local directory; "
+        "download it and point base_model_name_or_path at it"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def load_model(path: Path | str, *, dtype: str = "float32", device: str = "auto"):
-    """A causal LM in eval mode; LoRA adapter directories load onto their base."""
+    """A causal LM in eval mode; LoRA adapter directories load onto their base.
+
+    Device and dtype are checked before anything is read, so a bad setting
+    fails at once with one line, not after loading weights.
+    """
     from transformers import AutoModelForCausalLM
 
-    path = Path(path)
+    target = resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype)
+    path = _local_path(path, "model")
     _check_dir(path)
-    torch_dtype = getattr(torch, dtype)
-    adapter = path / "adapter_config.json"
-    if adapter.is_file():
+    if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base_path = Path(json.loads(adapter.read_text())["base_model_name_or_path"])
-        if not base_path.is_absolute():
-            base_path = (path / base_path).resolve()
-        base = load_model(base_path, dtype=dtype, device=device)
-        return PeftModel.from_pretrained(base, str(path), is_trainable=False).eval()
+        base = load_model(adapter_base(path), dtype=dtype, device=device)
+        try:
+            model = PeftModel.from_pretrained(base, str(path), is_trainable=False)
+        except Exception as exc:  # peft raises many types; the caller needs one, with the path
+            raise ModelLoadError(f"cannot load adapter from {path}: {_first_line(exc)}") from None
+        return model.to(target).eval()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch_dtype, local_files_only=True
         )
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
-    return model.to(resolve_device(device)).eval()
+    except Exception as exc:  # OSError, ValueError, SafetensorError, ...: one clear line
+        raise ModelLoadError(f"cannot load model from {path}: {_first_line(exc)}") from None
+    return model.to(target).eval()
 
 
 def load_tokenizer(path: Path | str):
+    """The tokenizer saved with a model; an adapter without one uses its base's."""
     from transformers import AutoTokenizer
 
-    path = Path(path)
-    if not path.exists():
-        raise ModelLoadError(f"tokenizer path does not exist: {path}")
-    adapter = path / "adapter_config.json"
-    if adapter.is_file() and not (path / "tokenizer_config.json").is_file():
-        path = Path(json.loads(adapter.read_text())["base_model_name_or_path"])
+    path = _local_path(path, "tokenizer")
+    if (path / "adapter_config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        path = adapter_base(path)
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"cannot load tokenizer from {path}: {str(exc).splitlines()[0]}"
-        ) from None
+    except Exception as exc:  # OSError, ValueError, ...: one clear line
+        raise ModelLoadError(f"cannot load tokenizer from {path}: {_first_line(exc)}") from None
 
 
 def check_same_tokenizer(

@@ -30,6 +30,8 @@ def build_tiny_model(tokenizer, cfg: TinyModelConfig, *, seed: int = 0):
     ``vocab_size`` is rounded up to a multiple of 64 (as real checkpoints pad
     theirs), so every consumer has to slice logits to ``len(tokenizer)``:
     the padding rows exist in tests exactly as they do in production.
+    ``head_dim`` is always set explicitly because Qwen3 defaults it to 128
+    whatever the hidden size. The same ``seed`` gives the same weights.
     """
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -50,5 +52,7 @@ def build_tiny_model(tokenizer, cfg: TinyModelConfig, *, seed: int = 0):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(config)
+    # Seed a forked RNG: building a model must not reset the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen3ForCausalLM(config)
