@@ -94,21 +94,32 @@ def ensure_bootstrap(
 def bootstrap_workspace(
     cfg: RunConfig, *, from_scratch: bool, device: str, workers: int | None
 ) -> Path:
-    from data import catalog
-    from data.fsutil import atomic_write_bytes
+    """``mpd bootstrap`` into a workspace, as the Prefect flow ``mpd-bootstrap``."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect import flow
+
     from flows.logs import setup_logging
 
     setup_logging()
-    with WorkspaceLock(cfg.workspace):
-        atomic_write_bytes(cfg.workspace / "run.yaml", dump_config(cfg).encode())
-        path = ensure_bootstrap(
-            StageStore(cfg.workspace),
-            cfg,
-            from_scratch=from_scratch,
-            device=device,
-            workers=workers,
-        )
-        catalog.write_catalog(cfg.workspace)
+
+    @flow(name="mpd-bootstrap")
+    def bootstrap_flow(from_scratch: bool, device: str) -> str:
+        return str(_bootstrap(cfg, from_scratch=from_scratch, device=device, workers=workers))
+
+    with WorkspaceLock(cfg.workspace):  # taken before Prefect starts: a busy workspace is one line
+        return Path(bootstrap_flow(from_scratch, device))
+
+
+def _bootstrap(cfg: RunConfig, *, from_scratch: bool, device: str, workers: int | None) -> Path:
+    from data import catalog
+    from data.fsutil import atomic_write_bytes
+
+    atomic_write_bytes(cfg.workspace / "run.yaml", dump_config(cfg).encode())
+    store = StageStore(cfg.workspace)
+    path = ensure_bootstrap(store, cfg, from_scratch=from_scratch, device=device, workers=workers)
+    catalog.write_catalog(cfg.workspace)
     return path
 
 

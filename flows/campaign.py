@@ -93,16 +93,24 @@ def campaign_flow(
     rounds: int | None = None,
     workspace: str | None = None,
     overrides: list[str] | None = None,
+    rounds_per_night: int | None = None,
 ) -> list[dict]:
     """Run (or continue) a campaign: every stage cached, so a nightly run only adds rounds.
 
     Parameters are what a deployment passes: a config path, the rounds to reach,
-    an optional workspace and ``key=value`` overrides.
+    an optional workspace and ``key=value`` overrides. ``rounds_per_night`` (the
+    nightly deployment's) reaches the rounds already committed in the workspace
+    plus that many instead, capped by ``rounds`` when both are given
+    (``flows/serve.py``).
     """
     cfg = load_config(config, overrides)
     if workspace is not None:
         cfg.workspace = Path(workspace)
-    if rounds is not None:
+    if rounds_per_night is not None:
+        from flows.serve import rounds_to_reach
+
+        cfg.rounds = rounds_to_reach(cfg.workspace, rounds_per_night, cap=rounds)
+    elif rounds is not None:
         cfg.rounds = rounds
     try:
         run_campaign(cfg)
@@ -117,6 +125,7 @@ def run_campaign(cfg: RunConfig) -> None:
 
     if FlowRunContext.get() is None:
         setup_logging()  # inside a flow, Prefect's handlers already carry the mpd logger
+    log.setLevel(logging.INFO)
     ws = cfg.workspace
     with WorkspaceLock(ws) as lock:
         if lock.stale:

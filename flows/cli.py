@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   mpd run -c configs/tiny.yaml --rounds 4 continue the campaign to round 4
   mpd config show --set train.lr=1e-4     the resolved config, with an override
   mpd status                              every (round, stage): done / partial / corrupt
+  mpd serve --rounds-per-night 1          one more round every night at 02:00 UTC
   mpd sql "select * from round_summary"   read-only SQL over every table
 """
 
@@ -97,6 +98,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="run up to this round (overrides config)")
     p.set_defaults(func=cmd_rerun)
 
+    p = sub.add_parser(
+        "serve",
+        help="run the campaign nightly from this process (no work pool, no worker)",
+        description="Registers the nightly-compression deployment with the Prefect API "
+        "(PREFECT_API_URL, e.g. a `prefect server start`) and runs its scheduled runs here until "
+        "interrupted. Each run continues the campaign: it reaches the rounds already committed in "
+        "the workspace plus --rounds-per-night. prefect.yaml declares the same schedule for a "
+        "work pool and workers instead.",
+    )
+    _add_workspace_args(p)
+    p.add_argument(
+        "--rounds-per-night",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="rounds each night adds to the workspace (default 1)",
+    )
+    p.add_argument(
+        "--cron", default="0 2 * * *", help='when to run, a cron string (default "0 2 * * *")'
+    )
+    p.add_argument(
+        "--timezone",
+        default="UTC",
+        help="IANA time zone of --cron, e.g. Europe/Paris (default UTC)",
+    )
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("status", help="show the state of every (round, stage) in a workspace")
     _add_workspace_args(p)
     p.set_defaults(func=cmd_status)
@@ -114,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", help='e.g. "select round, accuracy from round_summary"')
     p.set_defaults(func=cmd_sql)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1 (a usage error, not a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -197,6 +236,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # Stage logs go through Prefect's handlers: to the console and to the run in the UI.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mpd")
+    # An offline pipeline: no telemetry from the embedded server (it only logs errors here).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.campaign import campaign_flow
 
     _load(args)  # config errors end here, before Prefect starts
@@ -213,6 +254,29 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise outcome  # a user error prints one line in main(); a bug, its traceback
         print(f"mpd: error: {state.message}", file=sys.stderr)
         return 2
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mpd")
+    from flows.config import ConfigError
+    from flows.serve import nightly_schedule, serve_nightly
+
+    _load(args)  # config errors end here, before anything is registered
+    try:
+        nightly_schedule(args.cron, args.timezone)
+    except ValueError as exc:  # a bad cron string or time zone
+        raise ConfigError(f"--cron {args.cron!r} --timezone {args.timezone!r}: {exc}") from None
+    serve_nightly(
+        config=str(args.config) if args.config else None,
+        rounds_per_night=args.rounds_per_night,
+        cron=args.cron,
+        timezone=args.timezone,
+        workspace=str(args.workspace) if args.workspace else None,
+        overrides=args.overrides,
+    )
     return 0
 
 

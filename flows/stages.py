@@ -94,13 +94,35 @@ class Context:
         def go() -> StageResult:
             return run_stage(self.store, stage, r, key, body, code=code)
 
-        if FlowRunContext.get() is None:
-            return go()
-        from tasks.prefect_stage import stage_task
+        where = f"{r}/{stage}"
+        try:
+            if FlowRunContext.get() is None:
+                result = go()
+                cached = result.cached
+            else:
+                from tasks.prefect_stage import stage_task
 
-        return stage_task(
-            workspace=str(self.store.workspace), stage=stage, round_=r, key=key, run=go
-        )
+                state = stage_task(
+                    workspace=str(self.store.workspace),
+                    stage=stage,
+                    round_=r,
+                    key=key,
+                    run=go,
+                    return_state=True,
+                )
+                result = state.result()  # raises the stage's exception if it failed
+                # A Prefect cache hit hands back the result of the run that computed it.
+                cached = result.cached or state.name == "Cached"
+        except Exception as exc:
+            self.outcomes[where] = {"state": "failed", "key": key[:12], "error": str(exc)}
+            raise
+        self.outcomes[where] = {
+            "state": "cached" if cached else "done",
+            "key": key[:12],
+            "rows": result.rows,
+            "seconds": round(result.seconds, 3),
+        }
+        return result
 
     def key(self, stage: str, module: Any, **parts: Any) -> tuple[str, str]:
         code = code_version(module, tasks.common)

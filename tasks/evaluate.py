@@ -29,11 +29,23 @@ class EvaluateConfig(StrictModel):
 
 
 def eval_problems(problems: list[dict], cfg: EvaluateConfig) -> list[dict]:
-    """The fixed evaluation set: every split in ``cfg.splits``, at most ``cfg.limit`` each."""
+    """The fixed evaluation set: every split in ``cfg.splits``, at most ``cfg.limit`` each.
+
+    Families are interleaved (round-robin, each in id order), so a limit keeps
+    every family represented instead of the first families alphabetically.
+    """
     out = []
     for split in cfg.splits:
-        chosen = sorted((p for p in problems if p["split"] == split), key=lambda p: p["problem_id"])
-        out += chosen[: cfg.limit] if cfg.limit else chosen
+        by_family: dict[str, list[dict]] = {}
+        for p in sorted(
+            (p for p in problems if p["split"] == split), key=lambda p: p["problem_id"]
+        ):
+            by_family.setdefault(p["family"], []).append(p)
+        queues = [by_family[f] for f in sorted(by_family)]
+        mixed = [
+            q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)
+        ]
+        out += mixed[: cfg.limit] if cfg.limit else mixed
     return out
 
 

@@ -53,6 +53,9 @@ def run_filter(rewrites: pa.Table, sql: str, *, ratio: float, round_: int, out: 
         raise FilterError(f"filter SQL failed: {str(exc).splitlines()[0]}") from None
     finally:
         con.close()
+        # A FilterError's traceback keeps this frame alive (Prefect holds the failed
+        # state until exit): without the del, nanobind reports the connection leaked.
+        del con
     table = pq.read_table(out)
     out.unlink()
     try:

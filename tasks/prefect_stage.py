@@ -13,6 +13,7 @@ with backoff before the run fails.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,12 @@ class StageKeyPolicy(CachePolicy):
         **kwargs: Any,
     ) -> str | None:
         stage, round_, key = inputs["stage"], inputs["round_"], inputs["key"]
-        if StageStore(Path(inputs["workspace"])).lookup(stage, round_, key, deep=False):
-            return f"mpd-{stage}-r{round_}-{key}"
+        store = StageStore(Path(inputs["workspace"]))
+        if store.lookup(stage, round_, key):
+            # The result names paths in this workspace: another workspace with the same
+            # stage key (a copy, a second campaign) must not get it back.
+            where = hashlib.sha256(str(store.workspace).encode()).hexdigest()[:16]
+            return f"mpd-{stage}-r{round_}-{key}-{where}"
         return None
 
 

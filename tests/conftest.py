@@ -6,9 +6,16 @@ transformers or Prefect, because those read them once on import.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,3 +48,123 @@ def _torch_threads() -> None:
 def python() -> str:
     """The interpreter running the tests, for subprocess-based tests."""
     return sys.executable
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it; racy only in theory)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (empty where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def stop_process_tree(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Stop ``proc``, its process group and every descendant: SIGTERM, then SIGKILL.
+
+    The group catches uvicorn and the services under ``prefect server start``; the
+    descendants catch what a worker starts in sessions of its own (each flow run
+    is a subprocess with ``start_new_session``), so a failed test leaves nothing
+    running.
+    """
+    if proc.poll() is not None:
+        return
+    others = _descendants(proc.pid)
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
+        for kill, target in ((os.killpg, proc.pid), *((os.kill, p) for p in others)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(target, sig)
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM and any(_alive(p) for p in others):
+            time.sleep(1)
+            continue  # a child ignored SIGTERM: SIGKILL what is left
+        return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """One ``prefect server start`` for the whole session; yields its API URL.
+
+    Without it every ``mpd run`` subprocess starts (~6 s) and stops (~1 s) its own
+    ephemeral API; with PREFECT_API_URL set here, every subprocess a test launches
+    talks to this one server instead. Opt in per module with
+    ``pytestmark = pytest.mark.usefixtures("prefect_api")``. The database lives in
+    the session's temporary PREFECT_HOME. The scheduler service is off: nothing in
+    the tests waits for a cron, and a deployed 02:00 schedule must not start a
+    campaign on its own if the suite happens to run at 02:00.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log_path = _HOME / "prefect-server.log"
+    env = {
+        **os.environ,
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)  # the server must not try to reach another one
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [*cmd, "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own process group, stopped as one
+        )
+    previous = os.environ.get("PREFECT_API_URL")
+    try:
+        _wait_healthy(url, server, log_path)
+        os.environ["PREFECT_API_URL"] = url
+        yield url
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        stop_process_tree(server)
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, log_path: Path, timeout: float = 90) -> None:
+    """Poll GET /health until it answers 200; fail with the server's log if it never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    tail = log_path.read_text(errors="replace")[-3000:]
+    stop_process_tree(server)
+    pytest.fail(f"prefect server at {url} not healthy after {timeout:.0f}s:\n{tail}")

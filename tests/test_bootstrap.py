@@ -14,6 +14,8 @@ from flows.errors import UserError
 from train.assets import AssetsError, verify_assets
 
 REPO = Path(__file__).resolve().parents[1]
+# Every mpd subprocess talks to the session's one Prefect server (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("prefect_api")
 TINY = [
     f"--set=bootstrap.{k}={v}"
     for k, v in {
