@@ -114,6 +114,22 @@ def test_serve_builds_the_nightly_deployment() -> None:
     assert "rounds_per_night" in dep._parameter_openapi_schema.properties
 
 
+def test_in_process_flows_use_the_session_server(prefect_api: str) -> None:
+    """The fixture reaches flows run in the test process too, not only subprocesses."""
+    import urllib.request
+
+    from prefect import flow
+    from prefect.context import FlowRunContext
+
+    @flow
+    def which_run() -> str:
+        return str(FlowRunContext.get().flow_run.id)
+
+    run_id = which_run()
+    with urllib.request.urlopen(f"{prefect_api}/flow_runs/{run_id}", timeout=10) as resp:
+        assert json.load(resp)["state"]["type"] == "COMPLETED"
+
+
 def test_an_empty_workspace_has_no_committed_rounds(tmp_path: Path) -> None:
     assert committed_rounds(tmp_path) == 0
     assert rounds_to_reach(tmp_path, 1) == 1
