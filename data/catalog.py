@@ -2,7 +2,18 @@
 
 Every stage table is one view over all its rounds::
 
-    problems  samples  rewrites  scores  decisions  kept  train_log  evals  round_summary
+    problems  samples  solutions  rewrites  truncations  scores  decisions  kept
+    train_log  evals  stage_runs  round_summary
+
+``stage_runs`` is one row per committed stage run, from the manifests (stage,
+round, key, rows, duration_s, finished_at, shared_from: the workspace a shared
+stage was adopted from, NULL when computed here).
+
+A *bench root* (``mpd bench``'s output directory, marked by ``bench.json``)
+holds one workspace per (method, seed). Its tables are the members' tables
+stacked, with ``method`` and ``seed`` columns first, and its ``bench`` view
+(``data/sql/bench.sql``) is the comparison table; ``round_summary`` is per
+workspace and is not defined there.
 
 A view reads only *committed* files: those matching the table's glob in
 :data:`TABLE_GLOBS`, inside a ``<stage>/round=<r>/`` directory that holds the
@@ -83,15 +94,28 @@ __all__ = [
 TABLE_GLOBS: dict[str, str] = {
     "problems": "problems/round=*/*.parquet",
     "samples": "sample/round=*/*.parquet",
+    "solutions": "solve/round=*/*.parquet",
     "rewrites": "rewrite/round=*/*.parquet",
+    "truncations": "truncate/round=*/*.parquet",
     "scores": "score/round=*/*.parquet",
     "decisions": "filter/round=*/decisions.parquet",
     "train_log": "train/round=*/log.parquet",
     "evals": "eval/round=*/*.parquet",
     "bootstrap_evals": "bootstrap/round=*/evals.parquet",
 }
-VIEWS: tuple[str, ...] = (*TABLE_GLOBS, "kept", "round_summary")
+VIEWS: tuple[str, ...] = (*TABLE_GLOBS, "kept", "stage_runs", "round_summary")
+BENCH_VIEWS: tuple[str, ...] = (*TABLE_GLOBS, "kept", "stage_runs", "bench")
 CATALOG_FILE = "catalog.duckdb"
+BENCH_FILE = "bench.json"  # marks a bench root: {"members": [{"method", "seed", "path"}]}
+STAGE_RUNS: tuple[tuple[str, str], ...] = (
+    ("stage", "VARCHAR"),
+    ("round", "INTEGER"),
+    ("key", "VARCHAR"),
+    ("rows", "BIGINT"),
+    ("duration_s", "DOUBLE"),
+    ("finished_at", "DOUBLE"),
+    ("shared_from", "VARCHAR"),
+)
 
 # Applied after the views exist; lock_configuration last, so that nothing run on
 # the connection afterwards can undo the others. External access stays on: the
@@ -176,14 +200,77 @@ def round_summary_sql() -> str:
     return text.strip().rstrip(";")
 
 
+def _stage_runs_select(workspace: Path) -> str:
+    """The stage_runs view: the manifests as an inline table (a snapshot, like the views).
+
+    Values go in as text and are cast to the column types, so an empty workspace
+    and a full one describe the same columns.
+    """
+    from data.store import StageStore
+
+    names = ", ".join(n for n, _ in STAGE_RUNS)
+    cast = ", ".join(f"CAST({name} AS {kind}) AS {name}" for name, kind in STAGE_RUNS)
+    rows = [
+        (m.stage, m.round, m.key, m.rows, m.duration_s, m.finished_at, m.extra.get("shared_from"))
+        for m in StageStore(workspace).committed()
+    ]
+    if not rows:
+        rows, where = [(None,) * len(STAGE_RUNS)], " WHERE false"
+    else:
+        where = ""
+    values = ", ".join(
+        "(" + ", ".join("NULL" if v is None else _quote(str(v)) for v in row) + ")" for row in rows
+    )
+    return f"SELECT {cast} FROM (VALUES {values}) AS t({names}){where}"
+
+
+def _table_paths(workspace: Path, table: str, root: Path, relative: bool) -> list[str]:
+    files = committed_files(workspace, table)
+    return [f.relative_to(root).as_posix() if relative else str(f) for f in files]
+
+
+def bench_members(root: Path) -> list[dict[str, Any]]:
+    """The (method, seed, path) members of a bench root; [] for a plain workspace."""
+    try:
+        return list(json.loads((Path(root) / BENCH_FILE).read_text())["members"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def _view_definitions(workspace: Path, *, relative: bool) -> Iterator[tuple[str, str]]:
     """(view name, SELECT) in dependency order; paths absolute or workspace-relative."""
+    if members := bench_members(workspace):
+        yield from _bench_view_definitions(workspace, members, relative=relative)
+        return
     for table in TABLE_GLOBS:
-        files = committed_files(workspace, table)
-        paths = [f.relative_to(workspace).as_posix() if relative else str(f) for f in files]
-        yield table, _table_select(table, paths)
+        yield table, _table_select(table, _table_paths(workspace, table, workspace, relative))
     yield "kept", "SELECT * FROM decisions WHERE kept"
+    yield "stage_runs", _stage_runs_select(workspace)
     yield "round_summary", round_summary_sql()
+
+
+def _bench_view_definitions(
+    root: Path, members: list[dict[str, Any]], *, relative: bool
+) -> Iterator[tuple[str, str]]:
+    """A bench root: each member's table with its method and seed, stacked; then ``bench``."""
+
+    def stacked(select_of: Any) -> str:
+        parts = [
+            f"SELECT {_quote(str(m['method']))} AS method, CAST({int(m['seed'])} AS INTEGER) "
+            f"AS seed, * FROM ({select_of(root / m['path'])})"
+            for m in members
+        ]
+        return " UNION ALL ".join(parts)
+
+    for table in TABLE_GLOBS:
+        yield (
+            table,
+            stacked(lambda ws, t=table: _table_select(t, _table_paths(ws, t, root, relative))),
+        )
+    yield "kept", "SELECT * FROM decisions WHERE kept"
+    yield "stage_runs", stacked(_stage_runs_select)
+    text = resources.files("data").joinpath("sql", "bench.sql").read_text()
+    yield "bench", text.strip().rstrip(";")
 
 
 def _create_views(con: duckdb.DuckDBPyConnection, workspace: Path, *, relative: bool) -> None:

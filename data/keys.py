@@ -68,16 +68,25 @@ def package_version() -> str:
         return "0+unknown"
 
 
+_CODE_VERSIONS: dict[tuple[str, ...], str] = {}
+
+
 def code_version(*modules: ModuleType) -> str:
     """Package version plus a digest of the given modules' source.
 
     Editing a stage's code (not only bumping the version) invalidates its
     cache: during development the version rarely moves, but the source does.
+    Memoised per process, because a key must name the code that runs: a file
+    edited under a long run (a bench, a served schedule) would otherwise change
+    the keys halfway through, while the process still runs what it imported.
     """
-    h = hashlib.sha256()
-    for module in modules:
-        h.update(inspect.getsource(module).encode())
-    return f"{package_version()}+{h.hexdigest()[:12]}"
+    names = tuple(m.__name__ for m in modules)
+    if names not in _CODE_VERSIONS:
+        h = hashlib.sha256()
+        for module in modules:
+            h.update(inspect.getsource(module).encode())
+        _CODE_VERSIONS[names] = f"{package_version()}+{h.hexdigest()[:12]}"
+    return _CODE_VERSIONS[names]
 
 
 def directory_digest(path: Path) -> str:

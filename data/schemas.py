@@ -52,6 +52,9 @@ PROBLEMS = pa.schema(
 
 SAMPLES = pa.schema(TRACE_FIELDS)
 
+# The teacher's own solutions to the round's problems (method off_policy's targets).
+SOLUTIONS = pa.schema(TRACE_FIELDS)
+
 REWRITES = pa.schema(
     [
         *TRACE_FIELDS,
@@ -63,6 +66,11 @@ REWRITES = pa.schema(
         pa.field("orig_truncated", pa.bool_(), nullable=False),
     ]
 )
+
+# Method truncation's targets: the student's sample cut to the think length of its kept
+# rewrite, closed with </think> and the rewrite's answer (columns as rewrites; orig_* describe
+# the student's sample).
+TRUNCATIONS = REWRITES
 
 # Teacher top-k per target token, flattened row-major: entry t*k + j is the j-th
 # candidate at target position t. Logprobs are quantised to int16 in units of
@@ -79,7 +87,7 @@ SCORES = pa.schema(
         pa.field("num_tokens", pa.int32(), nullable=False),
         pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("topk_logprobs_q", pa.list_(pa.int16()), nullable=False),
-        pa.field("context", pa.string(), nullable=False),  # "problem" | "rewrite"
+        pa.field("context", pa.string(), nullable=False),  # "problem" | "rewrite" | "concise"
         pa.field("model", pa.string(), nullable=False),
     ]
 )
@@ -135,7 +143,9 @@ BOOTSTRAP_EVALS = pa.schema(
 TABLES: dict[str, pa.Schema] = {
     "problems": PROBLEMS,
     "samples": SAMPLES,
+    "solutions": SOLUTIONS,
     "rewrites": REWRITES,
+    "truncations": TRUNCATIONS,
     "scores": SCORES,
     "decisions": DECISIONS,
     "train_log": TRAIN_LOG,

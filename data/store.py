@@ -142,6 +142,42 @@ class StageStore:
                 out.append(man)
         return sorted(out, key=lambda m: (m.round, m.stage))
 
+    def adopt(self, source: StageStore, stage: str, round_: int, key: str) -> Manifest | None:
+        """Commit ``source``'s valid output of ``(stage, round_, key)`` here; None on a miss.
+
+        How two workspaces share a stage (``cache_from:``, ``mpd bench``): the key
+        names the whole computation (config, inputs' keys, models, seed, code),
+        so an equal key in another workspace is the same result. Files are hard-
+        linked (copied across file systems): committed files are never changed in
+        place, only replaced or moved aside, so sharing an inode is safe. The
+        manifest keeps the original timings and records where it came from; the
+        directory appears here by the same single rename as a commit.
+        """
+        man = source.lookup(stage, round_, key)
+        if man is None or source.workspace == self.workspace:
+            return None
+        parent = self.workspace / STAGING / stage / f"round={round_}"
+        tmp = parent / f".adopt-{key[:16]}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        src = source.stage_dir(stage, round_)
+        for entry in man.files:
+            out = tmp / entry.path
+            out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src / entry.path, out)
+            except OSError:
+                shutil.copy2(src / entry.path, out)
+        man.extra = {**man.extra, "shared_from": str(source.workspace)}
+        atomic_write_json(tmp / MANIFEST, man.to_dict())
+        target = self.stage_dir(stage, round_)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            _move_to_trash(self.workspace, target, f"{stage}-round={round_}")
+        tmp.replace(target)
+        fsync_dir(target.parent)
+        _prune_empty(parent, self.workspace / STAGING)
+        return man
+
     def invalidate(self, stage: str, round_: int) -> bool:
         """Move a committed output aside (``mpd rerun``); True if there was one."""
         target = self.stage_dir(stage, round_)

@@ -1,8 +1,13 @@
-"""Which engine serves each role (student sampling, teacher scoring, rewriting)."""
+"""Which engine serves each role (student sampling, teacher scoring, rewriting).
+
+The API key of an ``openai`` engine is never a field: ``api_key_env`` names the
+environment variable that holds it, so ``run.yaml``, manifests and logs carry
+the variable's name only.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -21,8 +26,20 @@ class EngineConfig(StrictModel):
     max_batch_tokens: int = Field(
         32768, ge=256, description="Upper bound on batch_size x sequence length (hf engine)."
     )
+    shard_workers: int = Field(
+        1,
+        ge=1,
+        description="Shards in flight at once on the flow's task runner. 1 suits an in-process "
+        "engine (it already uses every core or the GPU); more suits a served endpoint.",
+    )
     python: str | None = Field(
-        None, description="vllm: interpreter of the environment that has vLLM (e.g. .venv-vllm)."
+        None,
+        description="vllm: interpreter of the environment that has vLLM (`make vllm-env` builds "
+        ".venv-vllm). A relative path is tried from the current directory, then from the "
+        "repository; None means $MPD_VLLM_PYTHON, else <repo>/.venv-vllm/bin/python.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="vllm: weights dtype; None means models.dtype."
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per model replica.")
     data_parallel_size: int = Field(1, ge=1, description="vllm: model replicas.")
@@ -30,6 +47,28 @@ class EngineConfig(StrictModel):
         0.9, gt=0, le=1, description="vllm: share of GPU memory vLLM may take."
     )
     max_model_len: int | None = Field(None, ge=64, description="vllm: context length limit.")
+    enforce_eager: bool = Field(
+        False, description="vllm: no CUDA graphs (faster start-up, slower decoding; CPU: true)."
+    )
+    max_logprobs: int = Field(
+        64,
+        ge=1,
+        description="vllm/openai: most logprobs per position a request may ask for. vLLM refuses "
+        "prompt_logprobs above its max_logprobs (default 20), so score.top_k must not exceed "
+        "this; for an openai engine the server needs --max-logprobs at least as large.",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="vllm: extra environment of the worker, e.g. {VLLM_CPU_KVCACHE_SPACE: '1'} "
+        "(GiB of KV cache on a CPU). Never put secrets here: it is written to run.yaml.",
+    )
+    vllm_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vllm: further keyword arguments for vllm.LLM (e.g. {kv_cache_dtype: fp8}).",
+    )
+    startup_timeout_s: float = Field(
+        1800.0, gt=0, description="vllm: how long loading the model may take before giving up."
+    )
     base_url: str | None = Field(None, description="openai: e.g. http://127.0.0.1:8000/v1")
     served_model_name: str | None = Field(
         None, description="openai: the model name the server expects (default: the model path)."
@@ -42,6 +81,9 @@ class EngineConfig(StrictModel):
     max_concurrency: int = Field(16, ge=1, description="openai: requests in flight at once.")
     timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout.")
     max_retries: int = Field(5, ge=0, description="openai: retries on 429/5xx/connection errors.")
+    retry_backoff_s: float = Field(
+        1.0, gt=0, description="openai: first retry delay; doubles each retry (capped at 60 s)."
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> EngineConfig:

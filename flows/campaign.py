@@ -2,6 +2,9 @@
 
     problems ─► eval(0) ─► [ sample ─► rewrite ─► score ─► filter ─► train ─► eval ] x N
 
+(for ``method: mpd``; the other methods run a subset of these stages plus ``solve``
+or ``truncate``, see flows/modes.py).
+
 Every stage is cached on the stage store by its key (``flows/stages.py``), so a
 re-run computes only what changed, and a killed run resumes from its finished
 shards and checkpoints. The whole campaign holds the workspace lock.
@@ -23,7 +26,8 @@ from data.keys import code_version, stage_key
 from data.lock import WorkspaceBusyError, WorkspaceLock, describe_holder
 from data.schemas import PROBLEMS
 from data.store import StageStore
-from flows import stages
+from flows import modes, stages
+from flows.artifacts import publish_round
 from flows.bootstrap import check_tokenizers, ensure_bootstrap
 from flows.config import ConfigError, RunConfig, dump_config, load_config
 from flows.errors import UserError
@@ -69,20 +73,9 @@ def write_last_run(ws: Path, outcomes: dict) -> None:
 
 
 def run_round(ctx: stages.Context, r: int, student: stages.Student) -> stages.Student:
-    """sample -> rewrite -> score -> filter -> train -> evaluate, for round ``r``."""
-    sampled = stages.sample(ctx, r, student)
-    rewritten = stages.rewrite(ctx, r, sampled, student)
-    offline = ctx.cfg.train.teacher_mode == "offline_topk"
-    scored = stages.score(ctx, r, rewritten) if offline else None
-    filtered = stages.filter_(ctx, r, rewritten)
-    kept, reasons = stages.kept_count(ctx, r)
-    if kept == 0:
-        why = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
-        raise UserError(
-            f"round {r}: the filter kept none of {filtered.rows} rewrites ({why}); nothing was "
-            f'trained. Inspect them with: mpd sql "select * from decisions where round = {r}"'
-        )
-    _, student = stages.train(ctx, r, filtered, scored, student)
+    """Round ``r`` of ``cfg.method``: its target stages (flows/modes.py), then train, evaluate."""
+    targets = modes.round_targets(ctx, r, student)
+    _, student = stages.train(ctx, r, targets, student)
     stages.evaluate(ctx, r, student)
     return student
 
@@ -140,8 +133,10 @@ def run_campaign(cfg: RunConfig) -> None:
             ctx = stages.Context(cfg, problems_stage(store, cfg))
             student = stages.starting_student(ctx)
             stages.evaluate(ctx, 0, student)
+            publish_round(ws, 0)
             for r in range(1, cfg.rounds + 1):
                 student = run_round(ctx, r, student)
+                publish_round(ws, r)
         finally:
             from tasks.common import close_engines
 

@@ -26,11 +26,12 @@ EXAMPLES = """examples:
   mpd status                              every (round, stage): done / partial / corrupt
   mpd serve --rounds-per-night 1          one more round every night at 02:00 UTC
   mpd sql "select * from round_summary"   read-only SQL over every table
+  mpd bench --methods mpd,on_policy       methods side by side: bench.md, .parquet, .png
 """
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", type=Path, help="run config YAML (default configs/tiny.yaml)")
+def _add_config_args(p: argparse.ArgumentParser, default: str = "configs/tiny.yaml") -> None:
+    p.add_argument("-c", "--config", type=Path, help=f"run config YAML (default {default})")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -60,6 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workspace_args(p)
     p.add_argument("--rounds", type=int, help="run up to this round (overrides config)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "bench",
+        help="run every method from the same student with the same budget, side by side",
+        description="Runs each method (flows/modes.py) as a campaign in its own workspace "
+        "under the config's workspace (the bench root), sharing the stages they have in common, "
+        "then writes bench.md, bench.parquet and bench.png there. Default config: "
+        "configs/bench.yaml (sized for a 2-core CPU, under 45 minutes).",
+    )
+    _add_config_args(p, default="configs/bench.yaml")
+    p.add_argument("-w", "--workspace", type=Path, help="bench root (overrides config)")
+    p.add_argument(
+        "--methods",
+        help="comma-separated, default all: mpd,on_policy,off_policy,self_distill,"
+        "sft_compressed,truncation",
+    )
+    p.add_argument("--rounds", help="rounds per method (default: the config's)")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the config's)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "bootstrap",
@@ -93,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--from",
         dest="stage",
         required=True,
-        choices=["sample", "rewrite", "score", "filter", "train", "eval"],
+        choices=["sample", "solve", "rewrite", "score", "filter", "truncate", "train", "eval"],
     )
     p.add_argument("--rounds", type=int, help="run up to this round (overrides config)")
     p.set_defaults(func=cmd_rerun)
@@ -132,9 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sql",
         help="run a read-only SQL query over the workspace's tables",
-        description="Read-only DuckDB SQL over the views problems, samples, rewrites, scores, "
-        "decisions, kept, train_log, evals, round_summary. Statements that write files, attach "
-        "databases, load extensions or change settings are refused.",
+        description="Read-only DuckDB SQL over the views problems, samples, solutions, rewrites, "
+        "truncations, scores, decisions, kept, train_log, evals, stage_runs, round_summary (in a "
+        "bench root: the same stacked with method and seed columns, and bench). Statements that "
+        "write files, attach databases, load extensions or change settings are refused.",
     )
     _add_workspace_args(p)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -257,6 +278,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mpd")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.bench import bench_flow, parse_list, parse_positive, plan
+    from flows.errors import UserError
+    from flows.modes import MODES
+
+    methods = None if args.methods is None else parse_list(args.methods, "methods", list(MODES))
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in parse_list(args.seeds, "seeds")]
+        except ValueError:
+            raise UserError(f"--seeds expects integers, got {args.seeds!r}") from None
+    rounds = parse_positive(args.rounds, "rounds")
+    overrides = list(args.overrides)
+    if args.workspace is not None:
+        overrides.append(f"workspace={args.workspace}")
+    plan(args.config, overrides, methods, seeds, rounds)  # every mistake ends here, before Prefect
+    state = bench_flow(
+        config=str(args.config) if args.config else None,
+        methods=methods,
+        seeds=seeds,
+        rounds=rounds,
+        overrides=overrides,
+        return_state=True,
+    )
+    if state.is_failed():
+        outcome = state.result(raise_on_failure=False)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        print(f"mpd: error: {state.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -283,6 +342,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_rerun(args: argparse.Namespace) -> int:
     from data.lock import WorkspaceLock
     from data.store import StageStore
+    from flows.modes import round_stages
     from flows.status import downstream
 
     cfg = _load(args)
@@ -290,18 +350,21 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         store = StageStore(cfg.workspace)
         gone = [
             f"{s} r{r}"
-            for r, s in downstream(args.round_, args.stage, cfg.rounds)
+            for r, s in downstream(args.round_, args.stage, cfg.rounds, round_stages(cfg))
             if store.invalidate(s, r)
         ]
     print(f"invalidated: {', '.join(gone) or 'nothing (not computed yet)'}", file=sys.stderr)
+    # A rerun recomputes: it must not adopt the same stages back from a cache_from workspace.
+    args.overrides = [*args.overrides, "cache_from=[]"]
     return cmd_run(args)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from flows.modes import round_stages
     from flows.status import print_status
 
     cfg = _load(args)
-    print_status(cfg.workspace, cfg.rounds)
+    print_status(cfg.workspace, cfg.rounds, round_stages(cfg))
     return 0
 
 

@@ -22,7 +22,7 @@ from tasks.filter import FilterConfig
 from tasks.problems import ProblemsConfig
 from tasks.rewrite import RewriteConfig
 from tasks.sample import SampleConfig
-from tasks.score import ScoreConfig
+from tasks.score import ScoreConfig, SelfDistillConfig
 from train.config import BootstrapConfig, ModelsConfig, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +34,20 @@ Method = Literal["mpd", "on_policy", "off_policy", "self_distill", "sft_compress
 class RunConfig(StrictModel):
     """A whole campaign. Relative paths are relative to the current directory."""
 
-    method: Method = Field("mpd", description="Which distillation method the rounds run.")
+    method: Method = Field(
+        "mpd",
+        description="What the rounds train on (flows/modes.py): mpd (teacher rewrites of the "
+        "student's samples), on_policy (the student's samples), off_policy (the teacher's own "
+        "solutions), self_distill (the student's samples, teacher = the student told to be "
+        "concise), sft_compressed (filtered rewrites, CE), truncation (samples cut to the "
+        "rewrites' length, CE).",
+    )
     workspace: Path = Field(Path("runs/tiny"), description="Where every table and model goes.")
+    cache_from: list[Path] = Field(
+        default_factory=list,
+        description="Other workspaces whose committed stages this run reuses when the stage key "
+        "matches (hard-linked, reported as cached): how methods share a sample stage.",
+    )
     seed: int = Field(0, description="Seeds problem generation, sampling and training.")
     rounds: int = Field(3, ge=0, description="Rounds in the campaign (0 = evaluate only).")
     models: ModelsConfig = Field(default_factory=ModelsConfig)
@@ -47,6 +59,7 @@ class RunConfig(StrictModel):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    self_distill: SelfDistillConfig = Field(default_factory=SelfDistillConfig)
     bootstrap: BootstrapConfig = Field(
         default_factory=BootstrapConfig,
         description="How the built-in world's tokenizer, student and teacher are trained.",
@@ -60,8 +73,22 @@ class ConfigError(ValueError):
 def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read ``path`` (default ``configs/tiny.yaml``), apply overrides, validate."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
+    data = read_yaml(path)
+    for item in overrides or []:
+        apply_override(data, item)
+    return validate(data, source=str(path))
+
+
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a dict, its ``base:`` file (relative to it) merged underneath.
+
+    ``base:`` lets a method's config (``configs/on_policy.yaml``) say only how it
+    differs from the default recipe, so tuning ``tiny.yaml`` tunes every mode.
+    """
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base:' files include each other")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -70,9 +97,23 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path}:{where} is not valid YAML ({_first_line(exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    for item in overrides or []:
-        apply_override(data, item)
-    return validate(data, source=str(path))
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a file name, got {base!r}")
+    return deep_merge(read_yaml(path.parent / base, (*seen, path.resolve())), data)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, section by section (a scalar or list in ``top`` replaces)."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def validate(data: dict[str, Any], source: str = "config") -> RunConfig:

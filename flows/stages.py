@@ -2,13 +2,19 @@
 
 Keys chain, so one changed knob recomputes only what depends on it:
 
-    sample(r)  <- problems, student(r-1), sample config, round
-    rewrite(r) <- sample(r), rewriter, rewrite config
-    score(r)   <- rewrite(r), teacher, score config
-    filter(r)  <- rewrite(r), filter config + SQL text
-    train(r)   <- filter(r), score(r), student(r-1), train config
-    eval(r)    <- problems, student(r), evaluate config
+    sample(r)   <- problems, student(r-1), sample config, round
+    solve(r)    <- problems, teacher, sample config, round            (off_policy)
+    rewrite(r)  <- sample(r), rewriter, rewrite config
+    score(r)    <- the targets' stage run, teacher, score config
+    filter(r)   <- rewrite(r), filter config + SQL text
+    truncate(r) <- sample(r), rewrite(r), filter(r)                    (truncation)
+    train(r)    <- the targets' stage run, filter(r), score(r), student(r-1), train config
+    eval(r)     <- problems, student(r), evaluate config
     student(r) = train(r)'s model; its identity is train(r)'s key
+
+No key holds the method: which stages a round runs is the method's business
+(``flows/modes.py``), and two methods that run the same stage on the same
+inputs share it by key (in one workspace, or across ``cache_from:``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import tasks.score
 import tasks.train
 from data.keys import code_version, directory_digest, stage_key
 from data.store import StageStore
+from engines.config import EngineConfig
 from flows.bootstrap import resolve_model
 from flows.config import RunConfig
 from tasks.common import StageResult, engine_for, read_stage, run_stage
@@ -47,6 +54,17 @@ class Student:
     identity: str
 
 
+@dataclass(frozen=True)
+class Targets:
+    """What a round trains on: a table of target traces, which of its rows, the teacher's view."""
+
+    data: StageResult  # the stage holding the traces: sample, solve, rewrite or truncate
+    filtered: StageResult | None = None  # filter decisions: train on kept rows only
+    scored: StageResult | None = None  # the teacher's top-k for the rows (offline KL)
+    teacher: Student | None = None  # self_distill's frozen student; None: models.teacher
+    instruction: str | None = None  # the frozen student's "be concise" context
+
+
 class Context:
     """What every stage of a campaign reads: the config, the store, the problems."""
 
@@ -54,6 +72,7 @@ class Context:
         self.cfg, self.problems_key = cfg, problems_key
         self.store = StageStore(cfg.workspace)
         self.outcomes: dict[str, dict[str, Any]] = {}  # "round/stage" -> what this run did
+        self.students: dict[int, Student] = {}  # round -> the student that round produced
 
     @cached_property
     def problems(self) -> dict[str, dict]:
@@ -77,13 +96,25 @@ class Context:
     def identity(self, name: str | None) -> str:
         return directory_digest(self.model_path(name))
 
-    def engine(self, role: str, path: Path | str) -> Any:
+    def engine_config(self, role: str) -> EngineConfig:
         engines = self.cfg.engines
-        ecfg = {"student": engines.student, "teacher": engines.teacher}.get(role)
         if role == "rewriter":
-            ecfg = engines.rewriter or engines.teacher
-        m = self.cfg.models
-        return engine_for(ecfg, path, dtype=m.dtype, device=m.device)
+            return engines.rewriter or engines.teacher
+        return {"student": engines.student, "teacher": engines.teacher}[role]
+
+    def workers(self, role: str) -> int:
+        """Shards of a stage in flight at once on the flow's task runner (``tasks/shards.py``)."""
+        return self.engine_config(role).shard_workers
+
+    def engine(self, role: str, path: Path | str, *, slot: str | None = None) -> Any:
+        """The engine for ``role`` over ``path``; ``slot`` (default: the role) is what it
+        replaces when the model changes: each round's student closes the last round's."""
+        ecfg, m = self.engine_config(role), self.cfg.models
+        # a served endpoint keeps finished requests, so a restarted stage resends only the rest
+        journal = self.store.workspace / ".requests" if ecfg.kind == "openai" else None
+        return engine_for(
+            ecfg, path, dtype=m.dtype, device=m.device, journal_dir=journal, role=slot or role
+        )
 
     def run(
         self, stage: str, r: int, key: str, code: str, body: Callable[[Any], Any]
@@ -92,6 +123,7 @@ class Context:
         from prefect.context import FlowRunContext
 
         def go() -> StageResult:
+            self.share(stage, r, key)
             return run_stage(self.store, stage, r, key, body, code=code)
 
         where = f"{r}/{stage}"
@@ -124,6 +156,24 @@ class Context:
         }
         return result
 
+    def share(self, stage: str, r: int, key: str) -> None:
+        """Adopt this stage run from a ``cache_from`` workspace that has it (same key).
+
+        Then ``run_stage`` finds it committed: a cache hit, as if computed here.
+        A peer that cannot be read is skipped: sharing saves time, never fails a run.
+        """
+        if not self.cfg.cache_from or self.store.lookup(stage, r, key, deep=False):
+            return
+        for other in self.cfg.cache_from:
+            try:
+                man = self.store.adopt(StageStore(other), stage, r, key)
+            except OSError as exc:
+                log.warning("round %d %-8s not shared from %s: %s", r, stage, other, exc)
+                continue
+            if man is not None:
+                log.info("round %d %-8s shared from %s (key %s)", r, stage, other, key[:12])
+                return
+
     def key(self, stage: str, module: Any, **parts: Any) -> tuple[str, str]:
         code = code_version(module, tasks.common)
         return stage_key(stage, seed=self.cfg.seed, code=code, **parts), code
@@ -131,7 +181,8 @@ class Context:
 
 def starting_student(ctx: Context) -> Student:
     path = ctx.model_path(ctx.cfg.models.student)
-    return Student(str(path), directory_digest(path))
+    ctx.students[0] = Student(str(path), directory_digest(path))
+    return ctx.students[0]
 
 
 def evaluate(ctx: Context, r: int, student: Student) -> StageResult:
@@ -158,6 +209,7 @@ def evaluate(ctx: Context, r: int, student: Student) -> StageResult:
             seed=ctx.cfg.seed,
             model=student.identity[:12],
             grader=ctx.grader,
+            workers=ctx.workers("student"),
         ),
     )
 
@@ -188,6 +240,7 @@ def sample(ctx: Context, r: int, student: Student) -> StageResult:
             seed=ctx.cfg.seed,
             model=student.identity[:12],
             grader=ctx.grader,
+            workers=ctx.workers("student"),
         ),
     )
 
@@ -213,6 +266,7 @@ def rewrite(ctx: Context, r: int, sampled: StageResult, student: Student) -> Sta
             w,
             cfg,
             engine=ctx.engine("rewriter", path),
+            workers=ctx.workers("rewriter"),
             samples=read_stage(ctx.store, "sample", r).to_pylist(),
             problems=ctx.problems,
             round_=r,
@@ -224,35 +278,59 @@ def rewrite(ctx: Context, r: int, sampled: StageResult, student: Student) -> Sta
     )
 
 
-def score(ctx: Context, r: int, rewritten: StageResult) -> StageResult:
-    cfg, teacher = ctx.cfg.score, ctx.cfg.models.teacher
+def score(
+    ctx: Context,
+    r: int,
+    targets: StageResult,
+    *,
+    teacher: Student | None = None,
+    instruction: str | None = None,
+) -> StageResult:
+    """The teacher's top-k for every row of ``targets`` (any stage holding traces).
+
+    ``teacher`` + ``instruction``: self-distillation's frozen student reading the
+    problem inside the "be concise" template. The teacher's own solutions are
+    scored under the plain problem, the context they were generated in.
+    """
+    cfg = ctx.cfg.score
+    if targets.stage == "solve":
+        cfg = cfg.model_copy(update={"context": "problem"})
+    name = ctx.cfg.models.teacher
+    role, path, identity, label = (
+        ("teacher", ctx.model_path(name), ctx.identity(name), name)
+        if teacher is None
+        else ("student", Path(teacher.path), teacher.identity, f"self:{teacher.identity[:12]}")
+    )
+    # the frozen self-distillation teacher has its own slot: it must not evict the student's
+    slot = "teacher" if teacher is None else "self_teacher"
+    config: dict[str, Any] = {"score": cfg, "template": ctx.cfg.rewrite.prompt}
+    if instruction is not None:
+        config["instruction"] = instruction
     key, code = ctx.key(
         "score",
         tasks.score,
-        config={"score": cfg, "template": ctx.cfg.rewrite.prompt},
-        inputs={"rewrite": rewritten.key},
-        models={"teacher": ctx.identity(teacher)},
+        config=config,
+        inputs={targets.stage: targets.key},
+        models={"teacher": identity},
     )
-    return ctx.run(
-        "score",
-        r,
-        key,
-        code,
-        lambda w: tasks.score.score_body(
+
+    def body(w: Any) -> dict:
+        samples = [] if targets.stage == "solve" else read_stage(ctx.store, "sample", r).to_pylist()
+        return tasks.score.score_body(
             w,
             cfg,
-            engine=ctx.engine("teacher", ctx.model_path(teacher)),
-            rewrites=read_stage(ctx.store, "rewrite", r).to_pylist(),
-            samples={
-                (s["problem_id"], s["sample_idx"]): s
-                for s in read_stage(ctx.store, "sample", r).to_pylist()
-            },
+            engine=ctx.engine(role, path, slot=slot),
+            workers=ctx.workers(role),
+            rewrites=read_stage(ctx.store, targets.stage, r).to_pylist(),
+            samples={(s["problem_id"], s["sample_idx"]): s for s in samples},
             problems=ctx.problems,
             rewrite_template=ctx.cfg.rewrite.prompt,
             round_=r,
-            model=teacher,
-        ),
-    )
+            model=label,
+            instruction=instruction,
+        )
+
+    return ctx.run("score", r, key, code, body)
 
 
 def filter_(ctx: Context, r: int, rewritten: StageResult) -> StageResult:
@@ -283,39 +361,56 @@ def kept_count(ctx: Context, r: int) -> tuple[int, dict[str, int]]:
     }
 
 
-def train(
-    ctx: Context, r: int, filtered: StageResult, scored: StageResult | None, student: Student
-) -> tuple[StageResult, Student]:
+def kept_pairs(ctx: Context, r: int) -> set[tuple[str, int]]:
+    """(problem_id, sample_idx) of the round's kept rewrites."""
+    return {
+        (d["problem_id"], d["sample_idx"])
+        for d in read_stage(ctx.store, "filter", r).to_pylist()
+        if d["kept"]
+    }
+
+
+def train(ctx: Context, r: int, targets: Targets, student: Student) -> tuple[StageResult, Student]:
+    """Train the student on ``targets``; its output is round ``r``'s student."""
     cfg, m = ctx.cfg.train, ctx.cfg.models
-    inputs = {"filter": filtered.key, **({"score": scored.key} if scored else {})}
-    key, code = ctx.key(
-        "train", tasks.train, config=cfg, inputs=inputs, models={"student": student.identity}
+    data, filtered, scored = targets.data, targets.filtered, targets.scored
+    inputs = {
+        data.stage: data.key,
+        **({"filter": filtered.key} if filtered else {}),
+        **({"score": scored.key} if scored else {}),
+    }
+    models = {"student": student.identity}
+    online = cfg.teacher_mode == "online" and cfg.loss != "ce"
+    teacher_path = targets.teacher.path if targets.teacher else str(ctx.model_path(m.teacher))
+    if online:
+        models["teacher"] = targets.teacher.identity if targets.teacher else ctx.identity(m.teacher)
+    config: Any = (
+        cfg if targets.instruction is None else {"train": cfg, "teacher": targets.instruction}
     )
+    key, code = ctx.key("train", tasks.train, config=config, inputs=inputs, models=models)
 
     def body(w: Any) -> dict:
         from train.models import load_tokenizer
 
-        kept = {
-            (d["problem_id"], d["sample_idx"])
-            for d in read_stage(ctx.store, "filter", r).to_pylist()
-            if d["kept"]
-        }
-        targets = [
+        kept = kept_pairs(ctx, r) if filtered else None
+        rows = [
             t
-            for t in read_stage(ctx.store, "rewrite", r).to_pylist()
-            if (t["problem_id"], t["sample_idx"]) in kept
+            for t in read_stage(ctx.store, data.stage, r).to_pylist()
+            if kept is None or (t["problem_id"], t["sample_idx"]) in kept
         ]
+        wanted = {(t["problem_id"], t["sample_idx"]) for t in rows}
         scores = (
             None
             if scored is None
             else {
                 (s["problem_id"], s["sample_idx"]): s
                 for s in read_stage(ctx.store, "score", r).to_pylist()
-                if (s["problem_id"], s["sample_idx"]) in kept
+                if (s["problem_id"], s["sample_idx"]) in wanted
             }
         )
+        instruction = targets.instruction if online else None
         examples = tasks.train.build_examples(
-            targets, scores, ctx.problems, load_tokenizer(student.path)
+            rows, scores, ctx.problems, load_tokenizer(student.path), teacher_template=instruction
         )
         return tasks.train.train_body(
             w,
@@ -326,8 +421,9 @@ def train(
             seed=ctx.cfg.seed,
             dtype=m.dtype,
             device=m.device,
-            teacher_path=str(ctx.model_path(m.teacher)),
+            teacher_path=teacher_path,
         )
 
     result = ctx.run("train", r, key, code, body)
-    return result, Student(str(Path(result.path) / "model"), result.key)
+    ctx.students[r] = Student(str(Path(result.path) / "model"), result.key)
+    return result, ctx.students[r]

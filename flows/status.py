@@ -17,7 +17,8 @@ from rich.table import Table
 
 from data.store import SHARD_MARKERS, STAGING, StageStore
 
-ROUND_STAGES = ["sample", "rewrite", "score", "filter", "train", "eval"]
+ROUND_STAGES = ["sample", "rewrite", "score", "filter", "train", "eval"]  # method mpd's
+ALL_STAGES = ["sample", "solve", "rewrite", "score", "filter", "truncate", "train", "eval"]
 # done: computed by the last run; cached: reused by it; failed: the last run failed there
 
 
@@ -40,26 +41,30 @@ def last_run(workspace: Path) -> dict[str, dict]:
         return {}
 
 
-def planned(rounds: int) -> list[tuple[int, str]]:
-    """(round, stage) pairs a campaign of ``rounds`` rounds produces."""
+def planned(rounds: int, stages: list[str] = ROUND_STAGES) -> list[tuple[int, str]]:
+    """(round, stage) pairs a campaign of ``rounds`` rounds of ``stages`` produces."""
     out = [(0, "problems"), (0, "eval")]
     for r in range(1, rounds + 1):
-        out += [(r, s) for s in ROUND_STAGES]
+        out += [(r, s) for s in stages]
     return out
 
 
-def downstream(round_: int, stage: str, rounds: int) -> list[tuple[int, str]]:
-    """``stage`` of ``round_`` and every stage after it, this round and later ones."""
-    order = ROUND_STAGES if round_ > 0 else ["eval"]
+def downstream(
+    round_: int, stage: str, rounds: int, stages: list[str] = ROUND_STAGES
+) -> list[tuple[int, str]]:
+    """``stage`` of ``round_`` and every stage after it (of the method's ``stages``)."""
+    order = stages if round_ > 0 else ["eval"]
     if stage not in order:
         from flows.errors import UserError
 
         raise UserError(f"round {round_} has no {stage} stage (it has: {', '.join(order)})")
     out = [(round_, s) for s in order[order.index(stage) :]]
-    return out + [(r, s) for r in range(round_ + 1, max(rounds, round_) + 1) for s in ROUND_STAGES]
+    return out + [(r, s) for r in range(round_ + 1, max(rounds, round_) + 1) for s in stages]
 
 
-def collect(workspace: Path, rounds: int | None = None) -> list[StageState]:
+def collect(
+    workspace: Path, rounds: int | None = None, stages: list[str] = ROUND_STAGES
+) -> list[StageState]:
     store = StageStore(workspace)
     states: dict[tuple[int, str], StageState] = {}
     for man in store.committed():
@@ -83,7 +88,7 @@ def collect(workspace: Path, rounds: int | None = None) -> list[StageState]:
         states[(round_, stage)] = StageState(
             round_, stage, "partial", rows, None, keydir.name[:12], f"{len(markers)} shard(s)"
         )
-    for round_, stage in planned(rounds or 0):
+    for round_, stage in planned(rounds or 0, stages):
         states.setdefault((round_, stage), StageState(round_, stage, "missing"))
     for where, outcome in last_run(workspace).items():
         round_, stage = int(where.split("/")[0]), where.split("/")[1]
@@ -92,12 +97,14 @@ def collect(workspace: Path, rounds: int | None = None) -> list[StageState]:
             st.state, st.detail = "failed", outcome.get("error", "")
         elif outcome.get("state") == "cached" and st.state == "done":
             st.state = "cached"
-    order = {s: i for i, s in enumerate(["problems", *ROUND_STAGES])}
+    order = {s: i for i, s in enumerate(["problems", *stages, *ALL_STAGES])}
     return sorted(states.values(), key=lambda s: (s.round, order.get(s.stage, 99), s.stage))
 
 
-def print_status(workspace: Path, rounds: int | None = None) -> list[StageState]:
-    states = collect(workspace, rounds)
+def print_status(
+    workspace: Path, rounds: int | None = None, stages: list[str] = ROUND_STAGES
+) -> list[StageState]:
+    states = collect(workspace, rounds, stages)
     table = Table(title=f"workspace {workspace}")
     for col in ("round", "stage", "state", "rows", "duration", "key", "detail"):
         table.add_column(col, justify="right" if col in ("round", "rows", "duration") else "left")

@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.store import StageStore, StageWriter
-from engines.base import EngineUnavailableError
 from engines.config import EngineConfig
 
 log = logging.getLogger("mpd")
@@ -88,25 +87,52 @@ def shards(n: int, size: int) -> list[range]:
 
 
 _ENGINES: dict[tuple[str, str, str], Any] = {}
+_ROLES: dict[str, tuple[str, str, str]] = {}  # role -> the key of the engine serving it now
 
 
-def engine_for(cfg: EngineConfig, model_path: Path | str, *, dtype: str, device: str) -> Any:
-    """An engine over ``model_path``, loaded once per process and reused across shards."""
-    key = (cfg.kind, str(model_path), cfg.model_dump_json())
+def engine_for(
+    cfg: EngineConfig,
+    model_path: Path | str,
+    *,
+    dtype: str,
+    device: str,
+    journal_dir: Path | str | None = None,
+    role: str | None = None,
+) -> Any:
+    """An engine over ``model_path``, loaded once per process and reused across shards.
+
+    ``journal_dir`` (openai engine only) keeps each call's finished requests, so
+    a restarted stage resends only the rest (see ``engines/journal.py``).
+    ``role`` (student, teacher, rewriter): when a role moves to another model
+    (each round's new student), the engine it used is closed unless another
+    role still uses it, so a campaign holds one engine per role, not one per
+    round (a vLLM engine per round would fill the GPU by round 2).
+    """
+    key = (cfg.kind, str(model_path), cfg.model_dump_json() + str(journal_dir))
+    if role is not None:
+        old = _ROLES.get(role)
+        _ROLES[role] = key
+        if old is not None and old != key and old not in _ROLES.values() and old in _ENGINES:
+            _ENGINES.pop(old).close()
     if key not in _ENGINES:
-        if cfg.kind != "hf":
-            raise EngineUnavailableError(
-                f"engine kind {cfg.kind!r} is not available yet; use kind: hf"
-            )
-        from engines.hf import load_hf_engine
+        if cfg.kind == "vllm":
+            from engines.vllm import load_vllm_engine
 
-        _ENGINES[key] = load_hf_engine(
-            model_path,
-            dtype=dtype,
-            device=device,
-            batch_size=cfg.batch_size,
-            max_batch_tokens=cfg.max_batch_tokens,
-        )
+            _ENGINES[key] = load_vllm_engine(model_path, cfg, dtype=cfg.dtype or dtype)
+        elif cfg.kind == "openai":
+            from engines.openai import load_openai_engine
+
+            _ENGINES[key] = load_openai_engine(model_path, cfg, journal_dir=journal_dir)
+        else:
+            from engines.hf import load_hf_engine
+
+            _ENGINES[key] = load_hf_engine(
+                model_path,
+                dtype=dtype,
+                device=device,
+                batch_size=cfg.batch_size,
+                max_batch_tokens=cfg.max_batch_tokens,
+            )
     return _ENGINES[key]
 
 
@@ -114,6 +140,7 @@ def close_engines() -> None:
     for engine in _ENGINES.values():
         engine.close()
     _ENGINES.clear()
+    _ROLES.clear()
 
 
 def shard_seed(seed: int, round_: int, shard: int) -> int:
@@ -173,3 +200,50 @@ def generate_traces(
             )
             rows.append({**row, **(extra(rec, row, c.sample_idx) if extra else {})})
     return rows
+
+
+def generate_stage(
+    writer: StageWriter,
+    engine: Any,
+    records: list[dict],
+    prompts: list[list[int]],
+    params_for: Callable[[int], Any],
+    schema: pa.Schema,
+    *,
+    stage: str,
+    shard_size: int,
+    round_: int,
+    model: str,
+    grader: Callable[[str | None, str], bool],
+    extra: Callable[[dict, dict, int], dict] | None = None,
+    workers: int = 1,
+) -> int:
+    """Generate and grade ``records`` shard by shard (``params_for(i)``: shard i's sampling).
+
+    The sample and evaluate stages differ only in their problems, parameters
+    and extra columns; the resumable, Prefect-visible shard loop is this one.
+    """
+    from tasks.shards import run_shards
+
+    def make_rows(i: int, part: range) -> list[dict]:
+        return generate_traces(
+            engine,
+            [prompts[j] for j in part],
+            [records[j] for j in part],
+            params=params_for(i),
+            round_=round_,
+            model=model,
+            grader=grader,
+            extra=extra,
+        )
+
+    return run_shards(
+        writer,
+        len(records),
+        shard_size,
+        make_rows,
+        schema,
+        stage=stage,
+        round_=round_,
+        workers=workers,
+    )

@@ -6,13 +6,12 @@ import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
-import pyarrow as pa
 from pydantic import Field
 
 from data.configbase import StrictModel
 from data.schemas import EVALS
 from data.store import StageWriter
-from tasks.common import chat_prompt, generate_traces, shard_seed, shards
+from tasks.common import chat_prompt, generate_stage, shard_seed
 
 log = logging.getLogger("mpd")
 
@@ -59,33 +58,35 @@ def evaluate_body(
     seed: int,
     model: str,
     grader: Callable[[str | None, str], bool],
+    workers: int = 1,
 ) -> dict:
     """One fixed scorer for every round: greedy by default, same problems, same budget."""
     from engines.base import GenerationParams
 
     tok = engine.tokenizer
-    prompts = [chat_prompt(tok, r["prompt"]) for r in records]
-    parts = shards(len(records), cfg.shard_size)
-    for i, part in enumerate(parts):
-        if i in writer.resumed:
-            continue
-        params = GenerationParams(
+
+    def params_for(i: int) -> GenerationParams:
+        return GenerationParams(
             n=cfg.n,
             temperature=cfg.temperature,
             max_tokens=cfg.max_tokens,
             seed=shard_seed(seed, round_, i),
             stop_token_ids=(tok.eos_token_id,),
         )
-        rows = generate_traces(
-            engine,
-            [prompts[j] for j in part],
-            [records[j] for j in part],
-            params=params,
-            round_=round_,
-            model=model,
-            grader=grader,
-            extra=lambda rec, row, s: {"split": rec["split"], "family": rec["family"]},
-        )
-        writer.write_shard(i, pa.Table.from_pylist(rows), EVALS)
-        log.info("round %d eval     shard %d/%d", round_, i + 1, len(parts))
-    return {"shards": len(parts), "problems": len(records)}
+
+    n_shards = generate_stage(
+        writer,
+        engine,
+        records,
+        [chat_prompt(tok, r["prompt"]) for r in records],
+        params_for,
+        EVALS,
+        stage="eval",
+        shard_size=cfg.shard_size,
+        round_=round_,
+        model=model,
+        grader=grader,
+        extra=lambda rec, row, s: {"split": rec["split"], "family": rec["family"]},
+        workers=workers,
+    )
+    return {"shards": n_shards, "problems": len(records)}

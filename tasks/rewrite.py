@@ -6,14 +6,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import pyarrow as pa
 from pydantic import Field, field_validator
 
 from data.configbase import StrictModel
 from data.prompts import DEFAULT_REWRITE_PROMPT
 from data.schemas import REWRITES
 from data.store import StageWriter
-from tasks.common import chat_prompt, generate_traces, shard_seed, shards
+from tasks.common import chat_prompt, generate_traces, shard_seed
+from tasks.shards import run_shards
 
 log = logging.getLogger("mpd")
 
@@ -48,6 +48,7 @@ def rewrite_body(
     round_: int,
     seed: int,
     model: str,
+    workers: int = 1,
     grader: Callable[[str | None, str], bool],
     student_tokenizer: Any,
 ) -> dict:
@@ -74,10 +75,8 @@ def rewrite_body(
         )
         for s in samples
     ]
-    parts = shards(len(samples), cfg.shard_size)
-    for i, part in enumerate(parts):
-        if i in writer.resumed:
-            continue
+
+    def make_rows(i: int, part: range) -> list[dict]:
         params = GenerationParams(
             n=1,
             temperature=cfg.temperature,
@@ -107,9 +106,19 @@ def rewrite_body(
                 orig_correct=s["correct"],
                 orig_truncated=s["truncated"],
             )
-        writer.write_shard(i, pa.Table.from_pylist(rows), REWRITES)
-        log.info("round %d rewrite  shard %d/%d", round_, i + 1, len(parts))
-    return {"shards": len(parts), "same_tokenizer": same, "rewriter": model}
+        return rows
+
+    n_shards = run_shards(
+        writer,
+        len(samples),
+        cfg.shard_size,
+        make_rows,
+        REWRITES,
+        stage="rewrite",
+        round_=round_,
+        workers=workers,
+    )
+    return {"shards": n_shards, "same_tokenizer": same, "rewriter": model}
 
 
 def _retokenize(row: dict, tokenizer: Any) -> None:

@@ -6,13 +6,13 @@ import logging
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from data.configbase import StrictModel
 from data.schemas import LOGPROB_MIN, LOGPROB_SCALE, SCORES
 from data.store import StageWriter
-from tasks.common import chat_prompt, shards
+from tasks.common import chat_prompt
+from tasks.shards import run_shards
 
 log = logging.getLogger("mpd")
 
@@ -25,6 +25,36 @@ class ScoreConfig(StrictModel):
         "context as the student); rewrite: under the teacher's rewrite prompt.",
     )
     shard_size: int = Field(64, ge=1)
+
+
+DEFAULT_CONCISE_INSTRUCTION = (
+    "{problem}\n\nSolve this as concisely as possible: only the steps you need, no "
+    "restating, no narration, no re-checking, then the final answer."
+)
+
+
+class SelfDistillConfig(StrictModel):
+    """Method self_distill (OPSDC): the teacher is a frozen copy of the student told to be concise."""
+
+    instruction: str = Field(
+        DEFAULT_CONCISE_INSTRUCTION,
+        description="The teacher's context: a template with {problem}. The student itself "
+        "reads the plain problem; only the frozen teacher copy reads this.",
+    )
+    refresh_every: int = Field(
+        1,
+        ge=1,
+        description="Rounds between teacher refreshes: round r's teacher is the student that "
+        "started round 1 + M*floor((r-1)/M). OPSDC refreshes every ~50 steps; every step "
+        "collapses.",
+    )
+
+    @field_validator("instruction")
+    @classmethod
+    def _placeholder(cls, value: str) -> str:
+        if "{problem}" not in value:
+            raise ValueError("the self-distillation instruction must contain {problem}")
+        return value
 
 
 def quantize(logprobs: np.ndarray) -> np.ndarray:
@@ -48,29 +78,35 @@ def score_body(
     rewrite_template: str,
     round_: int,
     model: str,
+    workers: int = 1,
+    instruction: str | None = None,
 ) -> dict:
-    """The teacher's top-k next-token distribution at every token of every rewrite.
+    """The teacher's top-k next-token distribution at every token of every target trace.
 
+    ``rewrites`` are the method's targets (rewrites for MPD, the student's samples
+    for on-policy, ...), each tied to its student sample by (problem_id, sample_idx).
     ``context=problem`` conditions on the plain problem prompt, the student's own
     context (MPD); ``context=rewrite`` on the rewrite request (problem + the
     student's trace), sharper when the teacher rewrites better than it solves.
+    ``instruction`` (self-distillation) replaces both: the teacher reads the
+    problem inside that "be concise" template, and rows say ``context=concise``.
     """
     tok = engine.tokenizer
-    parts = shards(len(rewrites), cfg.shard_size)
-    stored = 0
-    for i, part in enumerate(parts):
-        if i in writer.resumed:
-            continue
+    context = "concise" if instruction is not None else cfg.context
+
+    def make_rows(i: int, part: range) -> list[dict]:
         chosen = [rewrites[j] for j in part]
         prompts = []
         for r in chosen:
             question = problems[r["problem_id"]]["prompt"]
-            if cfg.context == "rewrite":
+            if instruction is not None:
+                question = instruction.format(problem=question)
+            elif cfg.context == "rewrite":
                 trace = samples[(r["problem_id"], r["sample_idx"])]["completion"]
                 question = rewrite_template.format(problem=question, trace=trace)
             prompts.append(chat_prompt(tok, question))
         scored = engine.score(prompts, [r["token_ids"] for r in chosen], cfg.top_k)
-        rows = [
+        return [
             {
                 "round": round_,
                 "problem_id": r["problem_id"],
@@ -79,12 +115,20 @@ def score_body(
                 "num_tokens": int(s.topk_ids.shape[0]),
                 "topk_ids": s.topk_ids.reshape(-1).tolist(),
                 "topk_logprobs_q": quantize(s.topk_logprobs).reshape(-1).tolist(),
-                "context": cfg.context,
+                "context": context,
                 "model": model,
             }
             for r, s in zip(chosen, scored, strict=True)
         ]
-        writer.write_shard(i, pa.Table.from_pylist(rows), SCORES)
-        stored += sum(r["num_tokens"] for r in rows)
-        log.info("round %d score    shard %d/%d", round_, i + 1, len(parts))
-    return {"shards": len(parts), "context": cfg.context, "top_k": cfg.top_k}
+
+    n_shards = run_shards(
+        writer,
+        len(rewrites),
+        cfg.shard_size,
+        make_rows,
+        SCORES,
+        stage="score",
+        round_=round_,
+        workers=workers,
+    )
+    return {"shards": n_shards, "context": context, "top_k": cfg.top_k}

@@ -28,8 +28,15 @@ def build_examples(
     scores: dict[tuple[str, int], dict] | None,
     problems: dict[str, dict],
     tokenizer: Any,
+    *,
+    teacher_template: str | None = None,
 ) -> list[Any]:
-    """Student context (plain problem prompt) + target ids (+ the teacher's stored top-k)."""
+    """Student context (plain problem prompt) + target ids (+ the teacher's stored top-k).
+
+    ``teacher_template`` (self-distillation with an online teacher): the teacher
+    reads the problem inside this "be concise" template while the student reads
+    the plain problem; both score the same target ids.
+    """
     from train.batching import Example
 
     examples = []
@@ -40,12 +47,16 @@ def build_examples(
             shape = (s["num_tokens"], s["k"])
             topk_ids = np.asarray(s["topk_ids"], dtype=np.int64).reshape(shape)
             topk_lp = dequantize(np.asarray(s["topk_logprobs_q"], dtype=np.int16)).reshape(shape)
+        question = problems[t["problem_id"]]["prompt"]
         examples.append(
             Example(
-                prompt_ids=chat_prompt(tokenizer, problems[t["problem_id"]]["prompt"]),
+                prompt_ids=chat_prompt(tokenizer, question),
                 target_ids=list(t["token_ids"]),
                 topk_ids=topk_ids,
                 topk_logprobs=topk_lp,
+                teacher_prompt_ids=None
+                if teacher_template is None
+                else chat_prompt(tokenizer, teacher_template.format(problem=question)),
             )
         )
     return examples

@@ -476,3 +476,53 @@ def test_filter_keeping_nothing_stops_the_round(base: Path, tmp_path: Path) -> N
     decisions = sql(ws, "select kept, count(*) as n from decisions where round = 1 group by kept")
     assert decisions == [{"kept": False, "n": SAMPLE_SHARDS}]
     assert outcomes(ws)["1/filter"] == "done" and "1/train" not in outcomes(ws)
+
+
+def test_round_publishes_prefect_artifacts_and_shard_tasks(base: Path) -> None:
+    """The Prefect UI shows each round: table + markdown artifacts, progress, one task per shard."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(
+                    any_=[
+                        "mpd-ws-round-summary",
+                        "mpd-ws-round-0",
+                        "mpd-ws-round-1",
+                        "sample-round-1-progress",
+                        "eval-round-1-progress",
+                    ]
+                )
+            )
+        )
+        shard_runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(
+                name=TaskRunFilterName(
+                    any_=[f"sample-round-1-shard-{i}" for i in range(SAMPLE_SHARDS)]
+                )
+            )
+        )
+    by_key: dict[str, list] = {}
+    for a in arts:  # several versions per key: other tests rerun copies of this workspace
+        by_key.setdefault(a.key, []).append(a)
+    assert set(by_key) == {
+        "mpd-ws-round-summary",
+        "mpd-ws-round-0",
+        "mpd-ws-round-1",
+        "sample-round-1-progress",
+        "eval-round-1-progress",
+    }
+    reports = [a.data for a in by_key["mpd-ws-round-1"]]
+    assert any("# Round 1" in r and "## Drop reasons" in r and "vs round 0" in r for r in reports)
+    assert {a.type for a in by_key["mpd-ws-round-summary"]} == {"table"}
+    assert 100.0 in {a.data for a in by_key["sample-round-1-progress"]}
+    # every sampling shard ran as its own Prefect task, through the flow's task runner
+    completed = {t.name for t in shard_runs if t.state_name == "Completed"}
+    assert completed == {f"sample-round-1-shard-{i}" for i in range(SAMPLE_SHARDS)}

@@ -178,3 +178,29 @@ def test_kill_9_mid_stage_then_resume(tmp_path: Path, python: str) -> None:
     q = "select * from read_parquet('{}/filter/round=*/*.parquet') order by problem_id"
     assert duckdb.sql(q.format(ws)).fetchall() == duckdb.sql(q.format(ref)).fetchall()
     assert visible_rows(ws, "filter") == 80
+
+
+def test_adopt_links_a_valid_commit_of_the_same_key_and_nothing_else(tmp_path: Path) -> None:
+    """How workspaces share a stage (cache_from): the same key, a valid commit, hard links;
+    a different key or a corrupt source is a miss, and nothing appears in the target."""
+    source, target = StageStore(tmp_path / "a"), StageStore(tmp_path / "b")
+    key = "k" * 64
+    writer = source.writer("filter", 1, key)
+    writer.write_table("decisions.parquet", decisions(1, 0, 10), DECISIONS)
+    writer.path("model/weights.bin").write_bytes(b"w" * 100)
+    writer.commit({"kept": 5})
+
+    assert target.adopt(source, "filter", 1, "x" * 64) is None
+    assert not (tmp_path / "b" / "filter").exists()
+    man = target.adopt(source, "filter", 1, key)
+    assert man is not None and man.extra == {"kept": 5, "shared_from": str(source.workspace)}
+    assert target.lookup("filter", 1, key) is not None
+    for rel in ("decisions.parquet", "model/weights.bin"):
+        a, b = source.stage_dir("filter", 1) / rel, target.stage_dir("filter", 1) / rel
+        assert a.stat().st_ino == b.stat().st_ino, rel
+    assert not [p for p in (tmp_path / "b" / ".staging").rglob("*") if p.is_file()]
+
+    part = source.stage_dir("filter", 1) / "model" / "weights.bin"
+    part.unlink()  # the source loses a file: adopting again is a miss, the copy stays whole
+    assert StageStore(tmp_path / "c").adopt(source, "filter", 1, key) is None
+    assert target.lookup("filter", 1, key) is not None

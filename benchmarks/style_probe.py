@@ -1,0 +1,107 @@
+"""Can the shipped student stay accurate in a shorter style? (why MPD's tiny world is hard)
+
+MPD's teacher rewrites into the world's concise style (one equation per step).
+This probe fine-tunes a copy of the shipped student with plain cross-entropy on
+fresh world problems written in a target style, with ample data (steps x 32
+examples drawn from ``--examples`` traces, never the test problems), then evaluates it greedily on an
+interleaved test set. If even supervised training on perfect traces of a
+style cannot keep the student's accuracy, no distillation toward that style
+will: the style, not the method, is the limit.
+
+    python benchmarks/style_probe.py --style concise --steps 200
+    python benchmarks/style_probe.py --style verbose1 --steps 200
+    python benchmarks/style_probe.py --steps 0        # the shipped student itself
+
+Measured on the 2-core CPU (2026-11-23, 64 test problems, 16 per family, lr 1e-3):
+shipped student 56.2% / 372 think tokens; after 200 steps on concise traces
+23.4% / 47 tokens; after 200 steps on verbosity-1 traces (no re-checks or
+recaps) 54.7% / 259 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--style", choices=["concise", "verbose1", "verbose2"], default="concise")
+    ap.add_argument("--steps", type=int, default=200, help="SFT steps of 32 examples (0: none)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--examples", type=int, default=6000, help="distinct training traces")
+    ap.add_argument("--per-family", type=int, default=16, help="test problems per family")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from data.answers import format_prompt
+    from data.world import TRAIN_FAMILIES, build_problems, generate, render_concise, render_verbose
+    from engines.hf import HFEngine
+    from flows.bootstrap import SHIPPED
+    from train.bootstrap import generate_rows, sft
+    from train.config import Recipe
+    from train.models import load_tokenizer
+    from train.world_data import encode
+
+    torch.set_num_threads(args.threads)
+    tok = load_tokenizer(SHIPPED / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED / "student")
+    records = build_problems(0, 0, 1000, 0, (1, 2))  # the campaign's test split: never trained on
+    by_family: dict[str, list[dict]] = {}
+    for r in records:
+        if r["split"] == "test":
+            by_family.setdefault(r["family"], []).append(r)
+    chosen = [r for f in sorted(by_family) for r in by_family[f][: args.per_family]]
+
+    if args.steps:
+        rng, exclude = random.Random(5), {r["prompt"] for r in records}
+        render = {
+            "concise": lambda p: render_concise(p),
+            "verbose1": lambda p: render_verbose(p, rng, 1),
+            "verbose2": lambda p: render_verbose(p, rng, 2),
+        }[args.style]
+        texts: list[tuple[str, str]] = []
+        while len(texts) < args.examples:
+            p = generate(rng.choice(TRAIN_FAMILIES), rng, rng.randint(1, 2))
+            if p.question not in exclude:
+                texts.append((format_prompt(p.question), render(p)))
+        t0 = time.monotonic()
+        recipe = Recipe(
+            steps=args.steps, batch_size=32, lr=args.lr, warmup_steps=10, examples=args.examples
+        )
+        sft(
+            model, encode(tok, texts), recipe, pad_id=tok.pad_token_id, vocab_limit=len(tok), seed=0
+        )
+        print(f"trained {args.steps} steps on {args.style} traces in {time.monotonic() - t0:.0f}s")
+
+    rows = generate_rows(
+        HFEngine(model, tok),
+        tok,
+        [format_prompt(r["prompt"]) for r in chosen],
+        chosen,
+        role="student",
+        model="student",
+        max_tokens=768,
+    )
+    acc = sum(r["correct"] for r in rows) / len(rows)
+    think = sum(r["think_tokens"] for r in rows) / len(rows)
+    label = f"after {args.steps} steps on {args.style}" if args.steps else "shipped student"
+    print(f"{label}: accuracy {acc:.3f}, mean think tokens {think:.0f} ({len(rows)} problems)")
+    for family in sorted(by_family):
+        sel = [r for r in rows if r["family"] == family]
+        print(f"  {family:9s} accuracy {sum(r['correct'] for r in sel) / len(sel):.3f}")
+
+
+if __name__ == "__main__":
+    main()

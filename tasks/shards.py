@@ -1,0 +1,120 @@
+"""The shard loop every generating stage shares: resumable, visible, and run by Prefect.
+
+A stage's rows are cut into shards of ``shard_size`` items; each finished shard
+is written and marked in staging at once, so a killed stage redoes only the
+shards without a marker. Inside a flow, each shard is a Prefect task submitted
+to the flow's task runner (threads by default), at most ``workers`` in flight:
+
+- ``workers: 1`` (the default) suits an in-process engine that already uses
+  every core or the whole GPU; more would only contend.
+- ``workers: 8`` suits a served endpoint (the ``openai`` engine) or an engine
+  with spare capacity.
+- A Dask or Ray cluster: run the campaign flow with that task runner
+  (``campaign_flow.with_options(task_runner=DaskTaskRunner(address=...))``,
+  see the README); shard tasks go wherever the flow's task runner sends them.
+
+Outside a flow (a test, a notebook) the same shards run in a plain loop.
+Progress shows as a Prefect progress artifact per stage, and in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from data.store import StageWriter
+from tasks.common import shards
+
+log = logging.getLogger("mpd")
+
+MakeRows = Callable[[int, range], list[dict]]
+
+
+class _Progress:
+    """Shards done out of total, as a log line and (inside a run) a Prefect progress artifact."""
+
+    def __init__(self, stage: str, round_: int, total: int, done: int) -> None:
+        self.stage, self.round, self.total, self.done = stage, round_, total, done
+        self.artifact_id: Any = None
+        try:
+            from prefect.artifacts import create_progress_artifact
+            from prefect.context import FlowRunContext
+
+            if FlowRunContext.get() is not None:
+                self.artifact_id = create_progress_artifact(
+                    progress=self.percent,
+                    key=f"{stage}-round-{round_}-progress",
+                    description=f"round {round_} {stage}: shards written / shards in the stage",
+                )
+        except Exception as exc:  # visibility must never fail a stage
+            log.debug("no progress artifact: %s", exc)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.done / max(self.total, 1)
+
+    def step(self) -> None:
+        self.done += 1
+        log.info("round %d %-8s shard %d/%d", self.round, self.stage, self.done, self.total)
+        if self.artifact_id is not None:
+            try:
+                from prefect.artifacts import update_progress_artifact
+
+                update_progress_artifact(self.artifact_id, progress=self.percent)
+            except Exception as exc:
+                log.debug("progress artifact not updated: %s", exc)
+
+
+@task(name="shard", task_run_name="{stage}-round-{round_}-shard-{index}", cache_policy=NO_CACHE)
+def shard_task(stage: str, round_: int, index: int, run: Callable[[int], int]) -> int:
+    """One shard: generate, write, mark. Its rows live in the shard file, not in Prefect."""
+    return run(index)
+
+
+def run_shards(
+    writer: StageWriter,
+    n_items: int,
+    shard_size: int,
+    make_rows: MakeRows,
+    schema: pa.Schema,
+    *,
+    stage: str,
+    round_: int,
+    workers: int = 1,
+) -> int:
+    """Write every unfinished shard of ``n_items`` items; returns the number of shards.
+
+    ``make_rows(i, part)`` computes shard ``i`` (item indices ``part``); it must
+    be deterministic in ``i`` (per-shard seeds), so a resumed shard equals the
+    one a killed run would have written.
+    """
+    parts = shards(n_items, shard_size)
+    todo = [i for i in range(len(parts)) if i not in writer.resumed]
+    progress = _Progress(stage, round_, len(parts), done=len(parts) - len(todo))
+
+    def one(i: int) -> int:
+        rows = writer.write_shard(i, pa.Table.from_pylist(make_rows(i, parts[i])), schema)
+        progress.step()
+        return rows
+
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None or not todo:
+        for i in todo:
+            one(i)
+        return len(parts)
+    # Keep at most ``workers`` shards in flight; the first failure fails the stage
+    # (finished shards stay marked, so the retry or the next run resumes after them).
+    pending: list[Any] = []
+    for i in todo:
+        if len(pending) >= workers:
+            pending.pop(0).result()
+        pending.append(shard_task.submit(stage, round_, i, one))
+    for future in pending:
+        future.result()
+    return len(parts)
