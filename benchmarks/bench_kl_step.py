@@ -9,10 +9,10 @@ random: only shapes matter for time) with `train.trainer.train_step`, the step `
             target: online / (sft + teacher forward) ≤ 1.1
 
 "teacher forward" is the teacher's ordinary no_grad forward to logits on the same batch, timed on
-its own. The modes take turns one step at a time (then the teacher forward), so the load drifts of
-a shared machine hit all of them alike; after warm-up steps, ratios are taken step by step and
-their median reported. Peak memory above the resident models is reported on CUDA; for CPU see
-bench_loss_memory.py.
+its own. The modes and the teacher forward take turns one step at a time, in an order that
+rotates, so the load drifts of a shared machine hit all of them alike; after warm-up steps, ratios
+are taken step by step and their median reported. Peak memory above the resident models is
+reported on CUDA; for CPU see bench_loss_memory.py.
 
     .venv/bin/python benchmarks/bench_kl_step.py                 # CPU, 2 threads
     .venv/bin/python benchmarks/bench_kl_step.py --device cuda --batch 16 --seq 1024
@@ -109,7 +109,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str,
     """Per-step times of each mode (and the teacher forward), one step of each in turn.
 
     Interleaving single steps pairs the modes within about a second, so the slow drifts of a
-    shared machine's load hit them alike; ratios are then taken step by step.
+    shared machine's load hit them alike; ratios are then taken step by step. The order rotates
+    every step, so a load pattern that repeats with the round does not always fall on one mode.
     """
     vocab = Vocab(args.vocab)
     examples = make_examples(args, args.batch * 8)
@@ -125,15 +126,18 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str,
         for mode in MODES
     }
     plan = runs["sft"].plan
-    times: dict[str, list[float]] = {m: [] for m in (*MODES, "teacher_fwd")}
+    names = (*MODES, "teacher_fwd")
+    times: dict[str, list[float]] = {m: [] for m in names}
     peaks: dict[str, float] = {}
     for step in range(1, args.warmup + args.steps + 1):
-        for mode, run in runs.items():
-            base = memory_mark(args.device)
-            times[mode].append(timed(lambda r=run, s=step: train_step(r, s)))
-            peaks[mode] = max(peaks.get(mode, 0.0), peak_since(args.device, base))
         batch = collate([examples[i] for i in plan.batch(step - 1)], 0).to(args.device)
-        times["teacher_fwd"].append(timed(lambda b=batch: teacher_forward(teacher, b)))
+        for name in names[step % len(names) :] + names[: step % len(names)]:
+            if name == "teacher_fwd":
+                times[name].append(timed(lambda b=batch: teacher_forward(teacher, b)))
+                continue
+            base = memory_mark(args.device)
+            times[name].append(timed(lambda r=runs[name], s=step: train_step(r, s)))
+            peaks[name] = max(peaks.get(name, 0.0), peak_since(args.device, base))
     return {m: t[args.warmup :] for m, t in times.items()}, peaks
 
 

@@ -1,9 +1,11 @@
-"""Peak memory of a distillation loss step: full [B, T, V] logits vs `train.chunked`.
+"""Peak memory of a distillation loss step: full [B, T, V] logits vs `train.chunked`'s two paths.
 
 Each variant runs in its own subprocess, so peaks do not mix (CPU: the process's max RSS, which
 includes the interpreter and the inputs, hence the separate `inputs` run to subtract; CUDA:
 torch.cuda.max_memory_allocated). One step = student logits from hidden states, teacher logits,
-per-token divergence, reduction, backward.
+per-token divergence, reduction, backward. `chunked` is the checkpointed per-token path
+(`chunked_divergence` then `reduce_tokens`), `fused` the trainer's (`train.fused.chunked_divergence_loss`: the
+gradient made chunk by chunk in the forward pass; it also holds a float32 [V, H] weight gradient).
 
     .venv/bin/python benchmarks/bench_loss_memory.py                  # B=8 T=512 V=32000 H=256, CPU
     .venv/bin/python benchmarks/bench_loss_memory.py --device cuda --dtype bfloat16 --vocab 151936
@@ -24,9 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from train.chunked import chunked_divergence
+from train.fused import chunked_divergence_loss
 from train.losses import per_token_divergence, reduce_tokens
 
-MODES = ("inputs", "naive", "chunked")
+MODES = ("inputs", "naive", "chunked", "fused")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,6 +72,14 @@ def run_one(args: argparse.Namespace) -> dict:
                 hidden, weight, teacher_hidden, teacher_weight, mask, kind=args.kind,
                 chunk_size=args.chunk_size,
             )  # fmt: skip
+        elif args.mode == "fused":
+            n_tokens = int(mask.sum())
+            loss = chunked_divergence_loss(
+                hidden, weight, teacher_hidden, teacher_weight, mask, 1.0 / n_tokens,
+                kind=args.kind, chunk_size=args.chunk_size,
+            ).loss  # fmt: skip
+            loss.backward()
+            return loss.detach()
         else:
             return torch.zeros(())
         loss = reduce_tokens(per_token, mask)
@@ -115,11 +126,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{mode:8} {r['peak_bytes'] / 2**20:10.1f} {extra:17.1f} {r['seconds']:8.2f}  {r['loss']:.6f}"
         )
     naive = results["naive"]["peak_bytes"] - base
-    chunked = results["chunked"]["peak_bytes"] - base
-    print(
-        f"peak ratio naive/chunked: {results['naive']['peak_bytes'] / results['chunked']['peak_bytes']:.2f}"
-    )
-    print(f"ratio above inputs naive/chunked: {naive / max(chunked, 1):.2f}")
+    for mode in ("chunked", "fused"):
+        above = results[mode]["peak_bytes"] - base
+        peak_ratio = results["naive"]["peak_bytes"] / results[mode]["peak_bytes"]
+        print(f"peak ratio naive/{mode}: {peak_ratio:.2f}")
+        print(f"ratio above inputs naive/{mode}: {naive / max(above, 1):.2f}")
 
 
 if __name__ == "__main__":

@@ -365,6 +365,20 @@ def run_query(workspace: Path | str, query: str) -> pa.Table:
         con.close()
 
 
+def internal_queries(workspace: Path | str, *queries: str) -> list[pa.Table]:
+    """mpd's own read-only SQL (summaries, artifacts) over one connection, unguarded.
+
+    Never pass user text here: :func:`run_query` is the guarded entry point.
+    One connection for several queries matters on a fully cached re-run, where
+    building views and parsing the guard's syntax trees was most of the time.
+    """
+    con = connect(workspace)
+    try:
+        return [con.sql(q).to_arrow_table() for q in queries]
+    finally:
+        con.close()
+
+
 # -- output -----------------------------------------------------------------
 
 Format = Literal["table", "csv", "json"]

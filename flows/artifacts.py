@@ -81,7 +81,11 @@ def round_markdown(rows: list[dict], r: int, times: str = "") -> str:
 
 
 def publish_round(workspace: Path, r: int) -> None:
-    """Publish round ``r``'s table and markdown artifacts, when running inside a flow."""
+    """Publish round ``r``'s table and markdown artifacts, when running inside a flow.
+
+    Called for the rounds a run computed something in; a fully cached round was
+    published by the run that computed it.
+    """
     from prefect.context import FlowRunContext
 
     if FlowRunContext.get() is None:
@@ -90,11 +94,12 @@ def publish_round(workspace: Path, r: int) -> None:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
         slug = artifact_slug(workspace)
-        rows = catalog.run_query(workspace, "select * from round_summary order by round")
-        rows = rows.drop_columns(["dropped_by_reason"]).to_pylist()
-        table = catalog.run_query(workspace, QUERY).to_pylist()
+        summary, table = catalog.internal_queries(
+            workspace, "select * from round_summary order by round", QUERY
+        )
+        rows = summary.drop_columns(["dropped_by_reason"]).to_pylist()
         create_table_artifact(
-            table=table,
+            table=table.to_pylist(),
             key=f"mpd-{slug}-round-summary",
             description=f"mpd campaign in {workspace}: accuracy and tokens per round",
         )

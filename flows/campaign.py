@@ -110,7 +110,8 @@ def campaign_flow(
     except USER_ERRORS as exc:
         # A user mistake ends the run as Failed with one clear line, not a traceback.
         return Failed(message=str(exc))  # type: ignore[return-value]
-    return catalog.run_query(cfg.workspace, "select * from round_summary").to_pylist()
+    (summary,) = catalog.internal_queries(cfg.workspace, "select * from round_summary")
+    return summary.to_pylist()
 
 
 def run_campaign(cfg: RunConfig) -> None:
@@ -133,10 +134,12 @@ def run_campaign(cfg: RunConfig) -> None:
             ctx = stages.Context(cfg, problems_stage(store, cfg))
             student = stages.starting_student(ctx)
             stages.evaluate(ctx, 0, student)
-            publish_round(ws, 0)
+            if ctx.computed(0):
+                publish_round(ws, 0)
             for r in range(1, cfg.rounds + 1):
                 student = run_round(ctx, r, student)
-                publish_round(ws, r)
+                if ctx.computed(r):
+                    publish_round(ws, r)
         finally:
             from tasks.common import close_engines
 
@@ -144,4 +147,5 @@ def run_campaign(cfg: RunConfig) -> None:
             if ctx is not None:
                 write_last_run(ws, ctx.outcomes)
             catalog.write_catalog(ws)
-        print_summary(ws)
+        changed = any(o["state"] != "cached" for o in ctx.outcomes.values()) if ctx else True
+        print_summary(ws, replot=changed)

@@ -174,6 +174,13 @@ class Context:
                 log.info("round %d %-8s shared from %s (key %s)", r, stage, other, key[:12])
                 return
 
+    def computed(self, r: int) -> bool:
+        """Whether this run computed (not only reused) any stage of round ``r``."""
+        return any(
+            where.split("/")[0] == str(r) and o["state"] == "done"
+            for where, o in self.outcomes.items()
+        )
+
     def key(self, stage: str, module: Any, **parts: Any) -> tuple[str, str]:
         code = code_version(module, tasks.common)
         return stage_key(stage, seed=self.cfg.seed, code=code, **parts), code

@@ -54,14 +54,16 @@ def plot(table: dict[str, list], out: Path) -> Path:
     return out
 
 
-def print_summary(workspace: Path) -> None:
-    table = catalog.run_query(workspace, QUERY)
+def print_summary(workspace: Path, *, replot: bool = True) -> None:
+    """Print the round table; redraw ``summary.png`` unless nothing changed (``replot``)."""
+    (table,) = catalog.internal_queries(workspace, QUERY)
     times = stage_times(workspace)
     rows = table.to_pydict()
     rows["stage times"] = [times.get(r, "") for r in rows["round"]]
     import pyarrow as pa
 
     print(catalog.format_table(pa.table(rows), "table"))
-    if rows["round"]:
-        path = plot(rows, workspace / "summary.png")
+    path = workspace / "summary.png"
+    if rows["round"] and (replot or not path.exists()):
+        plot(rows, path)
         log.info("plot: %s", path)

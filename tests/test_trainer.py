@@ -228,14 +228,28 @@ def test_eos_is_learnt_when_pad_is_eos(world, examples) -> None:
             assert p_eos > 0.5  # masked by token id it would stay near 1 / len(tok)
 
 
-@pytest.mark.parametrize("loss", ["ce", "reverse_kl"])
-def test_grad_accumulation_of_4_equals_one_big_batch(world, scored, loss: str) -> None:
+@pytest.mark.parametrize(
+    "loss,mode", [("ce", "offline_topk"), ("reverse_kl", "offline_topk"), ("jsd", "online")]
+)
+def test_grad_accumulation_of_4_equals_one_big_batch(world, scored, loss: str, mode: str) -> None:
+    """Online: JSD(β=0.3) at τ=1.5 from a wider teacher, so every term of the fused gradient counts."""
+    teacher = None
+    if mode == "online":
+        teacher = student(world["tok"], TinyModelConfig(hidden_size=48, num_hidden_layers=1), 5)
     runs = {}
     for name, (bs, accum) in {"big": (8, 1), "accum": (2, 4)}.items():
         model = student(world["tok"])
         rows: list[dict] = []
-        cfg = cfg_(loss=loss, steps=2, batch_size=bs, grad_accum=accum)
-        train(model, scored, cfg, tokenizer=world["tok"], log_fn=rows.append)
+        cfg = cfg_(
+            loss=loss,
+            teacher_mode=mode,
+            beta=0.3,
+            temperature=1.5 if mode == "online" else 1.0,
+            steps=2,
+            batch_size=bs,
+            grad_accum=accum,
+        )
+        train(model, scored, cfg, teacher=teacher, tokenizer=world["tok"], log_fn=rows.append)
         runs[name] = (weights(model), [r["loss"] for r in rows])
     assert runs["big"][1] == pytest.approx(runs["accum"][1], rel=1e-5)
     assert_same_weights(runs["big"][0], runs["accum"][0], atol=1e-5)

@@ -15,6 +15,9 @@ size. So the callers pass the last hidden states and the lm_head weights instead
 
 The per-token math is `train.losses`' own; these functions only decide what is alive at once.
 Hidden states must already be shifted like logits (position t predicts token t + 1).
+
+These per-token functions suit any reduction and are the reference for `train.fused`, which the
+trainer uses: the same losses already reduced, their gradient made in the forward pass.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from torch.utils.checkpoint import checkpoint
 from train.losses import Kind, cross_entropy, per_token_divergence, topk_per_token_divergence
 
 
-def _rows(weight: Tensor, vocab_limit: int | None) -> Tensor:
+def vocab_rows(weight: Tensor, vocab_limit: int | None) -> Tensor:
+    """The lm_head rows of real tokens: the first `vocab_limit` (all with None), range-checked."""
     if vocab_limit is not None and not 0 < vocab_limit <= weight.shape[0]:
         raise ValueError(f"vocab_limit={vocab_limit} outside (0, {weight.shape[0]}]")
     return weight[:vocab_limit]
@@ -100,7 +104,7 @@ def chunked_divergence(
     both weights. Returns [B, T] float32, zeros off the mask; the teacher gets no gradient.
     """
     fn = partial(_divergence_chunk, kind=kind, beta=beta, temperature=temperature)
-    shared = (_rows(student_weight, vocab_limit), _rows(teacher_weight, vocab_limit))
+    shared = (vocab_rows(student_weight, vocab_limit), vocab_rows(teacher_weight, vocab_limit))
     return chunked_per_token(
         fn, mask, (student_hidden, teacher_hidden.detach()), shared, chunk_size
     )
@@ -151,7 +155,7 @@ def chunked_topk_divergence(
     """
     fn = partial(_topk_chunk, kind=kind, beta=beta, temperature=temperature, tail=tail)
     per_position = (student_hidden, teacher_topk_ids, teacher_topk_logprobs.detach())
-    shared = (_rows(student_weight, vocab_limit),)
+    shared = (vocab_rows(student_weight, vocab_limit),)
     return chunked_per_token(fn, mask, per_position, shared, chunk_size)
 
 
@@ -174,5 +178,5 @@ def chunked_cross_entropy(
 ) -> Tensor:
     """`losses.cross_entropy` −log p_s(y) per position, logits made chunk by chunk; [B, T]."""
     fn = partial(_cross_entropy_chunk, temperature=temperature)
-    shared = (_rows(student_weight, vocab_limit),)
+    shared = (vocab_rows(student_weight, vocab_limit),)
     return chunked_per_token(fn, mask, (student_hidden, target_ids), shared, chunk_size)

@@ -14,9 +14,11 @@ One optimizer step, and why it is built this way:
    Σ per-token loss / N, so accumulation and data parallelism give the gradient of one big batch
    (a per-micro-batch mean would over-weight short ones). Every process holds the same examples
    and plan, so each computes the same N locally: no all-reduce is needed for the count.
-3. The student runs its decoder only; `train.chunked` multiplies the hidden states by the lm_head
-   weight a chunk of positions at a time, so B × T × V logits never exist. An online teacher runs
-   the same way under no_grad. Targets are masked by length: the EOS is trained even if pad == eos.
+3. The student runs its decoder only; `train.fused` multiplies the hidden states by the lm_head
+   weight a chunk of positions at a time, so B × T × V logits never exist, and makes each chunk's
+   gradient right there (the 1/N weights are known up front), so backward recomputes nothing. An
+   online teacher runs its decoder under no_grad; its logits are made chunk by chunk too. Targets
+   are masked by length: the EOS is trained even if pad == eos.
 4. Gradients are clipped; a non-finite loss or gradient norm skips the optimizer step (the weights
    stay as they were) and is counted. The schedule still advances: it is tied to the step number.
 5. One row per step (data.schemas.TRAIN_LOG) goes to `log_fn`; a checkpoint is written every
@@ -56,9 +58,12 @@ from train.checkpoint import (
     save_model_dir,
     write_checkpoint,
 )
-from train.chunked import chunked_cross_entropy, chunked_divergence, chunked_topk_divergence
 from train.config import LoraConfig, TrainConfig
-from train.losses import reduce_tokens
+from train.fused import (
+    chunked_cross_entropy_loss,
+    chunked_divergence_loss,
+    chunked_topk_divergence_loss,
+)
 from train.schedule import build_scheduler
 
 CHUNK_SIZE = 1024  # positions per chunk of logits: 1024 × 151936 × 4 B = 0.6 GB for Qwen3
@@ -132,7 +137,7 @@ class Dist:
 class HiddenStates(nn.Module):
     """The causal LM's decoder alone: last hidden states [B, T, H], no lm_head.
 
-    The loss applies the lm_head weight chunk by chunk (train.chunked). Calling the decoder through
+    The loss applies the lm_head weight chunk by chunk (train.fused). Calling the decoder through
     this module keeps DDP's forward, and so its gradient synchronisation, on the path.
     """
 
@@ -338,39 +343,59 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     local = torch.zeros((), device=run.device)
     for a, idx in enumerate(micro):
         batch = collate([run.examples[i] for i in idx], run.pad_id).to(run.device)
+        # The teacher first, before the student's graph exists: the step's peak memory is then
+        # max(teacher activations, student graph) rather than their sum.
+        teacher_hidden = _teacher_hidden(run.teacher, batch) if _online(cfg) else None
         with dist.no_sync(run.module, sync=a == len(micro) - 1):
             hidden = run.module(batch.input_ids, batch.attention_mask)[:, :-1]
             hidden = hidden.to(run.lm.get_output_embeddings().weight.dtype)  # autocast: bf16
-            loss = reduce_tokens(_per_token(run, batch, hidden), batch.loss_mask, n_tokens)
+            loss = _loss(run, batch, hidden, teacher_hidden, n_tokens)
+            del teacher_hidden
             dist.backward(loss * dist.world)  # DDP averages over processes; the loss is their sum
         local += loss.detach()
     return _update(run, dist.sum(local), n_tokens)
 
 
-def _per_token(run: Run, batch: Any, hidden: Tensor) -> Tensor:
-    """[B, T-1] per-token loss of cfg.loss; CE ignores the temperature (SFT is at τ = 1)."""
+def _online(cfg: TrainConfig) -> bool:
+    return cfg.loss != "ce" and cfg.teacher_mode == "online"
+
+
+def _loss(
+    run: Run, batch: Any, hidden: Tensor, teacher_hidden: Tensor | None, n_tokens: int
+) -> Tensor:
+    """Σ per-token loss of cfg.loss over the micro-batch's targets / N, N = `n_tokens` of the step.
+
+    = losses.reduce_tokens(per_token, loss_mask, N). The weight 1/N is known before the forward
+    pass, so the `*_loss` functions of train.fused make the gradient chunk by chunk within it (no
+    logits recomputed in backward). `teacher_hidden`: `_teacher_hidden`'s, online only. CE
+    ignores the temperature (SFT is at τ = 1).
+    """
     cfg = run.cfg
     weight = run.lm.get_output_embeddings().weight
+    mask, token_weight = batch.loss_mask, 1.0 / max(n_tokens, 1)
     common = {"chunk_size": CHUNK_SIZE, "vocab_limit": run.vocab_limit}
     if cfg.loss == "ce":
-        return chunked_cross_entropy(hidden, weight, batch.labels, batch.loss_mask, **common)
+        return chunked_cross_entropy_loss(
+            hidden, weight, batch.labels, mask, token_weight, **common
+        ).loss
     kl = {"kind": cfg.loss, "beta": cfg.beta, "temperature": cfg.temperature}
     if cfg.teacher_mode == "offline_topk":
-        return chunked_topk_divergence(
+        return chunked_topk_divergence_loss(
             hidden,
             weight,
             batch.topk_ids,
             batch.topk_logprobs,
-            batch.loss_mask,
+            mask,
+            token_weight,
             tail=cfg.topk_tail,
             **kl,
             **common,
-        )
+        ).loss
+    assert teacher_hidden is not None
     teacher_weight = run.teacher.get_output_embeddings().weight.detach()
-    teacher_hidden = _teacher_hidden(run.teacher, batch)
-    return chunked_divergence(
-        hidden, weight, teacher_hidden, teacher_weight, batch.loss_mask, **kl, **common
-    )
+    return chunked_divergence_loss(
+        hidden, weight, teacher_hidden, teacher_weight, mask, token_weight, **kl, **common
+    ).loss
 
 
 @torch.no_grad()
