@@ -68,8 +68,12 @@ def test_short_from_scratch_bootstrap_is_real_and_cached(tmp_path: Path) -> None
         "select role, count(*) as n from bootstrap_evals group by role order by role",
     )
     assert sql.stdout.split() == ["role,n", "rewrite,9", "student,9", "teacher,9"]
+    committed = (stage / "_manifest.json").read_bytes()
     again = mpd("bootstrap", "--from-scratch", "-w", str(ws), "--workers", "1", *TINY)
-    assert "bootstrap: cached" in again.stderr
+    assert again.returncode == 0, again.stderr
+    # cached: the committed stage is untouched (its manifest holds the commit time and key)
+    assert (stage / "_manifest.json").read_bytes() == committed, again.stderr[-3000:]
+    assert "training the world from scratch" not in again.stderr, again.stderr[-3000:]
 
     from train.models import load_model, load_tokenizer
 
