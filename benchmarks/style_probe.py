@@ -1,21 +1,29 @@
 """Can the shipped student stay accurate in a shorter style? (why MPD's tiny world is hard)
 
-MPD's teacher rewrites into the world's concise style (one equation per step).
-This probe fine-tunes a copy of the shipped student with plain cross-entropy on
-fresh world problems written in a target style, with ample data (steps x 32
-examples drawn from ``--examples`` traces, never the test problems), then evaluates it greedily on an
-interleaved test set. If even supervised training on perfect traces of a
-style cannot keep the student's accuracy, no distillation toward that style
-will: the style, not the method, is the limit.
+Which style should MPD's teacher rewrite into? This probe fine-tunes a copy of
+the shipped student with plain cross-entropy on fresh world problems written in
+a style, with ample data (steps x 32 examples drawn from ``--examples`` traces,
+never the test problems), then evaluates it greedily on an interleaved test
+set. If even supervised training on perfect traces of a style cannot keep the
+student's accuracy, no distillation toward that style will: the style, not the
+method, is the limit.
 
+    python benchmarks/style_probe.py --style steps --steps 200
     python benchmarks/style_probe.py --style concise --steps 200
     python benchmarks/style_probe.py --style verbose1 --steps 200
     python benchmarks/style_probe.py --steps 0        # the shipped student itself
 
 Measured with this script on the 2-core CPU (2026-11-23, 64 test problems, 16 per
-family, lr 1e-3, 6,000 traces, one thread): shipped student 56.2% / 372 think
-tokens; after 200 steps on concise traces 20.3% / 50 tokens; after 200 steps on
-verbosity-1 traces (no re-checks or recaps) 60.9% / 261 tokens (-30%).
+family, lr 1e-3, 6,000 traces, 200 steps, one thread), accuracy / mean think tokens:
+
+    shipped student (--steps 0)                            56.2% / 372
+    verbose1  (headers, equations, running values, recap)  60.9% / 261  (-30%)
+    steps     (headers, equations, running values)         54.7% / 181  (-51%)
+    headers_given (problem restated, headers, equations)   48.4% / 168
+    headers   (headers, equations)                         37.5% / 140
+    concise   (equations only: the first world's target)   20.3% /  50
+
+The steps style is the shipped teacher's target (``bootstrap.target_style``).
 """
 
 from __future__ import annotations
@@ -31,9 +39,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _headers(problem, *, given: bool) -> str:
+    """The steps style without its running values; with ``given``, the problem restated first."""
+    from data.answers import format_completion
+    from data.world.narrate import equation, header
+
+    lines = list(problem.given) if given else []
+    for index, step in enumerate(problem.steps, start=1):
+        lines += [header(step, index), equation(step)]
+    lines.append(f"So the answer is {problem.answer}.")
+    return format_completion(lines, problem.answer)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--style", choices=["concise", "verbose1", "verbose2"], default="concise")
+    ap.add_argument(
+        "--style",
+        choices=["concise", "headers", "headers_given", "steps", "verbose1", "verbose2"],
+        default="concise",
+    )
     ap.add_argument("--steps", type=int, default=200, help="SFT steps of 32 examples (0: none)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--examples", type=int, default=6000, help="distinct training traces")
@@ -46,7 +70,14 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from data.answers import format_prompt
-    from data.world import TRAIN_FAMILIES, build_problems, generate, render_concise, render_verbose
+    from data.world import (
+        TRAIN_FAMILIES,
+        build_problems,
+        generate,
+        render_concise,
+        render_steps,
+        render_verbose,
+    )
     from engines.hf import HFEngine
     from flows.bootstrap import SHIPPED
     from train.bootstrap import generate_rows, sft
@@ -68,6 +99,9 @@ def main() -> None:
         rng, exclude = random.Random(5), {r["prompt"] for r in records}
         render = {
             "concise": lambda p: render_concise(p),
+            "steps": lambda p: render_steps(p),
+            "headers": lambda p: _headers(p, given=False),
+            "headers_given": lambda p: _headers(p, given=True),
             "verbose1": lambda p: render_verbose(p, rng, 1),
             "verbose2": lambda p: render_verbose(p, rng, 2),
         }[args.style]

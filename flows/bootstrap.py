@@ -25,20 +25,41 @@ SHIPPED = REPO_ROOT / "assets" / "world"
 
 
 def bootstrap_assets(
-    cfg: RunConfig, out: Path, *, device: str, workers: int | None, command: str | None
+    cfg: RunConfig,
+    out: Path,
+    *,
+    device: str,
+    workers: int | None,
+    command: str | None,
+    retarget_from: Path | None = None,
 ) -> dict:
-    """Train from scratch into an assets directory (what ``assets/world`` is made by)."""
+    """Train into an assets directory (what ``assets/world`` is made by): from scratch,
+    or, with ``retarget_from``, that assets directory's teacher fine-tuned into the
+    config's ``bootstrap.target_style`` (its manifest is kept as the new one's parent)."""
     import train.bootstrap
+    from flows.errors import UserError
     from flows.logs import setup_logging
-    from train.assets import write_assets
+    from train.assets import verify_assets, write_assets
 
     setup_logging()
+    parent = None
+    if retarget_from is not None:
+        parent = verify_assets(retarget_from)  # AssetsError: one line, exit 2
+        if retarget_from.resolve() == out.resolve():
+            raise UserError("--retarget-teacher needs an --out other than its source")
     out.mkdir(parents=True, exist_ok=True)
-    rows, metrics = train.bootstrap.run_bootstrap(
-        cfg.bootstrap, out, seed=cfg.seed, device=device, workers=workers
-    )
+    if parent is None:
+        rows, metrics = train.bootstrap.run_bootstrap(
+            cfg.bootstrap, out, seed=cfg.seed, device=device, workers=workers
+        )
+    else:
+        rows, metrics = train.bootstrap.retarget_teacher(
+            cfg.bootstrap, retarget_from, out, seed=cfg.seed, device=device, workers=workers
+        )
     command = command or f"mpd bootstrap --from-scratch --out {out} --device {device}"
     config = {"seed": cfg.seed, "bootstrap": cfg.bootstrap.model_dump(mode="json")}
+    if parent is not None:
+        config["parent"] = {k: parent[k] for k in ("command", "config", "metrics")}
     manifest = write_assets(out, rows, metrics, config, command)
     log.info("bootstrap assets in %s: %s", out, metrics)
     return manifest

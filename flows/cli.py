@@ -86,11 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="build the reference world: tokenizer, student and teacher",
         description="Without --from-scratch the shipped models (assets/world) are verified and "
         "installed into the workspace; --from-scratch trains them (minutes on a GPU, long on a "
-        "CPU). With --out DIR the result is written as an assets directory instead.",
+        "CPU). With --out DIR the result is written as an assets directory instead. "
+        "--retarget-teacher SRC --out DIR fine-tunes the teacher of the assets in SRC into "
+        "bootstrap.target_style (minutes on a CPU), keeping its tokenizer and student.",
     )
     _add_workspace_args(p)
     p.add_argument("--from-scratch", action="store_true", help="train instead of using shipped")
     p.add_argument("--out", type=Path, help="write an assets directory here (implies training)")
+    p.add_argument(
+        "--retarget-teacher",
+        type=Path,
+        metavar="SRC",
+        help="with --out: start from the assets in SRC and fine-tune only their teacher",
+    )
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: models.device)")
     p.add_argument("--workers", type=int, default=None, help="processes generating data")
     p.set_defaults(func=cmd_bootstrap)
@@ -239,12 +247,22 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from flows.bootstrap import bootstrap_assets, bootstrap_workspace
+    from flows.errors import UserError
 
     cfg = _load(args)
     device = args.device or cfg.models.device
     command = shlex.join(["mpd", *sys.argv[1:]])
+    if args.retarget_teacher is not None and args.out is None:
+        raise UserError("--retarget-teacher SRC writes an assets directory: give --out DIR")
     if args.out is not None:
-        bootstrap_assets(cfg, args.out, device=device, workers=args.workers, command=command)
+        bootstrap_assets(
+            cfg,
+            args.out,
+            device=device,
+            workers=args.workers,
+            command=command,
+            retarget_from=args.retarget_teacher,
+        )
     else:
         bootstrap_workspace(
             cfg, from_scratch=args.from_scratch, device=device, workers=args.workers

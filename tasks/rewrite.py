@@ -26,7 +26,7 @@ class RewriteConfig(StrictModel):
     )
     temperature: float = Field(0.0, ge=0, description="0 = greedy rewrite.")
     top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(384, ge=1)
+    max_tokens: int = Field(512, ge=1)
     shard_size: int = Field(64, ge=1)
 
     @field_validator("prompt")

@@ -128,3 +128,42 @@ def test_run_refuses_mismatched_tokenizers(tmp_path: Path) -> None:
     out = mpd("run", "-w", str(tmp_path / "ws"), "--set", f"models.teacher={other}")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "use different tokenizers" in out.stderr and out.stderr.count("mpd: error") == 1
+
+
+def test_retarget_teacher_keeps_the_student_and_records_its_parent(tmp_path: Path) -> None:
+    """``--retarget-teacher`` is how a CPU re-aims the shipped teacher: only the teacher changes."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    made = mpd("bootstrap", "--out", str(src), "--workers", "1", "--device", "cpu", *TINY)
+    assert made.returncode == 0, made.stderr
+    small = [
+        "--set=bootstrap.retarget_train.steps=3",
+        "--set=bootstrap.retarget_train.examples=24",
+        "--set=bootstrap.retarget_train.batch_size=8",
+        "--set=bootstrap.retarget_train.warmup_steps=1",
+        "--set=bootstrap.target_style=steps",
+    ]
+    args = ["--retarget-teacher", str(src), "--out", str(out), "--workers", "1", "--device", "cpu"]
+    done = mpd("bootstrap", *args, *TINY, *small)
+    assert done.returncode == 0, done.stderr
+    parent, child = verify_assets(src), verify_assets(out)
+    assert child["command"].startswith("mpd bootstrap --retarget-teacher")
+    assert child["config"]["parent"]["command"] == parent["command"]
+    assert child["config"]["bootstrap"]["target_style"] == "steps"
+    for name, digest in parent["files"].items():
+        if name.startswith(("student/", "tokenizer/")):
+            assert child["files"][name] == digest, name  # copied, not retrained
+    assert (
+        child["files"]["teacher/model.safetensors"] != parent["files"]["teacher/model.safetensors"]
+    )
+    assert child["metrics"]["teacher_retarget_s"] > 0 and child["metrics"]["target_test_think"]
+
+    for bad, message in (
+        (["--retarget-teacher", str(src)], "give --out DIR"),
+        (
+            ["--retarget-teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "x")],
+            "no bootstrap assets",
+        ),
+    ):
+        res = mpd("bootstrap", *bad)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert message in res.stderr and res.stderr.count("mpd: error") == 1, res.stderr

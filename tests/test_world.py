@@ -20,12 +20,14 @@ from data.world import (
     generate,
     problem_from_record,
     render_concise,
+    render_steps,
+    render_target,
     render_verbose,
     solve,
 )
 from data.world.narrate import recheck
 from data.world.steps import Step
-from data.world.styles import concise_lines, verbose_lines
+from data.world.styles import concise_lines, steps_lines, verbose_lines
 from data.world.tokenizer import train_tokenizer
 
 
@@ -183,6 +185,23 @@ def test_concise_is_verbose_with_lines_deleted(records: list[dict], verbosity: i
         )
 
 
+@pytest.mark.parametrize("verbosity", [1, 2, 3])
+def test_steps_style_is_verbose_with_lines_deleted(records: list[dict], verbosity: int) -> None:
+    """The teacher's default target keeps the student's path: headers, equations, values."""
+    for record in records:
+        problem = problem_from_record(record)
+        steps = render_target(problem, "steps")
+        assert steps == render_steps(problem)
+        assert extract_answer(steps) == record["answer"]
+        lines = steps_lines(problem)
+        assert len(lines) == 3 * len(problem.steps) + 1
+        verbose = verbose_lines(problem, random.Random(1), verbosity)
+        assert _is_subsequence(lines, verbose)
+        assert _is_subsequence(concise_lines(problem), lines)
+    with pytest.raises(ValueError, match="target style must be one of"):
+        render_target(problem, "terse")
+
+
 def test_verbose_length_is_set_by_the_problem_not_by_chance(records: list[dict]) -> None:
     for record in records[:40]:
         problem = problem_from_record(record)
@@ -233,8 +252,13 @@ def test_verbose_is_at_least_three_times_longer_in_tokens() -> None:
     for record in sample:
         problem = problem_from_record(record)
         concise = count_tokens(tok.encode, render_concise(problem))[0]
+        steps = count_tokens(tok.encode, render_steps(problem))[0]
         verbose = count_tokens(tok.encode, render_verbose(problem, rng))[0]
-        per_family.setdefault(record["family"], []).append((concise, verbose))
-    for family, pairs in per_family.items():
-        ratio = statistics.mean(v for _, v in pairs) / statistics.mean(c for c, _ in pairs)
+        per_family.setdefault(record["family"], []).append((concise, steps, verbose))
+    for family, rows in per_family.items():
+        ratio = statistics.mean(v for _, _, v in rows) / statistics.mean(c for c, _, _ in rows)
         assert ratio >= 3, (family, ratio)
+    # the steps target leaves room for MPD's -40%: well under 0.6 of the verbose length
+    rows = [row for family_rows in per_family.values() for row in family_rows]
+    steps_ratio = statistics.mean(s for _, s, _ in rows) / statistics.mean(v for *_, v in rows)
+    assert steps_ratio <= 0.6, steps_ratio

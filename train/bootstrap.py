@@ -1,4 +1,4 @@
-"""Bootstrap the reference world: a tokenizer, a verbose student, a concise teacher.
+"""Bootstrap the reference world: a tokenizer, a verbose student, a teacher that rewrites it.
 
 Everything here is a plain function (``flows/bootstrap.py`` wraps it for
 Prefect and the stage store). The models are real Qwen3 checkpoints saved with
@@ -194,11 +194,13 @@ def _mean(xs: Sequence[float]) -> float | None:
     return round(sum(xs) / len(xs), 4) if xs else None
 
 
-def evaluate_world(student, teacher, tokenizer, records: list[dict], max_tokens: int):
+def evaluate_world(
+    student, teacher, tokenizer, records: list[dict], max_tokens: int, style: str = "concise"
+):
     """Student and teacher on the eval problems, and the teacher rewriting the student."""
     from data.answers import format_prompt
     from data.prompts import rewrite_prompt
-    from data.world import problem_from_record, render_concise
+    from data.world import problem_from_record, render_concise, render_target
     from engines.hf import HFEngine
 
     # On a GPU one batch holds every prompt; on a CPU the default bounds memory.
@@ -230,8 +232,7 @@ def evaluate_world(student, teacher, tokenizer, records: list[dict], max_tokens:
         rw["orig_think_tokens"], rw["orig_correct"] = s["think_tokens"], s["correct"]
     rows += rewrites
 
-    def concise_think(r: dict) -> int:
-        text = render_concise(problem_from_record(r))
+    def think_len(text: str) -> int:
         return len(
             tokenizer(text[: text.rindex("</think>") + 8], add_special_tokens=False)["input_ids"]
         )
@@ -242,8 +243,10 @@ def evaluate_world(student, teacher, tokenizer, records: list[dict], max_tokens:
             sel = [r for r in rows if r["role"] == role and r["split"] == split]
             metrics[f"{role}_{split}_accuracy"] = _mean([r["correct"] for r in sel])
             metrics[f"{role}_{split}_think"] = _mean([r["think_tokens"] for r in sel])
-        metrics[f"concise_{split}_think"] = _mean(
-            [concise_think(r) for r in records if r["split"] == split]
+        problems = [problem_from_record(r) for r in records if r["split"] == split]
+        metrics[f"concise_{split}_think"] = _mean([think_len(render_concise(p)) for p in problems])
+        metrics[f"target_{split}_think"] = _mean(
+            [think_len(render_target(p, style)) for p in problems]
         )
         sel = [r for r in rewrites if r["split"] == split and r["orig_correct"]]
         metrics[f"rewrite_{split}_keeps_correct"] = _mean([r["correct"] for r in sel])
@@ -256,6 +259,25 @@ def evaluate_world(student, teacher, tokenizer, records: list[dict], max_tokens:
 
 
 # -- the whole bootstrap -----------------------------------------------------------
+def _world_texts(
+    cfg: BootstrapConfig, role: str, n: int, seed: int, exclude: list[str], workers: int | None
+) -> list[tuple[str, str]]:
+    from train.world_data import make_texts
+
+    return make_texts(
+        role,
+        n,
+        seed=seed,
+        difficulty=cfg.difficulty,
+        verbosity=cfg.verbosity,
+        rewrite_share=cfg.rewrite_share,
+        error_rate=cfg.error_rate,
+        exclude=exclude,
+        workers=workers,
+        target_style=cfg.target_style,
+    )
+
+
 def run_bootstrap(
     cfg: BootstrapConfig,
     out: Path,
@@ -268,7 +290,7 @@ def run_bootstrap(
     from data.world.tokenizer import train_tokenizer
     from train.models import resolve_device
     from train.tiny import build_tiny_model
-    from train.world_data import encode, make_texts
+    from train.world_data import encode
 
     dev = resolve_device(device)
     started = time.monotonic()
@@ -282,16 +304,8 @@ def run_bootstrap(
         ("teacher", cfg.teacher, cfg.teacher_train),
     ):
         t0 = time.monotonic()
-        texts = make_texts(
-            role,
-            recipe.examples,
-            seed=seed + (1 if role == "student" else 2),
-            difficulty=cfg.difficulty,
-            verbosity=cfg.verbosity,
-            rewrite_share=cfg.rewrite_share,
-            error_rate=cfg.error_rate,
-            exclude=exclude,
-            workers=workers,
+        texts = _world_texts(
+            cfg, role, recipe.examples, seed + (1 if role == "student" else 2), exclude, workers
         )
         model = build_tiny_model(tok, mcfg, seed=seed).to(dev)
         history = sft(
@@ -308,13 +322,71 @@ def run_bootstrap(
         tok.save_pretrained(out / role)
         models[role] = model
         timings[f"{role}_train_s"] = round(time.monotonic() - t0, 1)
+    return _evaluate(cfg, models, tok, eval_records, timings, started, dev)
+
+
+def _evaluate(cfg: BootstrapConfig, models: dict, tok, eval_records, timings, started, dev):
     t0 = time.monotonic()
     chosen = [r for r in eval_records if r["split"] == "test"][: cfg.eval_problems]
     chosen += [r for r in eval_records if r["split"] == "heldout"][: cfg.eval_heldout]
     rows, metrics = evaluate_world(
-        models["student"], models["teacher"], tok, chosen, cfg.max_new_tokens
+        models["student"], models["teacher"], tok, chosen, cfg.max_new_tokens, cfg.target_style
     )
     timings["eval_s"] = round(time.monotonic() - t0, 1)
     timings["total_s"] = round(time.monotonic() - started, 1)
     params = {r: sum(p.numel() for p in m.parameters()) for r, m in models.items()}
     return rows, {**metrics, **timings, "params": params, "device": str(dev)}
+
+
+def retarget_teacher(
+    cfg: BootstrapConfig,
+    src: Path,
+    out: Path,
+    *,
+    seed: int = 0,
+    device: str = "auto",
+    workers: int | None = None,
+) -> tuple[list[dict], dict]:
+    """Fine-tune the teacher of the assets in ``src`` to rewrite into ``cfg.target_style``.
+
+    The tokenizer and the student are copied unchanged, so every campaign starts
+    from the same student; only the teacher learns the new target, from its own
+    weights (``cfg.retarget_train``: minutes on a CPU, where training a teacher
+    from scratch takes hours). Returns (eval rows, metrics) like ``run_bootstrap``.
+    """
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from train.models import load_tokenizer, resolve_device
+    from train.world_data import encode
+
+    dev = resolve_device(device)
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    for part in ("tokenizer", "student"):
+        shutil.rmtree(out / part, ignore_errors=True)
+        shutil.copytree(src / part, out / part)
+    tok = load_tokenizer(out / "tokenizer")
+    eval_records, exclude = exclusion_set(seed, cfg)
+    t0 = time.monotonic()
+    texts = _world_texts(cfg, "teacher", cfg.retarget_train.examples, seed + 3, exclude, workers)
+    teacher = AutoModelForCausalLM.from_pretrained(src / "teacher").to(dev)
+    history = sft(
+        teacher,
+        encode(tok, texts),
+        cfg.retarget_train,
+        pad_id=tok.pad_token_id,
+        vocab_limit=len(tok),
+        seed=seed,
+        name="teacher (retarget)",
+    )
+    teacher.save_pretrained(out / "teacher")
+    tok.save_pretrained(out / "teacher")
+    timings = {
+        "teacher_retarget_loss": round(history[-1]["loss"], 4),
+        "teacher_retarget_s": round(time.monotonic() - t0, 1),
+    }
+    student = AutoModelForCausalLM.from_pretrained(out / "student").to(dev)
+    models = {"student": student, "teacher": teacher}
+    return _evaluate(cfg, models, tok, eval_records, timings, started, dev)

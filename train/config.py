@@ -103,6 +103,19 @@ class BootstrapConfig(StrictModel):
         "teacher rewrites reliably but is no direct solver, so score under the rewrite context.",
     )
     error_rate: float = Field(0.3, ge=0, le=1, description="Rewrite inputs with a slip.")
+    target_style: Literal["concise", "steps"] = Field(
+        "concise",
+        description="What the teacher rewrites into: 'concise' keeps only each step's equation "
+        "(the shipped world), 'steps' also keeps its header and running value (about half the "
+        "verbose length; the tiny student can execute it; data/world/styles.py).",
+    )
+    retarget_train: Recipe = Field(
+        default_factory=lambda: Recipe(
+            steps=1200, batch_size=8, lr=1e-3, warmup_steps=20, examples=9600
+        ),
+        description="Fine-tuning an existing teacher into target_style "
+        "(mpd bootstrap --retarget-teacher).",
+    )
     exclude_test: int = Field(1000, ge=0, description="Test problems never trained on.")
     eval_problems: int = Field(200, ge=1, description="Test problems in the bootstrap eval.")
     eval_heldout: int = Field(100, ge=0, description="Held-out problems in the bootstrap eval.")

@@ -1,9 +1,10 @@
 """Training examples for the built-in models, drawn fresh from the world's generators.
 
 Student: plain problem prompt -> verbose trace (the habit MPD must break).
-Teacher: a mixture of two tasks with one output style, the concise trace:
-  solve    plain problem prompt                   -> concise trace
-  rewrite  rewrite prompt (problem + verbose trace) -> concise trace of the *correct* solution
+Teacher: a mixture of two tasks with one output style, the target style
+(``target_style``: the bare "concise" equations by default, or the "steps" style):
+  solve    plain problem prompt                   -> target trace
+  rewrite  rewrite prompt (problem + verbose trace) -> target trace of the *correct* solution
 A share of rewrite inputs carry one slipped step (``corrupt``), so the teacher
 learns to fix errors rather than copy them. The teacher needs both skills: it
 rewrites, and it scores targets under the plain problem prompt (METHODS.md).
@@ -22,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from data.answers import IM_END, format_prompt
 from data.prompts import rewrite_prompt
-from data.world import TRAIN_FAMILIES, corrupt, generate, render_concise, render_verbose
+from data.world import TRAIN_FAMILIES, corrupt, generate, render_target, render_verbose
 
 Example = tuple[list[int], list[int]]
 
@@ -36,6 +37,7 @@ def _texts(
     rewrite_share: float,
     error_rate: float,
     exclude: frozenset[str],
+    target_style: str = "concise",
 ) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     out: list[tuple[str, str]] = []
@@ -54,9 +56,11 @@ def _texts(
                 except ValueError:
                     shown = problem
             trace = render_verbose(shown, rng, verbosity)
-            out.append((rewrite_prompt(problem.question, trace), render_concise(problem)))
+            out.append(
+                (rewrite_prompt(problem.question, trace), render_target(problem, target_style))
+            )
         else:
-            out.append((format_prompt(problem.question), render_concise(problem)))
+            out.append((format_prompt(problem.question), render_target(problem, target_style)))
     return out
 
 
@@ -71,13 +75,24 @@ def make_texts(
     error_rate: float = 0.3,
     exclude: Sequence[str] = (),
     workers: int | None = None,
+    target_style: str = "concise",
 ) -> list[tuple[str, str]]:
     """``n`` (prompt, completion) texts; generated in parallel processes when large."""
     workers = workers or min(os.cpu_count() or 1, max(1, n // 2000))
     frozen = frozenset(exclude)
     parts = [n // workers + (i < n % workers) for i in range(workers)]
     args = [
-        (kind, k, seed * 1000 + i, difficulty, verbosity, rewrite_share, error_rate, frozen)
+        (
+            kind,
+            k,
+            seed * 1000 + i,
+            difficulty,
+            verbosity,
+            rewrite_share,
+            error_rate,
+            frozen,
+            target_style,
+        )
         for i, k in enumerate(parts)
     ]
     if workers == 1:

@@ -6,6 +6,8 @@ imported here, so that using problems does not import transformers)::
     build_problems(seed, n_train, n_test, n_heldout, difficulty=3) -> list[dict]
     problem_from_record(record) -> Problem
     render_concise(problem) -> str
+    render_steps(problem) -> str
+    render_target(problem, style) -> str          (style in TARGET_STYLES)
     render_verbose(problem, rng, verbosity=2, error_rate=0.0) -> str
     corrupt(problem, rng) -> Problem
     check(pred, gold) -> bool
@@ -22,11 +24,18 @@ from data.world.families import (
 )
 from data.world.problems import build_problems, corpus_texts, problem_from_record
 from data.world.steps import Problem, Step
-from data.world.styles import render_concise, render_verbose
+from data.world.styles import (
+    TARGET_STYLES,
+    render_concise,
+    render_steps,
+    render_target,
+    render_verbose,
+)
 
 __all__ = [
     "FAMILIES",
     "HELDOUT_FAMILIES",
+    "TARGET_STYLES",
     "TRAIN_FAMILIES",
     "Problem",
     "Step",
@@ -37,6 +46,8 @@ __all__ = [
     "generate",
     "problem_from_record",
     "render_concise",
+    "render_steps",
+    "render_target",
     "render_verbose",
     "solve",
 ]

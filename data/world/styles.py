@@ -1,4 +1,4 @@
-"""Two renderings of one solution: concise (the target) and verbose (the habit).
+"""Renderings of one solution: verbose (the habit), and two rewrite targets.
 
 Both walk ``problem.steps`` in order and both contain each step's equation
 line verbatim, so the concise trace is a subsequence of the verbose trace's
@@ -10,6 +10,28 @@ lines: rewriting verbose into concise is deleting, never re-solving. Concise::
     </think>
 
     Answer: 476
+
+The steps style (the other target, ``bootstrap.target_style: steps``) keeps
+what the student needs to follow its own path: each step's header (which
+numbers, and why), its equation and the running value after it::
+
+    <think>
+    Step 1: I add 258 to 347.
+    347 + 258 = 605
+    The result so far is 605.
+    Step 2: She gave away 129. I subtract 129 from 605.
+    605 - 129 = 476
+    The result so far is 476.
+    So the answer is 476.
+    </think>
+
+    Answer: 476
+
+Why it exists: a model as small as the shipped student reads its operands off
+the header and the running value it has just written. Trained on perfect
+traces of each style (``benchmarks/style_probe.py``), it keeps its accuracy on
+the steps style at half the verbose length, and loses two thirds of it on the
+concise style. Both targets are subsequences of the verbose trace's lines.
 
 Verbose adds, per ``verbosity`` level (each level includes the ones below):
 
@@ -37,6 +59,7 @@ from data.world.narrate import detail, equation, header, recheck, so_far
 from data.world.steps import Problem, Step
 
 VERBOSITY_LEVELS = (1, 2, 3)
+TARGET_STYLES = ("concise", "steps")
 _OPENERS = (
     "Okay, let me read the problem carefully.",
     "Alright, let me read the problem carefully.",
@@ -56,6 +79,30 @@ def concise_lines(problem: Problem) -> list[str]:
 def render_concise(problem: Problem) -> str:
     """The concise completion: the target of every rewrite of this problem."""
     return format_completion(concise_lines(problem), problem.answer)
+
+
+def steps_lines(problem: Problem) -> list[str]:
+    """Header, equation and running value per step, then the answer sentence:
+    verbose level 1 without the opening restatement of the problem."""
+    lines = []
+    for index, step in enumerate(problem.steps, start=1):
+        lines += [header(step, index), equation(step), so_far(step)]
+    lines.append(f"So the answer is {problem.answer}.")
+    return lines
+
+
+def render_steps(problem: Problem) -> str:
+    """The steps-style completion (see the module docstring)."""
+    return format_completion(steps_lines(problem), problem.answer)
+
+
+def render_target(problem: Problem, style: str = "concise") -> str:
+    """The rewrite target of ``problem`` in one of ``TARGET_STYLES``."""
+    if style == "concise":
+        return render_concise(problem)
+    if style == "steps":
+        return render_steps(problem)
+    raise ValueError(f"target style must be one of {TARGET_STYLES}, got {style!r}")
 
 
 def verbose_lines(problem: Problem, rng: random.Random, verbosity: int = 2) -> list[str]:
