@@ -21,9 +21,12 @@ family, lr 1e-3, 6,000 traces, 200 steps, one thread), accuracy / mean think tok
     steps     (headers, equations, running values)         54.7% / 181  (-51%)
     headers_given (problem restated, headers, equations)   48.4% / 168
     headers   (headers, equations)                         37.5% / 140
-    concise   (equations only: the first world's target)   20.3% /  50
+    concise   (equations only: the shipped teacher's)      20.3% /  50
+    steps, stopped after 30 / 80 steps (--steps 30, 80)    18.8% / 174, 35.9% / 184
 
-The steps style is the shipped teacher's target (``bootstrap.target_style``).
+The last line is a valley: the student switches style within 30 steps but needs
+~200 to compute in it again, far more than one MPD round trains (README).
+``bootstrap.target_style: steps`` trains a teacher to rewrite into the steps style.
 """
 
 from __future__ import annotations
