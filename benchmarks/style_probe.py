@@ -23,9 +23,11 @@ family, lr 1e-3, 6,000 traces, 200 steps, one thread), accuracy / mean think tok
     headers   (headers, equations)                         37.5% / 140
     concise   (equations only: the shipped teacher's)      20.3% /  50
     steps, stopped after 30 / 80 steps (--steps 30, 80)    18.8% / 174, 35.9% / 184
+    after 30 steps: verbose1 31.2% / 251, planned 21.9% / 223, verbose2 54.7% / 361
 
-The last line is a valley: the student switches style within 30 steps but needs
-~200 to compute in it again, far more than one MPD round trains (README).
+A valley: any new style (even verbose1, which only drops re-checks and recaps)
+costs the student most of its accuracy at 30 steps and needs ~200 to recover;
+its own style (verbose2) costs nothing. One MPD round trains far less (README).
 ``bootstrap.target_style: steps`` trains a teacher to rewrite into the steps style.
 """
 
@@ -54,11 +56,20 @@ def _headers(problem, *, given: bool) -> str:
     return format_completion(lines, problem.answer)
 
 
+def _planned(problem) -> str:
+    """The steps style under the verbose trace's plan line (its step count kept)."""
+    from data.answers import format_completion
+    from data.world.styles import steps_lines
+
+    plan = f"That takes {len(problem.steps)} steps, so I will go one step at a time."
+    return format_completion([plan, *steps_lines(problem)], problem.answer)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
         "--style",
-        choices=["concise", "headers", "headers_given", "steps", "verbose1", "verbose2"],
+        choices=["concise", "headers", "headers_given", "steps", "planned", "verbose1", "verbose2"],
         default="concise",
     )
     ap.add_argument("--steps", type=int, default=200, help="SFT steps of 32 examples (0: none)")
@@ -103,6 +114,7 @@ def main() -> None:
         render = {
             "concise": lambda p: render_concise(p),
             "steps": lambda p: render_steps(p),
+            "planned": lambda p: _planned(p),
             "headers": lambda p: _headers(p, given=False),
             "headers_given": lambda p: _headers(p, given=True),
             "verbose1": lambda p: render_verbose(p, rng, 1),
