@@ -134,35 +134,9 @@ def self_distill_teacher(ctx: Context, r: int) -> Student:
 
 def solve(ctx: Context, r: int) -> StageResult:
     """off_policy: the teacher answers the round's problems as the student would (solutions)."""
-    cfg, name = ctx.cfg.sample, ctx.cfg.models.teacher
-    key, code = ctx.key(
-        "solve",
-        tasks.sample,
-        config={"sample": cfg, "round": r},
-        inputs={"problems": ctx.problems_key},
-        models={"teacher": ctx.identity(name)},
-    )
-    records = tasks.sample.round_problems(
-        list(ctx.problems.values()), cfg.problems_per_round, ctx.cfg.seed, r
-    )
-    return ctx.run(
-        "solve",
-        r,
-        key,
-        code,
-        lambda w: tasks.sample.sample_body(
-            w,
-            cfg,
-            engine=ctx.engine("teacher", ctx.model_path(name)),
-            records=records,
-            round_=r,
-            seed=ctx.cfg.seed,
-            model=name,
-            grader=ctx.grader,
-            workers=ctx.workers("teacher"),
-            stage="solve",
-        ),
-    )
+    name = ctx.cfg.models.teacher
+    teacher = Student(path=str(ctx.model_path(name)), identity=ctx.identity(name))
+    return stages.generate_answers(ctx, r, "solve", "teacher", teacher, name)
 
 
 def truncate(

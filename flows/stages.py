@@ -222,32 +222,41 @@ def evaluate(ctx: Context, r: int, student: Student) -> StageResult:
 
 
 def sample(ctx: Context, r: int, student: Student) -> StageResult:
+    return generate_answers(ctx, r, "sample", "student", student, student.identity[:12])
+
+
+def generate_answers(
+    ctx: Context, r: int, stage: str, role: str, model: Student, label: str
+) -> StageResult:
+    """``cfg.sample`` traces of round r's problems by ``model`` in ``role``: the student's
+    ``sample`` stage, and off_policy's ``solve`` (the teacher answering as a student would)."""
     cfg = ctx.cfg.sample
     key, code = ctx.key(
-        "sample",
+        stage,
         tasks.sample,
         config={"sample": cfg, "round": r},
         inputs={"problems": ctx.problems_key},
-        models={"student": student.identity},
+        models={role: model.identity},
     )
     records = tasks.sample.round_problems(
         list(ctx.problems.values()), cfg.problems_per_round, ctx.cfg.seed, r
     )
     return ctx.run(
-        "sample",
+        stage,
         r,
         key,
         code,
         lambda w: tasks.sample.sample_body(
             w,
             cfg,
-            engine=ctx.engine("student", student.path),
+            engine=ctx.engine(role, model.path),
             records=records,
             round_=r,
             seed=ctx.cfg.seed,
-            model=student.identity[:12],
+            model=label,
             grader=ctx.grader,
-            workers=ctx.workers("student"),
+            workers=ctx.workers(role),
+            stage=stage,
         ),
     )
 
