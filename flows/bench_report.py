@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from data import catalog
 from data.fsutil import atomic_write_bytes
+from flows.summary import save_png
 
 log = logging.getLogger("mpd")
 
@@ -256,11 +257,7 @@ def plot(agg: list[dict[str, Any]], out: Path) -> Path:
     ax.set_title("MPD and its alternatives: accuracy against length, per round")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_png(fig, out)
 
 
 def write_report(

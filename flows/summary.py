@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from data import catalog
+from data.fsutil import atomic_write_bytes
 from data.store import StageStore
 
 log = logging.getLogger("mpd")
@@ -47,10 +49,19 @@ def plot(table: dict[str, list], out: Path) -> Path:
     ax1.set_xticks(rounds)
     ax1.set_title("accuracy and reasoning length per round")
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
+    return save_png(fig, out)
+
+
+def save_png(fig: Any, out: Path) -> Path:
+    """Write ``fig`` to ``out`` atomically (a reader never sees half a PNG) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    tmp.replace(out)
+    atomic_write_bytes(out, buf.getvalue())
     return out
 
 
