@@ -325,7 +325,16 @@ def run_bootstrap(
     return _evaluate(cfg, models, tok, eval_records, timings, started, dev)
 
 
-def _evaluate(cfg: BootstrapConfig, models: dict, tok, eval_records, timings, started, dev):
+def _evaluate(
+    cfg: BootstrapConfig,
+    models: dict[str, torch.nn.Module],
+    tok,
+    eval_records: list[dict],
+    timings: dict[str, float],
+    started: float,
+    dev: torch.device,
+) -> tuple[list[dict], dict]:
+    """The bootstrap's evaluation and metrics, shared by a fresh world and a retargeted one."""
     t0 = time.monotonic()
     chosen = [r for r in eval_records if r["split"] == "test"][: cfg.eval_problems]
     chosen += [r for r in eval_records if r["split"] == "heldout"][: cfg.eval_heldout]
