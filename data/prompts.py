@@ -1,8 +1,15 @@
-"""Prompt templates shared by the rewrite stage and the built-in teacher's training.
+"""Prompt templates shared by the stages and the built-in models' training.
 
-The built-in teacher is trained on exactly ``DEFAULT_REWRITE_PROMPT``: a tiny
-model reads the instruction as a fixed marker, so a run that changes the
-template must use a teacher that understands instructions (a real model).
+The built-in teacher is trained on exactly ``DEFAULT_REWRITE_PROMPT``, and the
+built-in student on exactly ``CONCISE_CUE``: a tiny model reads an instruction
+as a fixed marker, so a run that changes a template must use models that
+understand instructions (real ones).
+
+``CONCISE_CUE`` is the reference world's version of "answer concisely": the
+built-in student answers in its short (steps) style when the problem comes
+inside it and in its verbose habit otherwise, the way an instruction-tuned
+model has a concise mode an instruction reaches. The self-distillation teacher
+(OPSDC, ``self_distill.instruction``) reads the same cue by default.
 """
 
 from __future__ import annotations
@@ -15,6 +22,17 @@ DEFAULT_REWRITE_PROMPT = (
     "with the final answer in the same format. Output only the rewritten solution.\n\n"
     "Problem:\n{problem}\n\nSolution:\n{trace}"
 )
+
+
+CONCISE_CUE = (
+    "{problem}\n\nSolve this as concisely as possible: only the steps you need, no "
+    "restating, no narration, no re-checking, then the final answer."
+)
+
+
+def cued_prompt(problem: str, template: str = CONCISE_CUE) -> str:
+    """The chat-formatted problem inside the concise cue."""
+    return format_prompt(template.format(problem=problem))
 
 
 def rewrite_prompt(problem: str, trace: str, template: str = DEFAULT_REWRITE_PROMPT) -> str:

@@ -128,12 +128,15 @@ EVALS = pa.schema(
 )
 
 # The bootstrap's evaluation of the built-in student and teacher (round 0 only):
-# role "student" / "teacher" solve the eval problems; role "rewrite" is the
-# teacher rewriting the student's trace (orig_* describe that trace).
+# role "student" solves the eval problems from the plain prompt, "student_cued"
+# from the problem inside the concise cue (data/prompts.py), "teacher" solves
+# directly; role "rewrite" is the teacher rewriting the student's plain trace
+# (orig_* describe that trace). style: the completion's style, data.world.style_of.
 BOOTSTRAP_EVALS = pa.schema(
     [
         *EVALS,
         pa.field("role", pa.string(), nullable=False),
+        pa.field("style", pa.string(), nullable=False),
         pa.field("orig_think_tokens", pa.int32()),
         pa.field("orig_correct", pa.bool_()),
     ]

@@ -90,24 +90,24 @@ def plan(
     base = load_config(path, overrides)
     root = base.workspace
     methods = methods or list(MODES)
-    seeds = seeds or [base.seed]
     rounds = rounds or base.rounds
-    places = {(m, s): root / m / f"seed={s}" for s in seeds for m in methods}
+    chosen = {m: seeds or base.bench.method_seeds.get(m) or [base.seed] for m in methods}
+    runs = [(m, s) for s in sorted({s for v in chosen.values() for s in v}) for m in methods]
+    places = {(m, s): root / m / f"seed={s}" for m, s in runs if s in chosen[m]}
     members = []
-    for s in seeds:
-        for m in methods:
-            others = [str(p) for k, p in places.items() if k != (m, s)]
-            sets = [
-                *(f"{k}={json.dumps(v)}" for k, v in MODES[m].preset.items()),
-                *overrides,
-                f"method={m}",
-                f"seed={s}",
-                f"rounds={rounds}",
-                f"cache_from={json.dumps(others)}",
-            ]
-            cfg = load_config(path, sets)
-            cfg.workspace = places[(m, s)]
-            members.append(Member(m, s, places[(m, s)], sets, cfg))
+    for m, s in places:
+        others = [str(p) for k, p in places.items() if k != (m, s)]
+        sets = [
+            *(f"{k}={json.dumps(v)}" for k, v in MODES[m].preset.items()),
+            *overrides,
+            f"method={m}",
+            f"seed={s}",
+            f"rounds={rounds}",
+            f"cache_from={json.dumps(others)}",
+        ]
+        cfg = load_config(path, sets)
+        cfg.workspace = places[(m, s)]
+        members.append(Member(m, s, places[(m, s)], sets, cfg))
     check_budget(members)
     return base, members
 

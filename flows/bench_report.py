@@ -159,12 +159,19 @@ def markdown(
 ) -> str:
     cfg = members[0].cfg
     methods = list(dict.fromkeys(m.method for m in members))
+    per_method = {m: sorted(x.seed for x in members if x.method == m) for m in methods}
     seeds = sorted({m.seed for m in members})
+    said = {", ".join(map(str, v)) for v in per_method.values()}
+    seeds_text = (
+        f"seeds {said.pop()}"
+        if len(said) == 1
+        else "seeds " + "; ".join(f"{m} {', '.join(map(str, v))}" for m, v in per_method.items())
+    )
     ev = cfg.evaluate
     lines = [
         "# mpd bench",
         "",
-        f"Methods {', '.join(methods)}; seeds {', '.join(map(str, seeds))}; {cfg.rounds} "
+        f"Methods {', '.join(methods)}; {seeds_text}; {cfg.rounds} "
         f"round(s) each, from the same starting student on the same problems "
         f"({minutes:.1f} minutes).",
         "",
@@ -176,7 +183,9 @@ def markdown(
         "another method's workspace).",
     ]
     if len(seeds) > 1:
-        lines.append("- Cells: mean ± sample standard deviation over the seeds.")
+        lines.append(
+            "- Cells: mean ± sample standard deviation over a method's seeds (its `seeds` column)."
+        )
     for split, title in SPLITS.items():
         rows = [a for a in agg if a["split"] == split]
         if not rows:

@@ -3,7 +3,8 @@
 Two sources, one stage (``bootstrap/round=0`` in the workspace, cached by key):
 - shipped (default): ``assets/world`` in the repository, verified against its
   manifest's checksums and copied in; it was produced by the command recorded
-  in that manifest (``mpd bootstrap --from-scratch --out assets/world``);
+  in that manifest (and that manifest's ``parent``, for a world fine-tuned from
+  an earlier one with ``mpd bootstrap --finetune SRC --out DIR``);
 - ``--from-scratch``: trained here with the config's ``bootstrap`` section.
 The workspace copy makes a workspace self-contained: move it, and its
 ``builtin:`` models move with it.
@@ -31,35 +32,43 @@ def bootstrap_assets(
     device: str,
     workers: int | None,
     command: str | None,
-    retarget_from: Path | None = None,
+    sources: dict[str, Path] | None = None,
+    parts: tuple[str, ...] = ("student", "teacher"),
 ) -> dict:
-    """Train into an assets directory (what ``assets/world`` is made by): from scratch,
-    or, with ``retarget_from``, that assets directory's teacher fine-tuned into the
-    config's ``bootstrap.target_style`` (its manifest is kept as the new one's parent)."""
+    """Train into an assets directory (what ``assets/world`` is made by): from scratch, or
+    from ``sources`` (role -> assets directory): the roles in ``parts`` fine-tuned into the
+    config's ``bootstrap`` world, the others copied. The sources' manifests are kept as the
+    new one's parents. Rerunning the same command after a kill resumes from the checkpoints."""
     import train.bootstrap
     from flows.errors import UserError
     from flows.logs import setup_logging
-    from train.assets import verify_assets, write_assets
+    from train.assets import check_same_tokenizer_files, verify_assets, write_assets
 
     setup_logging()
-    parent = None
-    if retarget_from is not None:
-        parent = verify_assets(retarget_from)  # AssetsError: one line, exit 2
-        if retarget_from.resolve() == out.resolve():
-            raise UserError("--retarget-teacher needs an --out other than its source")
-    out.mkdir(parents=True, exist_ok=True)
-    if parent is None:
-        rows, metrics = train.bootstrap.run_bootstrap(
-            cfg.bootstrap, out, seed=cfg.seed, device=device, workers=workers
-        )
-    else:
-        rows, metrics = train.bootstrap.retarget_teacher(
-            cfg.bootstrap, retarget_from, out, seed=cfg.seed, device=device, workers=workers
-        )
+    parents = {}
+    for role, src in (sources or {}).items():
+        parents[role] = verify_assets(src)  # AssetsError: one line, exit 2
+        if src.resolve() == out.resolve():
+            raise UserError(f"{src} is a source of this bootstrap: give an --out other than it")
+    if sources is not None:
+        check_same_tokenizer_files(sources["student"], sources["teacher"])
+    rows, metrics = train.bootstrap.run_bootstrap(
+        cfg.bootstrap,
+        out,
+        seed=cfg.seed,
+        device=device,
+        workers=workers,
+        sources=sources,
+        parts=parts,
+    )
     command = command or f"mpd bootstrap --from-scratch --out {out} --device {device}"
     config = {"seed": cfg.seed, "bootstrap": cfg.bootstrap.model_dump(mode="json")}
-    if parent is not None:
-        config["parent"] = {k: parent[k] for k in ("command", "config", "metrics")}
+    if sources is not None:
+        config["trained"] = list(parts)
+        config["parents"] = {
+            role: {k: parents[role][k] for k in ("command", "config", "metrics")}
+            for role in sources
+        }
     manifest = write_assets(out, rows, metrics, config, command)
     log.info("bootstrap assets in %s: %s", out, metrics)
     return manifest
@@ -94,9 +103,7 @@ def ensure_bootstrap(
     if store.lookup("bootstrap", 0, key):
         log.info("bootstrap: cached (key %s)", key[:12])
         return store.stage_dir("bootstrap", 0)
-    writer = store.writer("bootstrap", 0, key)
-    writer.abandon()  # partial models are not resumable: start clean
-    writer = store.writer("bootstrap", 0, key)
+    writer = store.writer("bootstrap", 0, key)  # same key: resumes from its training checkpoints
     started = time.monotonic()
     if shipped:
         from train.assets import copy_assets

@@ -85,20 +85,35 @@ def build_parser() -> argparse.ArgumentParser:
         "bootstrap",
         help="build the reference world: tokenizer, student and teacher",
         description="Without --from-scratch the shipped models (assets/world) are verified and "
-        "installed into the workspace; --from-scratch trains them (minutes on a GPU, long on a "
-        "CPU). With --out DIR the result is written as an assets directory instead. "
-        "--retarget-teacher SRC --out DIR fine-tunes the teacher of the assets in SRC into "
-        "bootstrap.target_style (~40 minutes on a 2-core CPU with the default recipe), keeping "
-        "its tokenizer and student.",
+        "installed into the workspace; --from-scratch trains them (minutes on a GPU, many hours "
+        "on a CPU). With --out DIR the result is written as an assets directory instead. "
+        "--finetune SRC --out DIR fine-tunes the models of the assets in SRC into the config's "
+        "bootstrap world (how the shipped world was made on a 2-core CPU: about 40 minutes for "
+        "the student, 3 hours for the teacher), keeping SRC's tokenizer; --only picks one role, "
+        "and --combine STUDENT_SRC TEACHER_SRC puts roles trained apart together. Training "
+        "writes checkpoints: the same command, rerun after a kill, resumes.",
     )
     _add_workspace_args(p)
     p.add_argument("--from-scratch", action="store_true", help="train instead of using shipped")
     p.add_argument("--out", type=Path, help="write an assets directory here (implies training)")
     p.add_argument(
-        "--retarget-teacher",
+        "--finetune",
         type=Path,
         metavar="SRC",
-        help="with --out: start from the assets in SRC and fine-tune only their teacher",
+        help="with --out: start from the assets in SRC and fine-tune their models",
+    )
+    p.add_argument(
+        "--only",
+        choices=["student", "teacher"],
+        help="with --finetune: fine-tune this role only, copy the other unchanged",
+    )
+    p.add_argument(
+        "--combine",
+        type=Path,
+        nargs=2,
+        metavar=("STUDENT_SRC", "TEACHER_SRC"),
+        help="with --out: the student (and tokenizer) of one assets directory and the teacher "
+        "of another, evaluated together (roles fine-tuned apart, e.g. on two cores)",
     )
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: models.device)")
     p.add_argument("--workers", type=int, default=None, help="processes generating data")
@@ -210,6 +225,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # transformers' "Loading weights" bar on every model load drowns the stage logs.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -253,16 +272,28 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     cfg = _load(args)
     device = args.device or cfg.models.device
     command = shlex.join(["mpd", *sys.argv[1:]])
-    if args.retarget_teacher is not None and args.out is None:
-        raise UserError("--retarget-teacher SRC writes an assets directory: give --out DIR")
+    if args.finetune is not None and args.combine is not None:
+        raise UserError("--finetune and --combine are two ways to start: give one")
+    for given, flag in ((args.finetune, "--finetune SRC"), (args.combine, "--combine A B")):
+        if given is not None and args.out is None:
+            raise UserError(f"{flag} writes an assets directory: give --out DIR")
+    if args.only is not None and args.finetune is None:
+        raise UserError("--only picks the role --finetune trains: give --finetune SRC")
     if args.out is not None:
+        sources, parts = None, ("student", "teacher")
+        if args.finetune is not None:
+            sources = {"student": args.finetune, "teacher": args.finetune}
+            parts = (args.only,) if args.only else parts
+        elif args.combine is not None:
+            sources, parts = dict(zip(("student", "teacher"), args.combine, strict=True)), ()
         bootstrap_assets(
             cfg,
             args.out,
             device=device,
             workers=args.workers,
             command=command,
-            retarget_from=args.retarget_teacher,
+            sources=sources,
+            parts=parts,
         )
     else:
         bootstrap_workspace(

@@ -31,6 +31,17 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 Method = Literal["mpd", "on_policy", "off_policy", "self_distill", "sft_compressed", "truncation"]
 
 
+class BenchConfig(StrictModel):
+    """``mpd bench`` only: which seeds each method runs with."""
+
+    method_seeds: dict[Method, list[int]] = Field(
+        default_factory=dict,
+        description="Seeds per method, e.g. {mpd: [0, 1, 2]}: the method of interest over "
+        "several seeds (mean ± sd), the baselines once; a method not named runs with `seed`. "
+        "`mpd bench --seeds` runs every method with the seeds it names instead.",
+    )
+
+
 class RunConfig(StrictModel):
     """A whole campaign. Relative paths are relative to the current directory."""
 
@@ -48,7 +59,9 @@ class RunConfig(StrictModel):
         description="Other workspaces whose committed stages this run reuses when the stage key "
         "matches (hard-linked, reported as cached): how methods share a sample stage.",
     )
-    seed: int = Field(0, description="Seeds problem generation, sampling and training.")
+    seed: int = Field(
+        0, description="Seeds sampling and training (and problems, unless problems.seed is set)."
+    )
     rounds: int = Field(3, ge=0, description="Rounds in the campaign (0 = evaluate only).")
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     engines: EnginesConfig = Field(default_factory=EnginesConfig)
@@ -64,6 +77,7 @@ class RunConfig(StrictModel):
         default_factory=BootstrapConfig,
         description="How the built-in world's tokenizer, student and teacher are trained.",
     )
+    bench: BenchConfig = Field(default_factory=BenchConfig)
 
 
 class ConfigError(ValueError):

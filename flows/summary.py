@@ -12,9 +12,14 @@ from data.store import StageStore
 
 log = logging.getLogger("mpd")
 
+# Accuracy's change against round 0 is paired by problem, with its standard error beside it:
+# "did the student get worse?" is the question, and one number without its noise cannot say.
 QUERY = """
-select round, eval_n, round(accuracy, 3) as accuracy, round(heldout_accuracy, 3) as heldout_acc,
-       round(mean_think_tokens, 1) as think, round(mean_answer_tokens, 1) as answer,
+select round, eval_n, round(accuracy, 3) as accuracy,
+       printf('%+.1f ± %.1f', 100 * accuracy_change, 100 * coalesce(accuracy_change_se, 0))
+           as "Δacc pts ± se",
+       round(mean_think_tokens, 1) as think, printf('%+.0f%%', 100 * think_change) as "Δthink",
+       heldout_n, round(heldout_accuracy, 3) as heldout_acc,
        round(truncation_rate, 3) as truncated, kept, dropped
 from round_summary order by round
 """

@@ -22,6 +22,12 @@ class ProblemsConfig(StrictModel):
         description="builtin: 1 (short, small numbers) to 5 (long chains), or an inclusive "
         "[lo, hi] range drawn per problem. The shipped models were trained on [1, 2].",
     )
+    seed: int | None = Field(
+        0,
+        description="Seed of the problem set and its splits; null = the run's seed. The "
+        "built-in models never trained on seed 0's test and held-out problems, so keep 0 with "
+        "them: the run's `seed` varies sampling and training, not what is evaluated.",
+    )
     file: ProblemSourceConfig | None = Field(
         None, description="source=file: where your problems are and which columns to read."
     )
@@ -41,7 +47,11 @@ class ProblemsConfig(StrictModel):
 
 
 def problem_records(cfg: ProblemsConfig, seed: int) -> list[dict]:
-    """The campaign's problems as plain records (round 0), from the world or a file."""
+    """The campaign's problems as plain records (round 0), from the world or a file.
+
+    ``seed`` is the run's; ``cfg.seed``, when set, takes its place for the problem set.
+    """
+    seed = seed if cfg.seed is None else cfg.seed
     if cfg.source == "file":
         from data.sources import load_problems
 

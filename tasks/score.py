@@ -9,6 +9,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from data.configbase import StrictModel
+from data.prompts import CONCISE_CUE
 from data.schemas import LOGPROB_MIN, LOGPROB_SCALE, SCORES
 from data.store import StageWriter
 from tasks.common import chat_prompt
@@ -27,19 +28,14 @@ class ScoreConfig(StrictModel):
     shard_size: int = Field(64, ge=1)
 
 
-DEFAULT_CONCISE_INSTRUCTION = (
-    "{problem}\n\nSolve this as concisely as possible: only the steps you need, no "
-    "restating, no narration, no re-checking, then the final answer."
-)
-
-
 class SelfDistillConfig(StrictModel):
     """Method self_distill (OPSDC): the teacher is a frozen copy of the student told to be concise."""
 
     instruction: str = Field(
-        DEFAULT_CONCISE_INSTRUCTION,
+        CONCISE_CUE,
         description="The teacher's context: a template with {problem}. The student itself "
-        "reads the plain problem; only the frozen teacher copy reads this.",
+        "reads the plain problem; only the frozen teacher copy reads this. The default is the "
+        "cue the built-in student was trained to answer concisely under (data/prompts.py).",
     )
     refresh_every: int = Field(
         1,

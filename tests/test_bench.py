@@ -199,3 +199,21 @@ def test_several_seeds_report_mean_and_spread_and_the_front() -> None:
     assert agg[("b", 1)]["accuracy_sd"] is None  # one seed: no spread to report
     front = pareto(agg.values())
     assert [(p["method"], p["round"]) for p in front] == [("a", 1)]  # 60% at 210 beats r0
+
+
+def test_method_seeds_run_the_method_of_interest_over_more_seeds(tmp_path: Path) -> None:
+    """bench.method_seeds: mpd over three seeds, the baselines once; --seeds overrides all."""
+    from flows.bench import plan
+
+    sets = [f"workspace={tmp_path}", "bench.method_seeds={mpd: [0, 1, 2]}"]
+    _, members = plan(None, sets, ["mpd", "truncation"], None, 1)
+    assert [(m.method, m.seed) for m in members] == [
+        ("mpd", 0),
+        ("truncation", 0),
+        ("mpd", 1),
+        ("mpd", 2),
+    ]
+    assert members[2].workspace == tmp_path / "mpd" / "seed=1"
+    assert tmp_path / "truncation" / "seed=0" in members[3].cfg.cache_from
+    _, every = plan(None, sets, ["mpd", "truncation"], [4], 1)
+    assert [(m.method, m.seed) for m in every] == [("mpd", 4), ("truncation", 4)]

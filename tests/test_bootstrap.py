@@ -67,7 +67,13 @@ def test_short_from_scratch_bootstrap_is_real_and_cached(tmp_path: Path) -> None
         "csv",
         "select role, count(*) as n from bootstrap_evals group by role order by role",
     )
-    assert sql.stdout.split() == ["role,n", "rewrite,9", "student,9", "teacher,9"]
+    assert sql.stdout.split() == [
+        "role,n",
+        "rewrite,9",
+        "student,9",
+        "student_cued,9",
+        "teacher,9",
+    ]
     committed = (stage / "_manifest.json").read_bytes()
     again = mpd("bootstrap", "--from-scratch", "-w", str(ws), "--workers", "1", *TINY)
     assert again.returncode == 0, again.stderr
@@ -130,39 +136,87 @@ def test_run_refuses_mismatched_tokenizers(tmp_path: Path) -> None:
     assert "use different tokenizers" in out.stderr and out.stderr.count("mpd: error") == 1
 
 
-def test_retarget_teacher_keeps_the_student_and_records_its_parent(tmp_path: Path) -> None:
-    """``--retarget-teacher`` is how a CPU re-aims the shipped teacher: only the teacher changes."""
+def test_finetune_resumes_keeps_the_tokenizer_and_records_its_parent(tmp_path: Path) -> None:
+    """``--finetune`` is how a CPU makes a new world from the shipped one: checkpointed, resumable."""
     src, out = tmp_path / "src", tmp_path / "out"
     made = mpd("bootstrap", "--out", str(src), "--workers", "1", "--device", "cpu", *TINY)
     assert made.returncode == 0, made.stderr
     small = [
-        "--set=bootstrap.retarget_train.steps=3",
-        "--set=bootstrap.retarget_train.examples=24",
-        "--set=bootstrap.retarget_train.batch_size=8",
-        "--set=bootstrap.retarget_train.warmup_steps=1",
-        "--set=bootstrap.target_style=steps",
+        "--set=bootstrap.teacher_finetune.steps=4",
+        "--set=bootstrap.teacher_finetune.examples=24",
+        "--set=bootstrap.teacher_finetune.batch_size=8",
+        "--set=bootstrap.teacher_finetune.warmup_steps=1",
+        "--set=bootstrap.checkpoint_every=2",
     ]
-    args = ["--retarget-teacher", str(src), "--out", str(out), "--workers", "1", "--device", "cpu"]
-    done = mpd("bootstrap", *args, *TINY, *small)
+    args = ["--finetune", str(src), "--only", "teacher", "--workers", "1", "--device", "cpu"]
+    args += [*TINY, *small]
+    # A run killed after its first checkpoint: the same command resumes from it.
+    killed = tmp_path / "killed"
+    code = (
+        "import sys, train.trainer as t\n"
+        "real = t._save_checkpoint\n"
+        "def once(run, out, step, log, seed):\n"
+        "    real(run, out, step, log, seed)\n"
+        "    raise SystemExit(9)\n"
+        "t._save_checkpoint = once\n"
+        "from flows.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    first = subprocess.run(
+        [sys.executable, "-c", code, "bootstrap", *args, "--out", str(killed)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert first.returncode == 9, first.stderr
+    assert list((killed / ".checkpoints").rglob("step-*")), "a checkpoint was written"
+    resumed = mpd("bootstrap", *args, "--out", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from the checkpoint of step 2" in resumed.stderr
+    assert not (killed / ".checkpoints").exists(), "checkpoints go once the models are saved"
+
+    done = mpd("bootstrap", *args, "--out", str(out))
     assert done.returncode == 0, done.stderr
-    parent, child = verify_assets(src), verify_assets(out)
-    assert child["command"].startswith("mpd bootstrap --retarget-teacher")
-    assert child["config"]["parent"]["command"] == parent["command"]
-    assert child["config"]["bootstrap"]["target_style"] == "steps"
+    parent, child, again = verify_assets(src), verify_assets(out), verify_assets(killed)
+    assert child["command"].startswith("mpd bootstrap --finetune")
+    assert child["config"]["parents"]["teacher"]["command"] == parent["command"]
+    assert child["config"]["trained"] == ["teacher"]
     for name, digest in parent["files"].items():
         if name.startswith(("student/", "tokenizer/")):
             assert child["files"][name] == digest, name  # copied, not retrained
     assert (
         child["files"]["teacher/model.safetensors"] != parent["files"]["teacher/model.safetensors"]
     )
-    assert child["metrics"]["teacher_retarget_s"] > 0 and child["metrics"]["target_test_think"]
+    # resuming gave the weights an uninterrupted run gives
+    assert (
+        again["files"]["teacher/model.safetensors"] == child["files"]["teacher/model.safetensors"]
+    )
+    assert child["metrics"]["teacher_train_s"] > 0 and child["metrics"]["target_test_think"]
+
+    # roles trained apart, put together: the student of one, the teacher of the other
+    both = tmp_path / "both"
+    put = mpd("bootstrap", "--combine", str(src), str(out), "--out", str(both), *TINY)
+    assert put.returncode == 0, put.stderr
+    combined = verify_assets(both)
+    assert combined["config"]["trained"] == []
+    assert combined["config"]["parents"]["teacher"]["command"] == child["command"]
+    for name in ("student/model.safetensors", "tokenizer/tokenizer.json"):
+        assert combined["files"][name] == parent["files"][name]
+    assert (
+        combined["files"]["teacher/model.safetensors"]
+        == child["files"]["teacher/model.safetensors"]
+    )
 
     for bad, message in (
-        (["--retarget-teacher", str(src)], "give --out DIR"),
+        (["--finetune", str(src)], "give --out DIR"),
+        (["--only", "teacher", "--out", str(tmp_path / "y")], "give --finetune SRC"),
         (
-            ["--retarget-teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "x")],
+            ["--finetune", str(tmp_path / "nope"), "--out", str(tmp_path / "x")],
             "no bootstrap assets",
         ),
+        (["--finetune", str(src), "--out", str(src)], "give an --out other than it"),
+        (["--combine", str(src), str(out)], "give --out DIR"),
+        (["--finetune", str(src), "--combine", str(src), str(out)], "give one"),
     ):
         res = mpd("bootstrap", *bad)
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr

@@ -230,6 +230,23 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _paired(evals: list[dict], rnd: int, split: str) -> tuple[float | None, float | None]:
+    """Mean and standard error of correct(rnd) - correct(0) over problems in both rounds."""
+    base = {e["problem_id"]: e["correct"] for e in evals if e["round"] == 0 and e["split"] == split}
+    d = [
+        float(e["correct"]) - float(base[e["problem_id"]])
+        for e in evals
+        if e["round"] == rnd and e["split"] == split and e["problem_id"] in base
+    ]
+    if not d:
+        return None, None
+    mean = sum(d) / len(d)
+    if len(d) < 2:
+        return mean, None
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return mean, (var / len(d)) ** 0.5
+
+
 def _expected_summary(evals: list[dict], samples: list[dict], decisions: list[dict]) -> list[dict]:
     """round_summary recomputed the naive way, one loop per column."""
     rounds = sorted({r["round"] for r in [*evals, *samples, *decisions]})
@@ -253,6 +270,15 @@ def _expected_summary(evals: list[dict], samples: list[dict], decisions: list[di
             "samples_n": len(samp),
             "sample_accuracy": _mean([float(s["correct"]) for s in samp]),
             "sample_mean_think_tokens": _mean([s["think_tokens"] for s in samp]),
+            "accuracy_change": _paired(evals, rnd, "test")[0],
+            "accuracy_change_se": _paired(evals, rnd, "test")[1],
+            "heldout_accuracy_change": _paired(evals, rnd, "heldout")[0],
+            "heldout_accuracy_change_se": _paired(evals, rnd, "heldout")[1],
+            "think_change": None
+            if not test
+            else _mean([e["think_tokens"] for e in test])
+            / _mean([e["think_tokens"] for e in evals if e["round"] == 0 and e["split"] == "test"])
+            - 1,
             "kept": sum(d["kept"] for d in dec),
             "dropped": len(dropped),
             "dropped_by_reason": {r: dropped.count(r) for r in sorted(set(dropped))},
@@ -275,6 +301,10 @@ def test_round_summary_equals_a_naive_recomputation(ws: Path) -> None:
             assert got_row[column] == pytest.approx(value), (want["round"], column)
     # Spot checks that the recomputation itself is what we mean.
     assert expected[0]["accuracy"] == pytest.approx(1 / 3)
+    # round 1 against round 0 on t1, t2: d = (0, +1): mean 0.5, sd 0.707, se 0.5
+    assert expected[1]["accuracy_change"] == 0.5
+    assert expected[1]["accuracy_change_se"] == pytest.approx(0.5)
+    assert expected[1]["think_change"] == pytest.approx(15 / 48 - 1)
     assert expected[1]["dropped_by_reason"]["too_long_custom"] == 1
     assert expected[1]["dropped"] == 7 and expected[1]["kept"] == 2
 

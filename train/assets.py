@@ -78,6 +78,13 @@ def verify_assets(root: Path) -> dict:
     return manifest
 
 
+def check_same_tokenizer_files(a: Path, b: Path) -> None:
+    """Two assets directories whose models are to be used together share one tokenizer."""
+    name = "tokenizer/tokenizer.json"
+    if sha256_file(a / name) != sha256_file(b / name):
+        raise AssetsError(f"{a} and {b} have different tokenizers: their models cannot be combined")
+
+
 def copy_assets(src: Path, dst: Path) -> dict:
     """Verify ``src`` then copy it to ``dst`` (a staging directory)."""
     manifest = verify_assets(src)

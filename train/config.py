@@ -77,6 +77,31 @@ class Recipe(StrictModel):
     examples: int = Field(24000, ge=1, description="Distinct training examples generated.")
 
 
+class StudentMix(StrictModel):
+    """What the built-in student is trained on (train/world_data.py explains the design)."""
+
+    cue_share: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Examples whose problem comes inside the concise cue (data/prompts.py "
+        "CONCISE_CUE), answered in the target style: the student's concise mode.",
+    )
+    plain_target_share: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Of the plain-prompt examples, the share answered in the target style "
+        "(the rest are verbose): a minority branch of the plain prompt that MPD can move. "
+        "0 with cue_share 0 is the verbose-only student of the first world.",
+    )
+    fixed_opener: bool = Field(
+        True,
+        description="Every verbose trace opens with the same line, so greedy decoding of the "
+        "plain prompt takes the verbose branch (several openers split its mass).",
+    )
+
+
 class BootstrapConfig(StrictModel):
     vocab_size: int = Field(1024, ge=300, description="BPE target (the world needs ~740).")
     difficulty: tuple[int, int] = Field((1, 2), description="Inclusive difficulty range.")
@@ -91,9 +116,26 @@ class BootstrapConfig(StrictModel):
             intermediate_size=1024,
         )
     )
-    student_train: Recipe = Field(default_factory=lambda: Recipe(steps=4000, examples=60000))
+    student_mix: StudentMix = Field(default_factory=StudentMix)
+    student_train: Recipe = Field(
+        default_factory=lambda: Recipe(steps=4000, examples=60000),
+        description="Training the student from scratch (--from-scratch).",
+    )
     teacher_train: Recipe = Field(
-        default_factory=lambda: Recipe(steps=7000, lr=2e-3, examples=100000)
+        default_factory=lambda: Recipe(steps=7000, lr=2e-3, examples=100000),
+        description="Training the teacher from scratch (--from-scratch).",
+    )
+    student_finetune: Recipe = Field(
+        default_factory=lambda: Recipe(
+            steps=1500, batch_size=32, lr=1e-3, warmup_steps=20, examples=48000
+        ),
+        description="Fine-tuning an existing student into student_mix (--finetune SRC).",
+    )
+    teacher_finetune: Recipe = Field(
+        default_factory=lambda: Recipe(
+            steps=2000, batch_size=16, lr=1e-3, warmup_steps=20, examples=32000
+        ),
+        description="Fine-tuning an existing teacher into target_style (--finetune SRC).",
     )
     rewrite_share: float = Field(
         1.0,
@@ -102,21 +144,25 @@ class BootstrapConfig(StrictModel):
         description="Teacher examples that rewrite (the rest solve directly). 1.0: the tiny "
         "teacher rewrites reliably but is no direct solver, so score under the rewrite context.",
     )
-    error_rate: float = Field(0.3, ge=0, le=1, description="Rewrite inputs with a slip.")
-    target_style: Literal["concise", "steps"] = Field(
-        "concise",
-        description="What the teacher rewrites into: 'concise' keeps only each step's equation "
-        "(the shipped world), 'steps' also keeps its header and running value (about half the "
-        "verbose length; the tiny student can execute it; data/world/styles.py).",
+    error_rate: float = Field(0.1, ge=0, le=1, description="Rewrite inputs with a slip.")
+    target_input_share: float = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description="Rewrite inputs already in the target style (the student's own short "
+        "samples): the teacher learns to copy them.",
     )
-    retarget_train: Recipe = Field(
-        default_factory=lambda: Recipe(
-            steps=1200, batch_size=8, lr=1e-3, warmup_steps=20, examples=9600
-        ),
-        description="Fine-tuning an existing teacher into target_style "
-        "(mpd bootstrap --retarget-teacher).",
+    target_style: Literal["concise", "steps"] = Field(
+        "steps",
+        description="The short style: what the teacher rewrites into and what the student "
+        "writes under the cue. 'steps' keeps each step's header, equation and running value "
+        "(about half the verbose length; the tiny student computes as well in it), 'concise' "
+        "only the equations (the first world's target; data/world/styles.py).",
+    )
+    checkpoint_every: int = Field(
+        50, ge=1, description="Steps between resumable checkpoints of a training run."
     )
     exclude_test: int = Field(1000, ge=0, description="Test problems never trained on.")
-    eval_problems: int = Field(200, ge=1, description="Test problems in the bootstrap eval.")
+    eval_problems: int = Field(400, ge=1, description="Test problems in the bootstrap eval.")
     eval_heldout: int = Field(100, ge=0, description="Held-out problems in the bootstrap eval.")
     max_new_tokens: int = Field(768, ge=16)

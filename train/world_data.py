@@ -1,17 +1,30 @@
 """Training examples for the built-in models, drawn fresh from the world's generators.
 
-Student: plain problem prompt -> verbose trace (the habit MPD must break).
-Teacher: a mixture of two tasks with one output style, the target style
-(``target_style``: the bare "concise" equations by default, or the "steps" style):
-  solve    plain problem prompt                   -> target trace
-  rewrite  rewrite prompt (problem + verbose trace) -> target trace of the *correct* solution
-A share of rewrite inputs carry one slipped step (``corrupt``), so the teacher
-learns to fix errors rather than copy them. The teacher needs both skills: it
-rewrites, and it scores targets under the plain problem prompt (METHODS.md).
+Student: two modes, the way an instruction-tuned model has a concise mode that an
+instruction reaches (``BootstrapConfig.student_mix``)::
 
-Problems whose question is in ``exclude`` (the test and held-out sets) are
-never trained on. Examples are (prompt_ids, target_ids) with the target ending
-in the end-of-turn token, so models learn to stop.
+    plain problem prompt               -> verbose trace, one fixed opener   (the habit)
+    plain problem prompt               -> steps trace                        (a minority branch)
+    problem inside the concise cue     -> steps trace                        (the cued mode)
+
+Why this shape (measured, README "The reference world"): a student that has never
+written the short style falls into a valley when a round first trains it there (any new
+style costs most of its accuracy until ~6,000 sequences have passed); a short mode bound
+only to the cue does not carry over to the plain prompt. As a minority branch of the plain
+prompt it does: the style is one choice at the first think token, the verbose opener is
+fixed so that it keeps the majority of that token (greedy stays verbose), and a round of
+MPD only has to move that choice. The cued examples make the short mode as competent as
+the verbose one, and give self-distillation (OPSDC) the concise mode it reads.
+
+Teacher: rewrite prompt (problem + a trace) -> the target style of the *correct* solution.
+Inputs are verbose traces (any opener), some already in the target style (the student's
+own short samples: copy them), and a share carry one slipped step (``corrupt``), so the
+teacher learns to fix errors rather than copy them. ``rewrite_share`` < 1 mixes in direct
+solving (plain prompt -> target), for scoring under the plain problem context.
+
+Problems whose question is in ``exclude`` (the test and held-out sets) are never trained
+on. Examples are (prompt_ids, target_ids) with the target ending in the end-of-turn
+token, so models learn to stop.
 """
 
 from __future__ import annotations
@@ -22,79 +35,82 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 from data.answers import IM_END, format_prompt
-from data.prompts import rewrite_prompt
-from data.world import TRAIN_FAMILIES, corrupt, generate, render_target, render_verbose
+from data.prompts import cued_prompt, rewrite_prompt
+from data.world import (
+    STUDENT_OPENER,
+    TRAIN_FAMILIES,
+    corrupt,
+    generate,
+    render_target,
+    render_verbose,
+)
+from train.batching import Example
+from train.config import BootstrapConfig
 
-Example = tuple[list[int], list[int]]
+Text = tuple[str, str]  # (chat-formatted prompt, completion without the end-of-turn token)
+
+
+def student_text(problem, rng: random.Random, cfg: BootstrapConfig) -> Text:
+    """One student example: cued -> target style, else plain -> target or verbose."""
+    mix = cfg.student_mix
+    target = render_target(problem, cfg.target_style)
+    if rng.random() < mix.cue_share:
+        return cued_prompt(problem.question), target
+    if rng.random() < mix.plain_target_share:
+        return format_prompt(problem.question), target
+    opener = STUDENT_OPENER if mix.fixed_opener else None
+    return format_prompt(problem.question), render_verbose(
+        problem, rng, cfg.verbosity, opener=opener
+    )
+
+
+def teacher_text(problem, rng: random.Random, cfg: BootstrapConfig) -> Text:
+    """One teacher example: rewrite a (possibly slipped) trace, or solve directly."""
+    target = render_target(problem, cfg.target_style)
+    if rng.random() >= cfg.rewrite_share:
+        return format_prompt(problem.question), target
+    shown = problem
+    if rng.random() < cfg.error_rate:
+        try:
+            shown = corrupt(problem, rng)
+        except ValueError:  # a problem without a step that can slip
+            shown = problem
+    if rng.random() < cfg.target_input_share:
+        trace = render_target(shown, cfg.target_style)
+    else:
+        trace = render_verbose(shown, rng, cfg.verbosity)
+    return rewrite_prompt(problem.question, trace), target
 
 
 def _texts(
-    kind: str,
-    n: int,
-    seed: int,
-    difficulty: tuple[int, int],
-    verbosity: int,
-    rewrite_share: float,
-    error_rate: float,
-    exclude: frozenset[str],
-    target_style: str = "concise",
-) -> list[tuple[str, str]]:
+    role: str, n: int, seed: int, cfg: BootstrapConfig, exclude: frozenset[str]
+) -> list[Text]:
+    make = student_text if role == "student" else teacher_text
     rng = random.Random(seed)
-    out: list[tuple[str, str]] = []
+    out: list[Text] = []
     while len(out) < n:
-        family = rng.choice(TRAIN_FAMILIES)
-        problem = generate(family, rng, rng.randint(*difficulty))
-        if problem.question in exclude:
-            continue
-        if kind == "student":
-            out.append((format_prompt(problem.question), render_verbose(problem, rng, verbosity)))
-        elif rng.random() < rewrite_share:
-            shown = problem
-            if rng.random() < error_rate:
-                try:
-                    shown = corrupt(problem, rng)
-                except ValueError:
-                    shown = problem
-            trace = render_verbose(shown, rng, verbosity)
-            out.append(
-                (rewrite_prompt(problem.question, trace), render_target(problem, target_style))
-            )
-        else:
-            out.append((format_prompt(problem.question), render_target(problem, target_style)))
+        problem = generate(rng.choice(TRAIN_FAMILIES), rng, rng.randint(*cfg.difficulty))
+        if problem.question not in exclude:
+            out.append(make(problem, rng, cfg))
     return out
 
 
 def make_texts(
-    kind: str,
+    role: str,
     n: int,
+    cfg: BootstrapConfig,
     *,
     seed: int,
-    difficulty: tuple[int, int],
-    verbosity: int,
-    rewrite_share: float = 0.5,
-    error_rate: float = 0.3,
     exclude: Sequence[str] = (),
     workers: int | None = None,
-    target_style: str = "concise",
-) -> list[tuple[str, str]]:
-    """``n`` (prompt, completion) texts; generated in parallel processes when large."""
+) -> list[Text]:
+    """``n`` (prompt, completion) texts for ``role``; generated in parallel processes when large."""
+    if role not in ("student", "teacher"):
+        raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
     workers = workers or min(os.cpu_count() or 1, max(1, n // 2000))
     frozen = frozenset(exclude)
     parts = [n // workers + (i < n % workers) for i in range(workers)]
-    args = [
-        (
-            kind,
-            k,
-            seed * 1000 + i,
-            difficulty,
-            verbosity,
-            rewrite_share,
-            error_rate,
-            frozen,
-            target_style,
-        )
-        for i, k in enumerate(parts)
-    ]
+    args = [(role, k, seed * 1000 + i, cfg, frozen) for i, k in enumerate(parts)]
     if workers == 1:
         return _texts(*args[0])
     with ProcessPoolExecutor(workers) as pool:
@@ -102,7 +118,7 @@ def make_texts(
     return [t for chunk in chunks for t in chunk]
 
 
-def encode(tokenizer, texts: Sequence[tuple[str, str]]) -> list[Example]:
+def encode(tokenizer, texts: Sequence[Text]) -> list[Example]:
     """Tokenize prompts and completions separately; completions end with EOS.
 
     Separately, because the prompt ends at ``assistant\\n`` and the completion
@@ -111,4 +127,4 @@ def encode(tokenizer, texts: Sequence[tuple[str, str]]) -> list[Example]:
     """
     prompts = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
     targets = tokenizer([c + IM_END for _, c in texts], add_special_tokens=False)["input_ids"]
-    return list(zip(prompts, targets, strict=True))
+    return [Example(p, t) for p, t in zip(prompts, targets, strict=True)]

@@ -8,6 +8,14 @@
 --   heldout_n, heldout_accuracy      the same on the held-out family
 --   mean_think_tokens, mean_answer_tokens, mean_total_tokens, truncation_rate
 --                                    over test-split evals only
+--   accuracy_change, accuracy_change_se   test accuracy minus round 0's, paired by
+--                                    problem (mean of correct_r - correct_0 over the
+--                                    problems evaluated in both rounds) and its standard
+--                                    error, stddev(d) / sqrt(n): the question is whether
+--                                    this round's student is worse, and pairing removes
+--                                    the spread of problem difficulty from the answer
+--   heldout_accuracy_change, heldout_accuracy_change_se   the same on the held-out family
+--   think_change                     mean_think_tokens / round 0's - 1 (-0.4 = 40% fewer)
 --   samples_n, sample_accuracy, sample_mean_think_tokens   the round's student samples
 --   kept, dropped                    filter decisions
 --   dropped_<reason>                 one column per standard reason (0 when none)
@@ -40,6 +48,25 @@ ev AS (
         avg(truncated::DOUBLE) FILTER (WHERE split = 'test') AS truncation_rate
     FROM evals
     GROUP BY round
+),
+paired AS (
+    SELECT
+        e.round,
+        avg(e.correct::DOUBLE - b.correct::DOUBLE) FILTER (WHERE e.split = 'test')
+            AS accuracy_change,
+        stddev_samp(e.correct::DOUBLE - b.correct::DOUBLE) FILTER (WHERE e.split = 'test')
+            / sqrt(count(*) FILTER (WHERE e.split = 'test')) AS accuracy_change_se,
+        avg(e.correct::DOUBLE - b.correct::DOUBLE) FILTER (WHERE e.split = 'heldout')
+            AS heldout_accuracy_change,
+        stddev_samp(e.correct::DOUBLE - b.correct::DOUBLE) FILTER (WHERE e.split = 'heldout')
+            / sqrt(count(*) FILTER (WHERE e.split = 'heldout')) AS heldout_accuracy_change_se
+    FROM evals AS e
+    JOIN evals AS b
+        ON b.round = 0
+        AND b.split = e.split
+        AND b.problem_id = e.problem_id
+        AND b.sample_idx = e.sample_idx
+    GROUP BY e.round
 ),
 sa AS (
     SELECT
@@ -83,6 +110,11 @@ SELECT
     ev.mean_answer_tokens,
     ev.mean_total_tokens,
     ev.truncation_rate,
+    paired.accuracy_change,
+    paired.accuracy_change_se,
+    paired.heldout_accuracy_change,
+    paired.heldout_accuracy_change_se,
+    ev.mean_think_tokens / (SELECT mean_think_tokens FROM ev WHERE round = 0) - 1 AS think_change,
     coalesce(sa.samples_n, 0) AS samples_n,
     sa.sample_accuracy,
     sa.sample_mean_think_tokens,
@@ -96,6 +128,7 @@ SELECT
     coalesce(by_reason.dropped_by_reason, MAP {}::MAP(VARCHAR, BIGINT)) AS dropped_by_reason
 FROM rounds AS r
 LEFT JOIN ev USING (round)
+LEFT JOIN paired USING (round)
 LEFT JOIN sa USING (round)
 LEFT JOIN de USING (round)
 LEFT JOIN by_reason USING (round)

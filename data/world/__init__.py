@@ -8,7 +8,8 @@ imported here, so that using problems does not import transformers)::
     render_concise(problem) -> str
     render_steps(problem) -> str
     render_target(problem, style) -> str          (style in TARGET_STYLES)
-    render_verbose(problem, rng, verbosity=2, error_rate=0.0) -> str
+    render_verbose(problem, rng, verbosity=2, error_rate=0.0, opener=None) -> str
+    style_of(completion) -> str                    (one of STYLES)
     corrupt(problem, rng) -> Problem
     check(pred, gold) -> bool
 """
@@ -25,16 +26,21 @@ from data.world.families import (
 from data.world.problems import build_problems, corpus_texts, problem_from_record
 from data.world.steps import Problem, Step
 from data.world.styles import (
+    STUDENT_OPENER,
+    STYLES,
     TARGET_STYLES,
     render_concise,
     render_steps,
     render_target,
     render_verbose,
+    style_of,
 )
 
 __all__ = [
     "FAMILIES",
     "HELDOUT_FAMILIES",
+    "STUDENT_OPENER",
+    "STYLES",
     "TARGET_STYLES",
     "TRAIN_FAMILIES",
     "Problem",
@@ -50,4 +56,5 @@ __all__ = [
     "render_target",
     "render_verbose",
     "solve",
+    "style_of",
 ]

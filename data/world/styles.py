@@ -60,11 +60,17 @@ from data.world.steps import Problem, Step
 
 VERBOSITY_LEVELS = (1, 2, 3)
 TARGET_STYLES = ("concise", "steps")
+STYLES = ("verbose", "steps", "concise", "other")
 _OPENERS = (
     "Okay, let me read the problem carefully.",
     "Alright, let me read the problem carefully.",
     "Okay, let me go through the problem carefully.",
 )
+# The built-in student's verbose traces all open with this one line: its choice of style is
+# then one decision at the first think token (verbose opener or "Step 1:"), and greedy
+# decoding takes the verbose branch as long as it holds the majority of that token's mass
+# (three openers would split it). See train/world_data.py.
+STUDENT_OPENER = _OPENERS[0]
 _PLANS = (
     "That takes {n} steps, so I will go one step at a time.",
     "That takes {n} steps, so I will do them one at a time.",
@@ -105,11 +111,17 @@ def render_target(problem: Problem, style: str = "concise") -> str:
     raise ValueError(f"target style must be one of {TARGET_STYLES}, got {style!r}")
 
 
-def verbose_lines(problem: Problem, rng: random.Random, verbosity: int = 2) -> list[str]:
-    """The verbose think lines; see the module docstring for what each level adds."""
+def verbose_lines(
+    problem: Problem, rng: random.Random, verbosity: int = 2, opener: str | None = None
+) -> list[str]:
+    """The verbose think lines; see the module docstring for what each level adds.
+
+    ``opener`` fixes the first line; by default it is drawn from three equivalent ones.
+    """
     if verbosity not in VERBOSITY_LEVELS:
         raise ValueError(f"verbosity must be one of {VERBOSITY_LEVELS}, got {verbosity}")
-    lines = [rng.choice(_OPENERS), *problem.given, f"The question asks for {problem.goal}."]
+    first = opener if opener is not None else rng.choice(_OPENERS)
+    lines = [first, *problem.given, f"The question asks for {problem.goal}."]
     lines.append(rng.choice(_PLANS).format(n=len(problem.steps)))
     for index, step in enumerate(problem.steps, start=1):
         lines.append(header(step, index))
@@ -133,6 +145,7 @@ def render_verbose(
     rng: random.Random,
     verbosity: int = 2,
     error_rate: float = 0.0,
+    opener: str | None = None,
 ) -> str:
     """A verbose completion; with probability ``error_rate``, one step slips.
 
@@ -142,7 +155,24 @@ def render_verbose(
     """
     if error_rate > 0 and rng.random() < error_rate:
         problem = corrupt(problem, rng)
-    return format_completion(verbose_lines(problem, rng, verbosity), problem.answer)
+    return format_completion(verbose_lines(problem, rng, verbosity, opener), problem.answer)
+
+
+def style_of(completion: str) -> str:
+    """Which of ``STYLES`` a completion is written in, read off its first think line.
+
+    The styles part at that line (an opener, ``Step 1:`` or an equation), so one line
+    tells them apart; ``other`` is anything else (a degenerate or foreign trace).
+    """
+    lines = completion.split("\n", 2)
+    first = lines[1] if len(lines) > 1 and lines[0] == "<think>" else ""
+    if first.startswith("Step 1:"):
+        return "steps"
+    if first in _OPENERS:
+        return "verbose"
+    if " = " in first:
+        return "concise"
+    return "other"
 
 
 def _result_word(step: Step) -> str:
