@@ -1,4 +1,4 @@
-"""Can the shipped student stay accurate in a shorter style? (why MPD's tiny world is hard)
+"""Can a student stay accurate in a shorter style? (why MPD failed on the first tiny world)
 
 Which style should MPD's teacher rewrite into? This probe fine-tunes a copy of
 the shipped student with plain cross-entropy on fresh world problems written in
@@ -14,7 +14,9 @@ method, is the limit.
     python benchmarks/style_probe.py --steps 0        # the shipped student itself
 
 Measured with this script on the 2-core CPU (2026-11-23, 64 test problems, 16 per
-family, lr 1e-3, 6,000 traces, 200 steps, one thread), accuracy / mean think tokens:
+family, lr 1e-3, 6,000 traces, 200 steps, one thread), accuracy / mean think tokens,
+on the first world's verbose-only student (docs/first-world.md; ``--student DIR`` probes
+another):
 
     shipped student (--steps 0)                            56.2% / 372
     verbose1  (headers, equations, running values, recap)  60.9% / 261  (-30%)
@@ -27,8 +29,8 @@ family, lr 1e-3, 6,000 traces, 200 steps, one thread), accuracy / mean think tok
 
 A valley: any new style (even verbose1, which only drops re-checks and recaps)
 costs the student most of its accuracy at 30 steps and needs ~200 to recover;
-its own style (verbose2) costs nothing. One MPD round trains far less (README).
-``bootstrap.target_style: steps`` trains a teacher to rewrite into the steps style.
+its own style (verbose2) costs nothing. One MPD round trains far less. The current
+world's student carries the steps style already (README, "The reference world").
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=6000, help="distinct training traces")
     ap.add_argument("--per-family", type=int, default=16, help="test problems per family")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--student", type=Path, help="student directory (default: the shipped one)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -94,14 +97,15 @@ def main() -> None:
     )
     from engines.hf import HFEngine
     from flows.bootstrap import SHIPPED
-    from train.bootstrap import generate_rows, sft
+    from train.bootstrap import generate_rows, recipe_config
     from train.config import Recipe
     from train.models import load_tokenizer
+    from train.trainer import train
     from train.world_data import encode
 
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(SHIPPED / "tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(SHIPPED / "student")
+    model = AutoModelForCausalLM.from_pretrained(args.student or SHIPPED / "student")
     records = build_problems(0, 0, 1000, 0, (1, 2))  # the campaign's test split: never trained on
     by_family: dict[str, list[dict]] = {}
     for r in records:
@@ -129,9 +133,7 @@ def main() -> None:
         recipe = Recipe(
             steps=args.steps, batch_size=32, lr=args.lr, warmup_steps=10, examples=args.examples
         )
-        sft(
-            model, encode(tok, texts), recipe, pad_id=tok.pad_token_id, vocab_limit=len(tok), seed=0
-        )
+        train(model, encode(tok, texts), recipe_config(recipe, args.steps), tokenizer=tok, seed=0)
         print(f"trained {args.steps} steps on {args.style} traces in {time.monotonic() - t0:.0f}s")
 
     rows = generate_rows(

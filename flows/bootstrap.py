@@ -64,11 +64,11 @@ def bootstrap_assets(
     command = command or f"mpd bootstrap --from-scratch --out {out} --device {device}"
     config = {"seed": cfg.seed, "bootstrap": cfg.bootstrap.model_dump(mode="json")}
     if sources is not None:
-        config["trained"] = list(parts)
-        config["parents"] = {
-            role: {k: parents[role][k] for k in ("command", "config", "metrics")}
-            for role in sources
-        }
+        summary = {r: {k: parents[r][k] for k in ("command", "config", "metrics")} for r in parents}
+        if len({p.resolve() for p in sources.values()}) == 1:  # --finetune SRC
+            config["parent"], config["finetuned"] = summary["student"], list(parts)
+        else:  # --combine: one parent per role
+            config["parents"] = summary
     manifest = write_assets(out, rows, metrics, config, command)
     log.info("bootstrap assets in %s: %s", out, metrics)
     return manifest

@@ -44,6 +44,9 @@ def plot(table: dict[str, list], out: Path) -> Path:
     fig, ax1 = plt.subplots(figsize=(6, 3.6), dpi=120)
     rounds = table["round"]
     ax1.plot(rounds, table["accuracy"], "o-", color="tab:blue", label="accuracy (test)")
+    held = [float("nan") if a is None else a for a in table.get("heldout_acc", [])]
+    if held and any(a == a for a in held):
+        ax1.plot(rounds, held, "o:", color="tab:cyan", label="accuracy (held-out family)")
     ax1.set_xlabel("round")
     ax1.set_ylabel("accuracy", color="tab:blue")
     ax1.set_ylim(0, 1)
@@ -53,7 +56,8 @@ def plot(table: dict[str, list], out: Path) -> Path:
     ax2.set_ylim(bottom=0)
     ax1.set_xticks(rounds)
     ax1.set_title("accuracy and reasoning length per round")
-    fig.tight_layout()
+    fig.legend(loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return save_png(fig, out)
 
 

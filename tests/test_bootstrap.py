@@ -88,14 +88,27 @@ def test_short_from_scratch_bootstrap_is_real_and_cached(tmp_path: Path) -> None
     assert model.config.vocab_size >= len(tok) and model.config.model_type == "qwen3"
 
 
+def _lineage(manifest: dict) -> list[dict]:
+    """A manifest and its ancestors, nearest first (``parent``: one source, or ``parents``:
+    role -> source, as a fine-tune of one role or a combination writes them)."""
+    config = manifest["config"]
+    above = config.get("parent") or next(iter(config.get("parents", {}).values()), None)
+    return [manifest] + (_lineage(above) if above else [])
+
+
 def test_shipped_assets_verify_and_tampering_is_caught(tmp_path: Path) -> None:
     manifest = verify_assets(SHIPPED)
-    assert manifest["command"].startswith("mpd bootstrap --from-scratch")
+    # provenance: every part's command, down to the first world trained from scratch
+    assert manifest["command"].startswith("mpd bootstrap --combine")
+    for role in ("student", "teacher"):
+        commands = [m["command"] for m in _lineage(manifest["config"]["parents"][role])]
+        assert commands[0].startswith(f"mpd bootstrap --finetune assets/world --only {role}")
+        assert commands[-1].startswith("mpd bootstrap --from-scratch")
     assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) <= 25 * 2**20
     m = manifest["metrics"]
     assert 0.5 <= m["student_test_accuracy"] <= 0.85, "the shipped student is in the target band"
-    assert m["student_verbosity_ratio"] >= 2.5 and m["rewrite_test_keeps_correct"] >= 0.9
-    assert m["rewrite_test_think_ratio"] <= 0.6
+    assert m["student_verbosity_ratio"] >= 2.5 and m["rewrite_test_keeps_correct"] >= 0.95
+    assert m["rewrite_test_think_ratio"] <= 0.6 and m["student_plain_to_cued_think"] >= 1.8
     copy = tmp_path / "world"
     shutil.copytree(SHIPPED, copy)
     cfg = copy / "student" / "config.json"
@@ -172,15 +185,15 @@ def test_finetune_resumes_keeps_the_tokenizer_and_records_its_parent(tmp_path: P
     assert list((killed / ".checkpoints").rglob("step-*")), "a checkpoint was written"
     resumed = mpd("bootstrap", *args, "--out", str(killed))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from the checkpoint of step 2" in resumed.stderr
+    assert "teacher: resuming from the checkpoint of step 2" in resumed.stderr
     assert not (killed / ".checkpoints").exists(), "checkpoints go once the models are saved"
 
     done = mpd("bootstrap", *args, "--out", str(out))
     assert done.returncode == 0, done.stderr
     parent, child, again = verify_assets(src), verify_assets(out), verify_assets(killed)
     assert child["command"].startswith("mpd bootstrap --finetune")
-    assert child["config"]["parents"]["teacher"]["command"] == parent["command"]
-    assert child["config"]["trained"] == ["teacher"]
+    assert child["config"]["parent"]["command"] == parent["command"]
+    assert child["config"]["finetuned"] == ["teacher"]
     for name, digest in parent["files"].items():
         if name.startswith(("student/", "tokenizer/")):
             assert child["files"][name] == digest, name  # copied, not retrained
@@ -198,7 +211,7 @@ def test_finetune_resumes_keeps_the_tokenizer_and_records_its_parent(tmp_path: P
     put = mpd("bootstrap", "--combine", str(src), str(out), "--out", str(both), *TINY)
     assert put.returncode == 0, put.stderr
     combined = verify_assets(both)
-    assert combined["config"]["trained"] == []
+    assert "finetuned" not in combined["config"]
     assert combined["config"]["parents"]["teacher"]["command"] == child["command"]
     for name in ("student/model.safetensors", "tokenizer/tokenizer.json"):
         assert combined["files"][name] == parent["files"][name]

@@ -59,6 +59,7 @@ def train_model(
     kill, continues from the newest one (the examples are a function of the seed and
     the config, so it sees the same data). Returns what the manifest records.
     """
+    from train.checkpoint import latest_checkpoint
     from train.trainer import train
 
     cfg = recipe_config(recipe, checkpoint_every)
@@ -74,11 +75,13 @@ def train_model(
                 row["elapsed_s"],
             )
 
+    if (found := latest_checkpoint(work)) is not None:
+        log.info(
+            "%s: resuming from the checkpoint of step %d", name, int(found.name.split("-")[-1])
+        )
     result = train(
         model, examples, cfg, out_dir=work, tokenizer=tokenizer, seed=seed, log_fn=report
     )
-    if result.resumed_from:
-        log.info("%s resumed from the checkpoint of step %d", name, result.resumed_from)
     last = result.log[-1]
     return {"loss": round(last["loss"], 4), "train_s": round(last["elapsed_s"], 1)}
 
