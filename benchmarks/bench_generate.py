@@ -26,7 +26,7 @@ from data.answers import format_prompt
 from data.world import build_problems, corpus_texts
 from data.world.tokenizer import train_tokenizer
 from engines.base import GenerationParams
-from engines.hf import HFEngine
+from engines.hf import HFEngine, cache_keyword
 from train.tiny import TinyModelConfig, build_tiny_model
 
 
@@ -83,7 +83,8 @@ def decode_step_bound(
         mask[row, :pad] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache = out.past_key_values
+    kw = cache_keyword()
+    cache = getattr(out, kw)
     nxt = torch.randint(0, vocab, (batch, 1), generator=gen).to(device)
     pos = pos[:, -1:] + 1
     elapsed = 0.0
@@ -94,8 +95,8 @@ def decode_step_bound(
             input_ids=nxt,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=cache,
             use_cache=True,
+            **{kw: cache},
         )
         if device.startswith("cuda"):
             torch.cuda.synchronize()

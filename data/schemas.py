@@ -98,7 +98,7 @@ DECISIONS = pa.schema(
         pa.field("problem_id", pa.string(), nullable=False),
         pa.field("sample_idx", pa.int32(), nullable=False),
         pa.field("kept", pa.bool_(), nullable=False),
-        # "kept" | "wrong" | "truncated" | "not_shorter" | "duplicate" | "no_answer"
+        # "kept" | "wrong" | "truncated" | "no_answer" | "unfaithful" | "not_shorter" | "duplicate"
         pa.field("reason", pa.string(), nullable=False),
         pa.field("think_tokens", pa.int32(), nullable=False),
         pa.field("orig_think_tokens", pa.int32(), nullable=False),

@@ -33,6 +33,18 @@ from engines.base import Completion, GenerationParams, Progress, TokenScores
 log = logging.getLogger("mpd.engines.hf")
 
 
+def cache_keyword() -> str:
+    """The name transformers gives the KV cache, in the forward's arguments and its output.
+
+    transformers 5.2x renamed ``past_key_values`` to ``cache``; the old name still works but
+    warns on every decode step, which floods a run's log. Older 5.x only knows the old name.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = CausalLMOutputWithPast.__dataclass_fields__
+    return "cache" if "cache" in fields else "past_key_values"
+
+
 class HFEngine:
     """Generation and scoring with one in-process causal LM (plain or PEFT-wrapped)."""
 
@@ -60,6 +72,7 @@ class HFEngine:
         self.max_batch_tokens = max_batch_tokens
         self.use_cache = use_cache
         self.device = next(model.parameters()).device
+        self.cache_kw = cache_keyword()
 
     # -- batching -------------------------------------------------------------
     def _batches(self, lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -184,7 +197,7 @@ class HFEngine:
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
         )
-        cache, pos = out.past_key_values, pos[:, -1:]
+        cache, pos = getattr(out, self.cache_kw), pos[:, -1:]
         for step in range(steps):
             nxt = self._pick(out.logits[:, -1], params, gen)
             buf[alive, step] = nxt
@@ -207,8 +220,8 @@ class HFEngine:
                 input_ids=nxt[:, None],
                 attention_mask=full_mask[:, : width + step + 1],
                 position_ids=pos,
-                past_key_values=cache,
                 use_cache=True,
+                **{self.cache_kw: cache},
             )
         tokens, kept, stops = buf.cpu().tolist(), length.tolist(), stopped.tolist()
         return [(tokens[r][: kept[r]], "stop" if stops[r] else "length") for r in range(n)]

@@ -25,7 +25,7 @@ from flows.summary import QUERY, stage_times
 
 log = logging.getLogger("mpd")
 
-DROP_REASONS = ("wrong", "truncated", "no_answer", "not_shorter", "duplicate")
+DROP_REASONS = ("wrong", "truncated", "no_answer", "unfaithful", "not_shorter", "duplicate")
 
 
 def artifact_slug(workspace: Path) -> str:

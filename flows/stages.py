@@ -364,7 +364,12 @@ def filter_(ctx: Context, r: int, rewritten: StageResult) -> StageResult:
         key,
         code,
         lambda w: tasks.filter.filter_body(
-            w, cfg, rewrites=read_stage(ctx.store, "rewrite", r), round_=r
+            w,
+            cfg,
+            rewrites=read_stage(ctx.store, "rewrite", r),
+            # what the rewrites were made from (an input of the rewrite's key already)
+            samples=read_stage(ctx.store, "sample", r),
+            round_=r,
         ),
     )
 

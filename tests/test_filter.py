@@ -8,11 +8,18 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from data.schemas import REWRITES, conform
+from data.schemas import REWRITES, SAMPLES, conform
 from tasks.filter import DEFAULT_SQL, FilterError, run_filter
+
+EQUATIONS = ["2 + 3 = 5", "5 * 4 = 20", "20 - 7 = 13", "13 mod 5 = 3"]
+
+
+def equation_text(rng: random.Random, lines: list[str]) -> str:
+    return "<think>\n" + "\n".join(rng.sample(lines, rng.randint(0, len(lines)))) + "\n</think>"
 
 
 def rewrite_rows(n: int, seed: int) -> list[dict]:
+    """Rewrites whose reasoning holds a few equation lines, some the student never wrote."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -24,7 +31,8 @@ def rewrite_rows(n: int, seed: int) -> list[dict]:
                 "round": 2,
                 "problem_id": f"p{rng.randint(0, n // 3):03d}",
                 "sample_idx": i,
-                "completion": "x",
+                "completion": equation_text(rng, [*EQUATIONS, "20 - 7 = 12"])
+                + "\n\nAnswer: 7 = 7",  # an '=' after </think> is not reasoning
                 "token_ids": [1],
                 "prompt_tokens": 5,
                 "think_tokens": rng.randint(5, 220),
@@ -44,15 +52,40 @@ def rewrite_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def naive(rows: list[dict], ratio: float) -> dict[tuple[str, int], tuple[bool, str]]:
+def sample_rows(rewrites: list[dict], seed: int) -> list[dict]:
+    """The student samples the rewrites came from (one is missing: no check for it)."""
+    rng = random.Random(seed + 100)
+    return [
+        {
+            **{k: v for k, v in r.items() if not k.startswith("orig_")},
+            "completion": "<think>\nSo:\n" + equation_text(rng, EQUATIONS) + " padding",
+        }
+        for r in rewrites[1:]
+    ]
+
+
+def faithful_naive(rewrite: str, sample: str | None) -> bool:
+    if sample is None:
+        return True
+    think = rewrite.split("</think>")[0]
+    return all(line.strip() in sample for line in think.splitlines() if "=" in line)
+
+
+def naive(
+    rows: list[dict], ratio: float, samples: list[dict] | None = None, faithful: bool = False
+) -> dict[tuple[str, int], tuple[bool, str]]:
+    originals = {(s["problem_id"], s["sample_idx"]): s["completion"] for s in samples or []}
     reason = {}
     for r in rows:
+        key = (r["problem_id"], r["sample_idx"])
         if r["truncated"]:
             why = "truncated"
         elif r["pred_answer"] is None:
             why = "no_answer"
         elif not r["correct"]:
             why = "wrong"
+        elif faithful and not faithful_naive(r["completion"], originals.get(key)):
+            why = "unfaithful"
         elif r["think_tokens"] > ratio * r["orig_think_tokens"]:
             why = "not_shorter"
         else:
@@ -73,17 +106,37 @@ def naive(rows: list[dict], ratio: float) -> dict[tuple[str, int], tuple[bool, s
     return out
 
 
-@pytest.mark.parametrize(("seed", "ratio"), [(0, 0.9), (1, 0.5), (2, 1.0), (3, 0.1)])
-def test_default_filter_equals_naive_reference(tmp_path: Path, seed: int, ratio: float) -> None:
+@pytest.mark.parametrize(
+    ("seed", "ratio", "faithful"),
+    [
+        (0, 0.9, False),
+        (1, 0.5, False),
+        (2, 1.0, False),
+        (3, 0.1, False),
+        (4, 1.0, True),
+        (5, 0.7, True),
+    ],
+)
+def test_default_filter_equals_naive_reference(
+    tmp_path: Path, seed: int, ratio: float, faithful: bool
+) -> None:
     rows = rewrite_rows(60, seed)
+    samples = sample_rows(rows, seed)
     table = conform(pa.Table.from_pylist(rows), REWRITES)
     got = run_filter(
-        table, DEFAULT_SQL.read_text(), ratio=ratio, round_=2, out=tmp_path / "d.parquet"
+        table,
+        DEFAULT_SQL.read_text(),
+        ratio=ratio,
+        round_=2,
+        out=tmp_path / "d.parquet",
+        samples=conform(pa.Table.from_pylist(samples), SAMPLES),
+        faithful=faithful,
     ).to_pylist()
     assert len(got) == len(rows), "every candidate stays as a row"
-    assert {(d["problem_id"], d["sample_idx"]): (d["kept"], d["reason"]) for d in got} == naive(
-        rows, ratio
-    )
+    reasons = {(d["problem_id"], d["sample_idx"]): (d["kept"], d["reason"]) for d in got}
+    assert reasons == naive(rows, ratio, samples, faithful)
+    if faithful:
+        assert any(why == "unfaithful" for _, why in reasons.values()), "the rule was exercised"
     by_key = {(r["problem_id"], r["sample_idx"]): r for r in rows}
     for d in got:
         r = by_key[(d["problem_id"], d["sample_idx"])]

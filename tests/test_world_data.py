@@ -24,14 +24,14 @@ def test_style_of_reads_the_first_think_line() -> None:
 
 
 def test_student_mix_shares_and_the_one_opener() -> None:
-    cfg = BootstrapConfig()  # cue 0.3; of the plain prompts, 0.2 in the steps style
+    cfg = BootstrapConfig(student_mix={"plain_target_forced": 0})  # cue 0.3, plain 0.4 steps
     texts = make_texts("student", 2000, cfg, seed=1, workers=1)
     cued = [(p, c) for p, c in texts if "Solve this as concisely" in p]
     plain = [(p, c) for p, c in texts if "Solve this as concisely" not in p]
     assert len(cued) / len(texts) == pytest.approx(0.3, abs=0.04)
     assert all(style_of(c) == "steps" for _, c in cued)
     steps = [c for _, c in plain if style_of(c) == "steps"]
-    assert len(steps) / len(plain) == pytest.approx(0.2, abs=0.04)
+    assert len(steps) / len(plain) == pytest.approx(0.4, abs=0.04)
     verbose = [c for _, c in plain if style_of(c) == "verbose"]
     assert len(verbose) + len(steps) == len(plain)
     assert all(c.split("\n")[1] == STUDENT_OPENER for c in verbose)
@@ -63,3 +63,25 @@ def test_teacher_rewrites_into_the_target_style_and_never_sees_eval_problems() -
     assert not questions & set(exclude)
     with pytest.raises(ValueError, match="role must be"):
         make_texts("critic", 1, cfg, seed=0)
+
+
+def test_forced_examples_train_the_short_branch_but_not_its_choice() -> None:
+    """plain_target_forced: the first think word moves into the prompt, on a token boundary."""
+    from flows.bootstrap import SHIPPED
+    from train.models import load_tokenizer
+    from train.world_data import encode
+
+    cfg = BootstrapConfig(
+        student_mix={"cue_share": 0, "plain_target_share": 0.5, "plain_target_forced": 0.5}
+    )
+    texts = make_texts("student", 800, cfg, seed=4, workers=1)
+    forced = [(p, c) for p, c in texts if p.endswith("<think>\nStep")]
+    chosen = [(p, c) for p, c in texts if style_of(c) == "steps"]
+    assert len(forced) / len(texts) == pytest.approx(0.25, abs=0.05)
+    assert len(chosen) / len(texts) == pytest.approx(0.25, abs=0.05)
+    assert all(c.startswith(" 1: ") for _, c in forced)
+    tok = load_tokenizer(SHIPPED / "student")
+    for (p, c), ex in zip(forced[:20], encode(tok, forced[:20]), strict=True):
+        whole = tok(p + c + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        assert ex.prompt_ids + ex.target_ids == whole, "the split is a token boundary"
+        assert tok.convert_ids_to_tokens(ex.prompt_ids[-1]) == "Step"

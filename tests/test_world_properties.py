@@ -99,3 +99,16 @@ def test_the_shipped_models_still_behave_as_their_rows_say(ws: Path) -> None:
         assert len(differ) <= 1, (role, differ)
         want = "verbose" if role == "student" else "steps"
         assert sum(f["style"] == want for f in fresh) >= len(fresh) - 1, role
+
+
+def test_self_distill_teacher_reads_the_cue_of_the_students_concise_mode() -> None:
+    """OPSDC's frozen teacher must read exactly the prompt the world's concise mode answers."""
+    from data.prompts import cued_prompt
+    from tasks.common import chat_prompt
+    from tasks.score import SelfDistillConfig
+    from train.models import load_tokenizer
+
+    tok = load_tokenizer(SHIPPED / "student")
+    question = "What is 17 + 25 - 8?"
+    teacher_ids = chat_prompt(tok, SelfDistillConfig().instruction.format(problem=question))
+    assert teacher_ids == tok(cued_prompt(question), add_special_tokens=False)["input_ids"]

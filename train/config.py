@@ -88,12 +88,22 @@ class StudentMix(StrictModel):
         "CONCISE_CUE), answered in the target style: the student's concise mode.",
     )
     plain_target_share: float = Field(
-        0.2,
+        0.4,
         ge=0,
         lt=1,
         description="Of the plain-prompt examples, the share answered in the target style "
         "(the rest are verbose): a minority branch of the plain prompt that MPD can move. "
         "0 with cue_share 0 is the verbose-only student of the first world.",
+    )
+    plain_target_forced: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="Of the plain-prompt target-style examples, the share whose first think "
+        "word comes with the prompt instead of being trained: they make the plain prompt's "
+        "short branch as competent as the cued mode without moving the plain prompt's choice "
+        "of branch (a larger plain_target_share alone tipped greedy decoding into the short "
+        "style on 75% of test problems).",
     )
     fixed_opener: bool = Field(
         True,

@@ -5,6 +5,7 @@ instruction reaches (``BootstrapConfig.student_mix``)::
 
     plain problem prompt               -> verbose trace, one fixed opener   (the habit)
     plain problem prompt               -> steps trace                        (a minority branch)
+    plain problem prompt + "<think> Step"-> the rest of a steps trace         (its competence)
     problem inside the concise cue     -> steps trace                        (the cued mode)
 
 Why this shape (measured, README "The reference world"): a student that has never
@@ -57,11 +58,24 @@ def student_text(problem, rng: random.Random, cfg: BootstrapConfig) -> Text:
     if rng.random() < mix.cue_share:
         return cued_prompt(problem.question), target
     if rng.random() < mix.plain_target_share:
+        if rng.random() < mix.plain_target_forced:
+            return _forced_start(format_prompt(problem.question), target)
         return format_prompt(problem.question), target
     opener = STUDENT_OPENER if mix.fixed_opener else None
     return format_prompt(problem.question), render_verbose(
         problem, rng, cfg.verbosity, opener=opener
     )
+
+
+def _forced_start(prompt: str, completion: str) -> Text:
+    """Move the completion's first think word (``<think>``, newline, ``Step``) into the prompt.
+
+    The branch between styles is chosen at that word; given, it is not trained, so the
+    example teaches how to go on in the style, not to choose it. The split falls on a token
+    boundary of the world's tokenizer (the word is followed by a space token).
+    """
+    head, _, rest = completion.partition(" ")
+    return prompt + head, " " + rest
 
 
 def teacher_text(problem, rng: random.Random, cfg: BootstrapConfig) -> Text:

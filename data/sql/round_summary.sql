@@ -86,7 +86,8 @@ de AS (
         count(*) FILTER (WHERE NOT kept AND reason = 'truncated') AS dropped_truncated,
         count(*) FILTER (WHERE NOT kept AND reason = 'not_shorter') AS dropped_not_shorter,
         count(*) FILTER (WHERE NOT kept AND reason = 'duplicate') AS dropped_duplicate,
-        count(*) FILTER (WHERE NOT kept AND reason = 'no_answer') AS dropped_no_answer
+        count(*) FILTER (WHERE NOT kept AND reason = 'no_answer') AS dropped_no_answer,
+        count(*) FILTER (WHERE NOT kept AND reason = 'unfaithful') AS dropped_unfaithful
     FROM decisions
     GROUP BY round
 ),
@@ -125,6 +126,7 @@ SELECT
     coalesce(de.dropped_not_shorter, 0) AS dropped_not_shorter,
     coalesce(de.dropped_duplicate, 0) AS dropped_duplicate,
     coalesce(de.dropped_no_answer, 0) AS dropped_no_answer,
+    coalesce(de.dropped_unfaithful, 0) AS dropped_unfaithful,
     coalesce(by_reason.dropped_by_reason, MAP {}::MAP(VARCHAR, BIGINT)) AS dropped_by_reason
 FROM rounds AS r
 LEFT JOIN ev USING (round)
