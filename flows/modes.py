@@ -58,7 +58,7 @@ class Mode:
     preset: dict[str, Any] = field(default_factory=dict)
 
 
-# LoRA adapters learn at about ten times a full fine-tune's rate (tiny.yaml's 1e-4): the SFT
+# LoRA adapters learn at about ten times a full fine-tune's rate (and tiny.yaml's is gentle): the SFT
 # baselines get their customary rate, the same steps and batch as every method.
 SFT = {"train.loss": "ce", "train.lora.enabled": True, "train.lr": 1e-3}
 MODES: dict[str, Mode] = {

@@ -43,7 +43,18 @@ METHODS = ["mpd", "sft_compressed"]
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("bench") / "bench"
-    argv = ["bench", "-w", str(path), "--methods", ",".join(METHODS), "--rounds", "1", *SETS]
+    argv = [
+        "bench",
+        "-w",
+        str(path),
+        "--methods",
+        ",".join(METHODS),
+        "--rounds",
+        "1",
+        "--seeds",
+        "0",
+    ]
+    argv += SETS
     assert main(argv) == 0
     return path
 

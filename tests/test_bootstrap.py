@@ -99,9 +99,11 @@ def _lineage(manifest: dict) -> list[dict]:
 def test_shipped_assets_verify_and_tampering_is_caught(tmp_path: Path) -> None:
     manifest = verify_assets(SHIPPED)
     # provenance: every part's command, down to the first world trained from scratch
-    assert manifest["command"].startswith("mpd bootstrap --combine")
+    lineage = _lineage(manifest)
+    assert lineage[-1]["command"].startswith("mpd bootstrap --from-scratch")
+    combined = next(m for m in lineage if m["command"].startswith("mpd bootstrap --combine"))
     for role in ("student", "teacher"):
-        commands = [m["command"] for m in _lineage(manifest["config"]["parents"][role])]
+        commands = [m["command"] for m in _lineage(combined["config"]["parents"][role])]
         assert commands[0].startswith(f"mpd bootstrap --finetune assets/world --only {role}")
         assert commands[-1].startswith("mpd bootstrap --from-scratch")
     assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) <= 25 * 2**20

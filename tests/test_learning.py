@@ -10,7 +10,9 @@ is made the way one MPD round makes it, in miniature:
 
 and the measure is the one the round optimises: the student's mean per-token KL to the teacher
 over the full vocabulary, on rewrites of problems it never trained on, with the teacher reading
-the plain problem prompt as the score stage does (METHODS.md, "Scoring context"). A few dozen
+the rewrite request as the default run's score stage does (`score.context: rewrite`: the tiny
+teacher is a rewriter, not a solver; under the plain prompt its distribution is neither sharp
+nor right, and the student, a better solver than it, has nothing to learn there). A few dozen
 steps must cut it clearly, in both teacher modes: online (the teacher in the step, the fused
 full-vocabulary path of `train.fused`) and offline top-k (the teacher's scores from the engine,
 stored as the `scores` table stores them).
@@ -85,16 +87,16 @@ def rewrites(tok, teacher) -> tuple[list[Example], list[Example]]:
     outs = [row[0] for row in HFEngine(teacher, tok).generate(requests, params)]
     assert sum(o.finish_reason == "stop" for o in outs) >= 0.9 * len(outs)  # real rewrites
     examples = [
-        Example(encode(tok, format_prompt(p.question)), o.token_ids)
-        for p, o in zip(chosen, outs, strict=True)
+        Example(encode(tok, format_prompt(p.question)), o.token_ids, teacher_prompt_ids=request)
+        for p, o, request in zip(chosen, outs, requests, strict=True)
     ]
     return examples[:N_TRAIN], examples[N_TRAIN:]
 
 
 def with_topk_scores(engine: HFEngine, examples: list[Example]) -> list[Example]:
-    """The score stage in miniature: top-k under the plain prompt, stored as int16 as the
+    """The score stage in miniature: top-k under the rewrite request, stored as int16 as the
     `scores` table stores them (tasks.score.quantize), read back as the train stage reads them."""
-    prompts, targets = [e.prompt_ids for e in examples], [e.target_ids for e in examples]
+    prompts, targets = [e.teacher_prompt_ids for e in examples], [e.target_ids for e in examples]
     out = []
     for e, s in zip(examples, engine.score(prompts, targets, TOP_K), strict=True):
         q = np.round(np.clip(s.topk_logprobs, LOGPROB_MIN, 0.0) / LOGPROB_SCALE).astype(np.int16)
@@ -105,12 +107,15 @@ def with_topk_scores(engine: HFEngine, examples: list[Example]) -> list[Example]
 
 @torch.no_grad()
 def heldout_kl(student, teacher, examples: list[Example], vocab: int) -> float:
-    """Mean per-token reverse KL(student‖teacher), full vocabulary, on the examples' targets."""
+    """Mean per-token reverse KL(student‖teacher), full vocabulary, on the examples' targets:
+    the student reading the plain prompt, the teacher its own context (the rewrite request)."""
     student.eval()
     b = collate(examples, pad_id=0)
     s = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
-    t = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
-    return float(reduce_tokens(reverse_kl(s, t, b.loss_mask, vocab_limit=vocab), b.loss_mask))
+    t = teacher(input_ids=b.teacher_input_ids, attention_mask=b.teacher_attention_mask).logits
+    s, t = s[b.loss_mask.bool()][None], t[:, :-1][b.teacher_loss_mask.bool()][None]
+    mask = torch.ones(s.shape[:2])
+    return float(reduce_tokens(reverse_kl(s, t, mask, vocab_limit=vocab), mask))
 
 
 @pytest.mark.parametrize(
@@ -119,7 +124,11 @@ def heldout_kl(student, teacher, examples: list[Example], vocab: int) -> float:
 def test_distilling_on_teacher_rewrites_lowers_heldout_kl(
     tok, teacher, rewrites, teacher_mode: str, loss: str
 ) -> None:
-    """24 steps of 8 rewrites cut the held-out KL to the teacher by at least 30% (about half seen).
+    """24 steps of 8 rewrites cut the held-out KL to the teacher by at least 10%.
+
+    The student starts close (0.08 nats per token: its short branch already writes what the
+    teacher rewrites; the first world's verbose-only student started at 0.86 and lost half in
+    the same steps): measured 0.079 → 0.064 online, → 0.069 offline top-k.
 
     Online reverse KL is MPD's loss; offline top-k forward KL covers the other teacher mode and
     direction. Everything is seeded and greedy, so the numbers repeat run to run.
@@ -139,4 +148,4 @@ def test_distilling_on_teacher_rewrites_lowers_heldout_kl(
     after = heldout_kl(result.model, teacher, heldout, vocab)
     print(f"{teacher_mode} {loss}: held-out KL {before:.3f} → {after:.3f} ({seconds:.1f} s)")
     assert result.skipped_steps == 0
-    assert after < 0.7 * before, (before, after)
+    assert after < 0.9 * before, (before, after)
