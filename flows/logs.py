@@ -14,7 +14,12 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     loads in a fraction of a second here, and the bars would drown the stage logs."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     log = logging.getLogger("mpd")
-    if not log.handlers:
+    # Prefect may have put its API handler here (PREFECT_LOGGING_EXTRA_LOGGERS=mpd, inherited
+    # from a parent `mpd run`): that one prints nothing, so only a console handler counts.
+    if not any(
+        type(h) is not logging.FileHandler and isinstance(h, logging.StreamHandler)
+        for h in log.handlers
+    ):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
