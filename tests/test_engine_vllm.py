@@ -205,13 +205,31 @@ def test_scores_match_hf(which: str, request, hf, prompts) -> None:
     targets = [p[3:40] for p in reversed(prompts)]
     got, ref = eng.score(prompts, targets, top_k=8), hf.score(prompts, targets, top_k=8)
     for a, b in zip(got, ref, strict=True):
-        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
         np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=6e-3)
         np.testing.assert_allclose(a.target_logprobs, b.target_logprobs, atol=6e-3)
+        for pos in range(len(a.topk_ids)):
+            assert_same_topk(a, b, pos, tie=6e-3)
+        same = (a.topk_ids == b.topk_ids).all(axis=1)
         x, y = (
             s.topk_logprobs - np.logaddexp.reduce(s.topk_logprobs, 1, keepdims=True) for s in (a, b)
         )
-        np.testing.assert_allclose(x, y, atol=1e-4)  # renormalised over the k ids
+        np.testing.assert_allclose(x[same], y[same], atol=3e-4)  # renormalised over the k ids
+
+
+def assert_same_topk(a, b, pos: int, tie: float) -> None:
+    """The same top-k ids in the same order, except where two logprobs are within ``tie``:
+    the float kernels of two engines may order near-ties either way (and swap which of two
+    tied ids is k-th)."""
+    la = dict(zip(a.topk_ids[pos].tolist(), a.topk_logprobs[pos].tolist(), strict=True))
+    lb = dict(zip(b.topk_ids[pos].tolist(), b.topk_logprobs[pos].tolist(), strict=True))
+    for i in la.keys() & lb.keys():
+        assert abs(la[i] - lb[i]) <= tie, (pos, i, la[i], lb[i])
+    kth = min(min(la.values()), min(lb.values()))
+    for i in la.keys() ^ lb.keys():  # only at the boundary, tied with the k-th
+        assert abs((la[i] if i in la else lb[i]) - kth) <= 2 * tie, (pos, i, la, lb)
+    for j, (ia, ib) in enumerate(zip(a.topk_ids[pos], b.topk_ids[pos], strict=True)):
+        if ia != ib:  # a swap of neighbours with (nearly) the same logprob
+            assert abs(a.topk_logprobs[pos][j] - b.topk_logprobs[pos][j]) <= tie, (pos, j)
 
 
 @needs_vllm
