@@ -17,7 +17,7 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     # Prefect may have put its API handler here (PREFECT_LOGGING_EXTRA_LOGGERS=mpd, inherited
     # from a parent `mpd run`): that one prints nothing, so only a console handler counts.
     if not any(
-        type(h) is not logging.FileHandler and isinstance(h, logging.StreamHandler)
+        isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
         for h in log.handlers
     ):
         handler = logging.StreamHandler(sys.stderr)

@@ -59,7 +59,7 @@ def train_model(
     kill, continues from the newest one (the examples are a function of the seed and
     the config, so it sees the same data). Returns what the manifest records.
     """
-    from train.checkpoint import latest_checkpoint
+    from train.checkpoint import checkpoint_step, latest_checkpoint
     from train.trainer import train
 
     cfg = recipe_config(recipe, checkpoint_every)
@@ -76,9 +76,7 @@ def train_model(
             )
 
     if (found := latest_checkpoint(work)) is not None:
-        log.info(
-            "%s: resuming from the checkpoint of step %d", name, int(found.name.split("-")[-1])
-        )
+        log.info("%s: resuming from the checkpoint of step %d", name, checkpoint_step(found))
     result = train(
         model, examples, cfg, out_dir=work, tokenizer=tokenizer, seed=seed, log_fn=report
     )

@@ -53,15 +53,21 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The optimizer step a checkpoint directory holds (its name), None for another name."""
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def complete_checkpoints(out_dir: Path) -> list[Path]:
     """Complete checkpoints under out_dir/checkpoints, oldest first."""
     root = Path(out_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [
-        (int(m.group(1)), p)
+        (step, p)
         for p in root.iterdir()
-        if (m := _NAME.match(p.name)) and (p / STATE).is_file()
+        if (step := checkpoint_step(p)) is not None and (p / STATE).is_file()
     ]
     return [p for _, p in sorted(found)]
 
