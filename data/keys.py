@@ -14,9 +14,9 @@ not read the filter, so their keys are untouched.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.metadata
-import inspect
 import json
 from pathlib import Path
 from types import ModuleType
@@ -70,23 +70,106 @@ def package_version() -> str:
 
 _CODE_VERSIONS: dict[tuple[str, ...], str] = {}
 
+# Top-level packages of this project: imports of these are followed, everything else is a library.
+PACKAGES = ("data", "engines", "flows", "tasks", "train")
+# Libraries whose version can change a stage's output (numerics, tokenisation, SQL, grading).
+# vllm counts where it is installed in this interpreter; its own interpreter's is in the engine.
+LIBRARIES = ("torch", "transformers", "tokenizers", "vllm", "duckdb", "pyarrow", "math-verify")
 
-def code_version(*modules: ModuleType) -> str:
-    """Package version plus a digest of the given modules' source.
 
-    Editing a stage's code (not only bumping the version) invalidates its
-    cache: during development the version rarely moves, but the source does.
-    Memoised per process, because a key must name the code that runs: a file
-    edited under a long run (a bench, a served schedule) would otherwise change
-    the keys halfway through, while the process still runs what it imported.
+_ROOT = Path(__file__).resolve().parents[1]  # the directory holding this project's packages
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of one of this project's modules, found without importing it."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    base = _ROOT.joinpath(*name.split("."))
+    for file in (base.with_suffix(".py"), base / "__init__.py"):
+        if file.is_file():
+            return file
+    return None
+
+
+def _imported(name: str, file: Path) -> set[str]:
+    """This package's modules that ``file`` imports anywhere (function bodies included)."""
+    package = name if file.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    modules = set()
+    for candidate in found:
+        # `from a.b import c` names a module only if c is one; otherwise a is followed through b.
+        parts = candidate.split(".")
+        while parts and parts[0] in PACKAGES:
+            if _module_file(".".join(parts)):
+                modules.add(".".join(parts))
+                break
+            parts = parts[:-1]
+    return modules
+
+
+def module_closure(*names: str) -> dict[str, Path]:
+    """Each named module of this package and every one of its modules they import, transitively.
+
+    Read from the source (every ``import``, at any depth of the file), not from what happens to be
+    imported in this process: a stage's key must cover the trainer, the losses, the engines and the
+    grader it reaches, whether or not they were loaded yet.
     """
-    names = tuple(m.__name__ for m in modules)
-    if names not in _CODE_VERSIONS:
+    seen: dict[str, Path] = {}
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen or (file := _module_file(name)) is None:
+            continue
+        seen[name] = file
+        todo.extend(_imported(name, file))
+        if "." in name:  # a package's __init__ runs before any of its modules
+            todo.append(name.rpartition(".")[0])
+    return dict(sorted(seen.items()))
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            versions[lib] = "absent"
+    return versions
+
+
+def code_version(*modules: ModuleType | str, shallow: tuple[str, ...] = ()) -> str:
+    """Package version plus a digest of the code a stage runs.
+
+    The digest covers the given modules' source and that of every module of this package they
+    import, transitively, plus the versions of the libraries that shape outputs (``LIBRARIES``):
+    change the loss, the grader or an engine and exactly the stages that reach it recompute.
+    Memoised per process, because a key must name the code that runs: a file edited under a
+    long run (a bench, a served schedule) would otherwise change the keys halfway through,
+    while the process still runs what it imported. ``shallow`` modules count with their own
+    source only: the wiring that builds every stage's inputs (``flows.stages``) imports every
+    stage, and following it would make each stage's key cover all the others' code.
+    """
+    names = tuple(m if isinstance(m, str) else m.__name__ for m in modules)
+    memo = (*names, "|", *shallow)
+    if memo not in _CODE_VERSIONS:
+        files = module_closure(*names)
+        files.update({name: f for name in shallow if (f := _module_file(name))})
         h = hashlib.sha256()
-        for module in modules:
-            h.update(inspect.getsource(module).encode())
-        _CODE_VERSIONS[names] = f"{package_version()}+{h.hexdigest()[:12]}"
-    return _CODE_VERSIONS[names]
+        for name, file in sorted(files.items()):
+            h.update(f"{name}\0".encode() + file.read_bytes() + b"\0")
+        h.update(canonical_json(library_versions()).encode())
+        _CODE_VERSIONS[memo] = f"{package_version()}+{h.hexdigest()[:12]}"
+    return _CODE_VERSIONS[memo]
 
 
 def directory_digest(path: Path) -> str:

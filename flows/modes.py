@@ -153,6 +153,7 @@ def truncate(
     key, code = ctx.key(
         "truncate",
         tasks.truncate,
+        wiring=__name__,
         config={},
         inputs={"sample": sampled.key, "rewrite": rewritten.key, "filter": filtered.key},
     )

@@ -29,7 +29,6 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-import tasks.common
 import tasks.evaluate
 import tasks.filter
 import tasks.rewrite
@@ -181,8 +180,12 @@ class Context:
             for where, o in self.outcomes.items()
         )
 
-    def key(self, stage: str, module: Any, **parts: Any) -> tuple[str, str]:
-        code = code_version(module, tasks.common)
+    def key(
+        self, stage: str, module: Any, *, wiring: str = __name__, **parts: Any
+    ) -> tuple[str, str]:
+        # The stage's module and all it imports, and the file that wires its inputs and holds
+        # its body (this one, or flows.modes for a method's own stage): data.keys.code_version.
+        code = code_version(module, shallow=(wiring,))
         return stage_key(stage, seed=self.cfg.seed, code=code, **parts), code
 
 

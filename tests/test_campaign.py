@@ -251,6 +251,42 @@ def test_changing_the_filter_recomputes_only_downstream(two_rounds: Path, tmp_pa
         assert after[where]["key"] != before[where]["key"], where
 
 
+def test_editing_code_a_stage_imports_recomputes_that_stage_only(
+    base: Path, tmp_path: Path
+) -> None:
+    """Stage keys cover the code a stage reaches: a comment added to ``train/losses.py``, which
+    the train stage imports only through its trainer, recomputes train and what reads its
+    student (eval); sample, rewrite, score and filter, which never import it, stay cached."""
+    code = tmp_path / "code"
+    code.mkdir()
+    for entry in REPO.iterdir():
+        if entry.name in {"data", "engines", "flows", "tasks", "train"}:
+            shutil.copytree(entry, code / entry.name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif not entry.name.startswith("."):
+            (code / entry.name).symlink_to(entry)
+    losses = code / "train" / "losses.py"
+    losses.write_text(losses.read_text() + "\n# edited by a test: the train stage's key changes\n")
+    ws = copy(base, tmp_path / "ws")
+    before = manifests(ws)
+    proc = subprocess.run(
+        command("run", "-w", ws, "--rounds", 1, *sets()),
+        capture_output=True,
+        text=True,
+        cwd=code,
+        env={**os.environ, **ENV, "PYTHONPATH": str(code)},
+        timeout=600,
+    )
+    ok(proc)
+    after = manifests(ws)
+    reused, redone = ["0/eval", "1/sample", "1/rewrite", "1/score", "1/filter"], ["1/train", "1/eval"]
+    assert outcomes(ws) == {**dict.fromkeys(reused, "cached"), **dict.fromkeys(redone, "done")}
+    for where in redone:
+        assert after[where]["key"] != before[where]["key"], where
+    # train's own code changed; eval's did not (it recomputes because it reads a new student).
+    assert after["1/train"]["code_version"] != before["1/train"]["code_version"]
+    assert after["1/eval"]["code_version"] == before["1/eval"]["code_version"]
+
+
 def test_rerun_from_filter_recomputes_only_downstream(two_rounds: Path, tmp_path: Path) -> None:
     """``mpd rerun --round 1 --from filter`` moves filter onward (and round 2) aside and
     recomputes exactly those, under the same keys; sample, rewrite, score stay."""

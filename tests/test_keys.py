@@ -1,0 +1,37 @@
+"""Stage keys: which code a key covers (data.keys), checked on this repository's own modules."""
+
+from __future__ import annotations
+
+from data.keys import code_version, library_versions, module_closure
+
+
+def test_a_stage_key_covers_the_code_it_imports_transitively() -> None:
+    """train reaches the losses through the trainer and grades through data.answers; the
+    filter reaches neither, so editing the losses cannot recompute a filter."""
+    train = module_closure("tasks.train")
+    for reached in ["train.trainer", "train.losses", "train.fused", "engines.hf", "data.answers"]:
+        assert reached in train, reached
+    sample = module_closure("tasks.sample")
+    assert {"engines.vllm", "engines.openai", "data.traces", "data.answers"} <= set(sample)
+    assert "train.losses" not in sample
+    filt = module_closure("tasks.filter")
+    assert "train.losses" not in filt and "engines.hf" not in filt
+    assert {"data", "tasks"} <= set(filt)  # a package's __init__ runs before its modules
+    problems = module_closure("tasks.problems")
+    assert "data.world.arith" in problems  # the built-in world generates the problems
+
+
+def test_closure_follows_imports_inside_functions() -> None:
+    """tasks.train imports the trainer inside its body (lazily); the key must still cover it."""
+    assert "train.trainer" in module_closure("tasks.train")
+    assert "flows.stages" not in module_closure("tasks.train")
+
+
+def test_code_version_names_the_libraries_and_the_wiring() -> None:
+    versions = library_versions()
+    assert versions["torch"].startswith("2.") and "transformers" in versions
+    plain = code_version("tasks.filter")
+    wired = code_version("tasks.filter", shallow=("flows.stages",))
+    assert plain != wired  # the wiring file's source counts
+    # shallow modules are not followed: the filter's key still ignores the losses' source
+    assert "train.losses" not in module_closure("tasks.filter")
