@@ -278,7 +278,10 @@ def test_editing_code_a_stage_imports_recomputes_that_stage_only(
     )
     ok(proc)
     after = manifests(ws)
-    reused, redone = ["0/eval", "1/sample", "1/rewrite", "1/score", "1/filter"], ["1/train", "1/eval"]
+    reused, redone = (
+        ["0/eval", "1/sample", "1/rewrite", "1/score", "1/filter"],
+        ["1/train", "1/eval"],
+    )
     assert outcomes(ws) == {**dict.fromkeys(reused, "cached"), **dict.fromkeys(redone, "done")}
     for where in redone:
         assert after[where]["key"] != before[where]["key"], where
