@@ -19,8 +19,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from data.errors import UserError
 
-class WorkspaceBusyError(RuntimeError):
+
+class WorkspaceBusyError(UserError, RuntimeError):
     """Another live process holds the workspace."""
 
 

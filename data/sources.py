@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from data.configbase import StrictModel
+from data.errors import UserError
 
 Format = Literal["auto", "jsonl", "parquet", "hf_disk"]
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -39,7 +40,7 @@ TRAIN_NAMES = frozenset({"train", "training"})
 TEST_NAMES = frozenset({"test", "testing", "validation", "valid", "val", "dev", "eval"})
 
 
-class ProblemSourceError(ValueError):
+class ProblemSourceError(UserError, ValueError):
     """The user's problem file cannot be turned into problems; says why in one line."""
 
 

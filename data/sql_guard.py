@@ -41,11 +41,13 @@ from typing import Any, NoReturn
 
 import duckdb
 
+from data.errors import UserError
+
 READ_ONLY = "mpd sql is read-only"
 SAVE_HINT = "use --out FILE.parquet to save a result"
 
 
-class SqlError(ValueError):
+class SqlError(UserError, ValueError):
     """The query cannot run: empty, a syntax error, or an error DuckDB raised while running it."""
 
 

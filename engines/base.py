@@ -18,6 +18,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from data.errors import UserError
+
 Progress = Callable[[int, int], None]  # (done, total) in prompts
 
 
@@ -86,5 +88,5 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-class EngineUnavailableError(ValueError):
+class EngineUnavailableError(UserError, ValueError):
     """The configured engine cannot run here (not installed, or not implemented yet)."""

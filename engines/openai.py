@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from data.errors import TransientError
 from engines.base import (
     Completion,
     EngineUnavailableError,
@@ -54,8 +55,16 @@ RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
 MAX_DELAY_S = 60.0
 
 
-class EngineRequestError(EngineUnavailableError):
-    """A request the server refused, or kept failing after every retry (one line)."""
+class EngineRequestError(Exception):
+    """A request that failed (one line): refused, or failing after every retry."""
+
+
+class EngineRefusedError(EngineRequestError, EngineUnavailableError):
+    """The server refused the request (401, 403, 404, 400…): its configuration, not luck."""
+
+
+class EngineGaveUpError(EngineRequestError, TransientError):
+    """The request kept failing (429, 5xx, connection) after the engine's own retries."""
 
 
 class OpenAIEngine:
@@ -288,12 +297,12 @@ class OpenAIEngine:
                 else:
                     problem = f"HTTP {resp.status_code}: {self._mask(_server_message(resp))}"
                     if resp.status_code not in RETRY_STATUS and resp.status_code < 500:
-                        raise EngineRequestError(f"{self.url}: {problem}")
+                        raise EngineRefusedError(f"{self.url}: {problem}")
                     retry_after = _retry_after(resp)
             if attempt < self.max_retries:
                 delay = min(self.retry_backoff_s * 2**attempt, MAX_DELAY_S)
                 await asyncio.sleep(max(delay, retry_after or 0.0))
-        raise EngineRequestError(
+        raise EngineGaveUpError(
             f"{self.url}: {problem} (gave up after {self.max_retries + 1} attempt(s))"
         )
 

@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engines.base import EngineUnavailableError
+from data.errors import TransientError
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 HEADER = struct.Struct(">Q")
 
 
-class WorkerError(EngineUnavailableError):
-    """The vLLM worker could not start, failed a request, or died (one line)."""
+class WorkerError(TransientError, RuntimeError):
+    """The vLLM worker could not start, failed a request, or died (one line; retried)."""
 
 
 class Worker:

@@ -171,9 +171,10 @@ def bench_flow(
     from prefect.context import FlowRunContext
 
     from data import catalog
+    from data.errors import kind_of
     from data.lock import WorkspaceLock
     from flows.bench_report import print_progress, write_report
-    from flows.campaign import USER_ERRORS, campaign_flow
+    from flows.campaign import campaign_flow
     from flows.logs import setup_logging
 
     if FlowRunContext.get() is None:
@@ -197,7 +198,7 @@ def bench_flow(
             )
             if state.is_failed():
                 outcome = state.result(raise_on_failure=False)
-                if isinstance(outcome, BaseException) and not isinstance(outcome, USER_ERRORS):
+                if isinstance(outcome, BaseException) and kind_of(outcome) == "bug":
                     raise outcome
                 failures[f"{m.method} seed {m.seed}"] = str(state.message or outcome)
                 log.error("%s failed: %s", where, state.message)

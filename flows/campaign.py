@@ -21,26 +21,20 @@ from prefect.states import Failed
 
 import tasks.problems
 from data import catalog
+from data.errors import kind_of, one_line
 from data.fsutil import atomic_write_bytes
 from data.keys import code_version, stage_key
-from data.lock import WorkspaceBusyError, WorkspaceLock, describe_holder
+from data.lock import WorkspaceLock, describe_holder
 from data.schemas import PROBLEMS
 from data.store import StageStore
 from flows import modes, stages
 from flows.artifacts import publish_round
 from flows.bootstrap import check_tokenizers, ensure_bootstrap
-from flows.config import ConfigError, RunConfig, dump_config, load_config
-from flows.errors import UserError
+from flows.config import RunConfig, dump_config, load_config
 from flows.logs import setup_logging
 from flows.summary import print_summary
 
 log = logging.getLogger("mpd")
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    UserError,
-    ValueError,
-    ConfigError,
-    WorkspaceBusyError,
-)
 
 
 def problems_stage(store: StageStore, cfg: RunConfig) -> str:
@@ -107,9 +101,12 @@ def campaign_flow(
         cfg.rounds = rounds
     try:
         run_campaign(cfg)
-    except USER_ERRORS as exc:
-        # A user mistake ends the run as Failed with one clear line, not a traceback.
-        return Failed(message=str(exc))  # type: ignore[return-value]
+    except Exception as exc:
+        # A user mistake (or a transient failure that outlived its retries) ends the run as
+        # Failed with one clear line, not a traceback; a bug propagates with its traceback.
+        if kind_of(exc) == "bug":
+            raise
+        return Failed(message=one_line(exc), data=exc)  # type: ignore[return-value]
     (summary,) = catalog.internal_queries(cfg.workspace, "select * from round_summary")
     return summary.to_pylist()
 

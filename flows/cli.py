@@ -200,30 +200,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the user asked for something wrong"."""
-    from data.lock import WorkspaceBusyError
-    from data.schemas import SchemaError
-    from flows.config import ConfigError
-
-    errors: list[type[BaseException]] = [ConfigError, WorkspaceBusyError, SchemaError]
-    for module, names in (
-        ("data.catalog", ("ReadOnlyError", "SqlError")),
-        ("data.sources", ("ProblemSourceError",)),
-        ("flows.errors", ("UserError",)),
-        ("train.models", ("ModelLoadError", "TokenizerMismatchError")),
-        ("train.assets", ("AssetsError",)),
-        ("engines.base", ("EngineUnavailableError",)),
-        ("tasks.filter", ("FilterError",)),
-    ):
-        try:
-            mod = __import__(module, fromlist=list(names))
-        except ImportError:
-            continue
-        errors.extend(getattr(mod, n) for n in names if hasattr(mod, n))
-    return tuple(errors)
-
-
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -242,9 +218,15 @@ def main(argv: list[str] | None = None) -> int:
             "mpd: interrupted; finished shards are kept and reused by the next run", file=sys.stderr
         )
         return 130
-    except _user_errors() as exc:
-        print(f"mpd: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        from data.errors import kind_of, one_line
+
+        kind = kind_of(exc)
+        if kind == "bug":
+            raise  # a bug: its traceback and a non-zero exit
+        # A user mistake (exit 2) or a transient failure that outlived its retries (exit 1).
+        print(f"mpd: error: {one_line(exc)}", file=sys.stderr)
+        return 2 if kind == "user" else 1
 
 
 def _load(args: argparse.Namespace) -> RunConfig:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from data.configbase import StrictModel
+from data.errors import UserError
 from engines.config import EnginesConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.filter import FilterConfig
@@ -80,7 +81,7 @@ class RunConfig(StrictModel):
     bench: BenchConfig = Field(default_factory=BenchConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user mistake in a config file or override; its message is one line."""
 
 

@@ -1,5 +1,5 @@
-"""The one exception type the CLI prints as a user mistake (one line, exit code 2)."""
+"""The error kinds, re-exported for the flows: defined once in :mod:`data.errors`."""
 
+from data.errors import TransientError, UserError, kind_of
 
-class UserError(RuntimeError):
-    """Something the user can fix: a missing bootstrap, a stage that kept nothing."""
+__all__ = ["TransientError", "UserError", "kind_of"]

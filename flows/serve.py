@@ -29,6 +29,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from data.errors import UserError
 from data.store import StageStore
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ def rounds_to_reach(workspace: Path | str, rounds_per_night: int, cap: int | Non
     nightly into a campaign of fixed length whose later nights only re-check the cache.
     """
     if rounds_per_night < 1:
-        raise ValueError(f"rounds_per_night must be at least 1, got {rounds_per_night}")
+        raise UserError(f"rounds_per_night must be at least 1, got {rounds_per_night}")
     done = committed_rounds(workspace)
     target = done + rounds_per_night
     if cap is not None:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from data.configbase import StrictModel
+from data.errors import UserError
 from data.schemas import DECISIONS, SAMPLES, SchemaError, conform
 from data.store import StageWriter
 
@@ -33,7 +34,7 @@ class FilterConfig(StrictModel):
 DEFAULT_SQL = Path(__file__).resolve().parents[1] / "data" / "sql" / "filter.sql"
 
 
-class FilterError(ValueError):
+class FilterError(UserError, ValueError):
     """The filter SQL failed, or produced rows that do not fit the decisions table."""
 
 

@@ -6,9 +6,9 @@ only while the committed output on disk is valid: the disk stays the source of
 truth (a deleted or corrupt output is recomputed even if Prefect remembers a
 result), and Prefect shows an unchanged stage as ``Cached``.
 
-User mistakes (a filter that keeps nothing, a bad SQL file) are not retried;
-anything else (a killed worker, an out-of-memory, a flaky server) is retried
-with backoff before the run fails.
+Only transient failures (a dead engine worker, a server that kept failing, a lost
+connection: ``data.errors``) are retried, with backoff; a user mistake (a filter that
+keeps nothing, a bad SQL file) or a bug fails the stage at once.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import CachePolicy
 
+from data.errors import is_retried
 from data.store import StageStore
 from tasks.common import StageResult
 
@@ -47,17 +48,12 @@ class StageKeyPolicy(CachePolicy):
         return None
 
 
-NOT_RETRIED: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
-
-
 def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
     try:
         state.result()
-    except NOT_RETRIED:
-        return False
-    except Exception:
-        return True
-    return True
+    except Exception as exc:
+        return is_retried(exc)
+    return False
 
 
 @task(

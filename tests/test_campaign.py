@@ -389,12 +389,13 @@ def test_kill_during_training_resumes_from_checkpoint(base: Path, tmp_path: Path
 
 
 def test_transient_stage_failure_is_retried_and_resumes(tmp_path: Path, prefect_api: str) -> None:
-    """The stage task retries an unexpected error (here a lost connection after one shard),
-    and the retry reuses the shard the failed attempt finished; a ValueError (a user mistake)
-    fails at once, unretried."""
+    """The stage task retries a transient failure (here a lost connection after one shard),
+    and the retry reuses the shards the failed attempt finished; a user mistake and a bug
+    (data.errors) fail at once, unretried."""
     from prefect import flow
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from data.errors import UserError
     from tasks.common import run_stage
     from tasks.prefect_stage import stage_task
 
@@ -413,7 +414,11 @@ def test_transient_stage_failure_is_retried_and_resumes(tmp_path: Path, prefect_
 
     def mistaken(writer) -> dict:
         attempts.append(sorted(writer.resumed))
-        raise ValueError("a user mistake")
+        raise UserError("a user mistake")
+
+    def buggy(writer) -> dict:
+        attempts.append(sorted(writer.resumed))
+        raise ValueError("a bug: zip(strict=True) found lists of different lengths")
 
     @flow(name="mpd-retry-probe")
     def probe(stage: str, compute) -> object:
@@ -434,9 +439,14 @@ def test_transient_stage_failure_is_retried_and_resumes(tmp_path: Path, prefect_
         assert man is not None and man.resumed_shards == 2 and man.rows == 3
 
         attempts.clear()
-        with pytest.raises(ValueError, match="a user mistake"):
+        with pytest.raises(UserError, match="a user mistake"):
             probe("rewrite", mistaken)
         assert attempts == [[]], "a user mistake is not retried"
+
+        attempts.clear()
+        with pytest.raises(ValueError, match="a bug"):
+            probe("score", buggy)
+        assert attempts == [[]], "a bug is not retried"
 
 
 def test_prefect_cache_hits_only_a_valid_output_of_this_workspace(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.errors import UserError
 from data.fsutil import atomic_write_json, sha256_file
 from data.schemas import BOOTSTRAP_EVALS, conform
 
@@ -29,7 +30,7 @@ MANIFEST = "MANIFEST.json"
 PARTS = ("tokenizer", "student", "teacher")
 
 
-class AssetsError(ValueError):
+class AssetsError(UserError, ValueError):
     """Missing or altered bootstrap assets."""
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.errors import UserError
 from data.fsutil import atomic_write_json, fsync_dir
 
 CHECKPOINTS = "checkpoints"
@@ -47,6 +48,10 @@ class Checkpoint:
     scheduler: dict[str, Any]
     rng: list[dict[str, Any]]  # index = process rank
     state: dict[str, Any]
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """A checkpoint in the output directory belongs to another run (one line: what to remove)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -157,7 +162,7 @@ def check_compatible(
         name for name, ours in (("seed", seed), ("world_size", world_size)) if state[name] != ours
     ]
     if differ:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"{path} was written by a different run ({', '.join(differ)} differ); "
             f"remove {path.parent} to start over"
         )
@@ -173,7 +178,9 @@ def restore(
 ) -> None:
     """Put weights, optimizer, schedule and this process's RNG back as they were at the save."""
     if set(params) != set(ckpt.trainable):
-        raise ValueError("the checkpoint's trainable parameters differ from this model's")
+        raise CheckpointMismatchError(
+            "the checkpoint's trainable parameters differ from this model's"
+        )
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(ckpt.trainable[name])

@@ -14,14 +14,16 @@ from pathlib import Path
 
 import torch
 
+from data.errors import UserError
+
 BUILTIN_PREFIX = "builtin:"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A model or tokenizer path that cannot be used; the message says why."""
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(UserError, ValueError):
     """Student and teacher tokenize differently, so token-level KL is meaningless."""
 
 

@@ -45,6 +45,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from data.configbase import StrictModel
+from data.errors import UserError
 from data.fsutil import atomic_write_json
 from train.batching import BatchPlan, Example, collate, fit_examples, load_examples, micro_batches
 from train.checkpoint import (
@@ -70,6 +71,10 @@ CHUNK_SIZE = 1024  # positions per chunk of logits: 1024 × 151936 × 4 B = 0.6 
 MODEL_DIR = "model"
 
 
+class TrainInputError(UserError, ValueError):
+    """A training run asked for something it cannot do (a config or model mistake; one line)."""
+
+
 @dataclass
 class TrainResult:
     """What `train` hands back. `log` covers steps 1..cfg.steps, those before a resume included."""
@@ -91,9 +96,9 @@ class Dist:
         self.world = 1 if accelerator is None else accelerator.num_processes
         self.rank = 0 if accelerator is None else accelerator.process_index
         if accelerator is not None and str(accelerator.mixed_precision) == "fp16":
-            raise ValueError("fp16 mixed precision needs a GradScaler step: use bf16 or fp32")
+            raise TrainInputError("fp16 mixed precision needs a GradScaler step: use bf16 or fp32")
         if accelerator is not None and accelerator.gradient_accumulation_steps != 1:
-            raise ValueError(
+            raise TrainInputError(
                 "set cfg.grad_accum, not the Accelerator's gradient_accumulation_steps"
             )
 
@@ -224,14 +229,16 @@ def train(
 def _check_inputs(examples: list[Example], cfg: TrainConfig, model: Any, teacher: Any) -> None:
     """Refuse a run that could only fail later, or silently train on the wrong thing."""
     if not examples:
-        raise ValueError(f"no example fits max_length={cfg.max_length}: nothing to train on")
+        raise TrainInputError(f"no example fits max_length={cfg.max_length}: nothing to train on")
     if cfg.loss == "ce":
         return
     if cfg.teacher_mode == "online":
         if teacher is None:
-            raise ValueError("teacher_mode 'online' needs a teacher model")
+            raise TrainInputError("teacher_mode 'online' needs a teacher model")
         if teacher is model:
-            raise ValueError("the teacher must be a frozen copy, not the student being trained")
+            raise TrainInputError(
+                "the teacher must be a frozen copy, not the student being trained"
+            )
         return
     ks = {None if ex.topk_ids is None else ex.topk_ids.shape[-1] for ex in examples}
     if None in ks:
@@ -302,9 +309,13 @@ def _with_lora(model: Any, lora: LoraConfig) -> Any:
     from peft import PeftModel, get_peft_model
 
     if isinstance(model, PeftModel):
-        raise ValueError("the model already carries adapters: merge them before training new ones")
+        raise TrainInputError(
+            "the model already carries adapters: merge them before training new ones"
+        )
     if "lm_head" in lora.target_modules:
-        raise ValueError("lm_head adapters are not supported: the loss reads the lm_head weight")
+        raise TrainInputError(
+            "lm_head adapters are not supported: the loss reads the lm_head weight"
+        )
     config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -319,7 +330,9 @@ def _optimizer(lm: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (decaying norm gains and biases only hurts)."""
     trainable = [p for p in lm.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError("the model has no trainable parameters (an adapter loaded for inference?)")
+        raise TrainInputError(
+            "the model has no trainable parameters (an adapter loaded for inference?)"
+        )
     groups = [
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
