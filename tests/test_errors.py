@@ -63,7 +63,9 @@ def test_anything_else_is_a_bug(cls: type[Exception]) -> None:
 def test_both_request_errors_are_request_errors() -> None:
     assert issubclass(EngineRefusedError, EngineRequestError)
     assert issubclass(EngineGaveUpError, EngineRequestError)
-    assert issubclass(EngineRefusedError, UserError) and issubclass(EngineGaveUpError, TransientError)
+    assert issubclass(EngineRefusedError, UserError) and issubclass(
+        EngineGaveUpError, TransientError
+    )
 
 
 def _raising(exc: BaseException):
