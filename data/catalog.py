@@ -59,9 +59,13 @@ import csv
 import decimal
 import io
 import json
+import logging
 import math
 import os
+import threading
+import time
 from collections.abc import Iterator
+from fnmatch import fnmatch
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -74,10 +78,13 @@ from data.schemas import TABLES
 from data.sql_guard import ReadOnlyError, SqlError, check_read_only, one_line
 from data.store import MANIFEST
 
+log = logging.getLogger("mpd.catalog")
+
 __all__ = [
     "CATALOG_FILE",
     "TABLE_GLOBS",
     "VIEWS",
+    "QueryTimeoutError",
     "ReadOnlyError",
     "SqlError",
     "check_read_only",
@@ -156,18 +163,45 @@ def duckdb_type(arrow_type: pa.DataType) -> str:
     raise TypeError(f"no DuckDB type for Arrow type {arrow_type}")
 
 
-def committed_files(workspace: Path, table: str) -> list[Path]:
-    """Absolute paths of ``table``'s committed files, sorted by round then name."""
+def committed_files(workspace: Path, table: str, left_out: list[str] | None = None) -> list[Path]:
+    """Absolute paths of ``table``'s committed files, sorted by round then name.
+
+    The files are those the round's manifest lists (never whatever happens to lie in the
+    directory), and only for a stage run whose files are all there at their recorded sizes: a
+    deleted or truncated shard leaves the whole stage run out, so a query never counts 24 of
+    32 rows as if they were all. ``mpd status`` checks the contents too (sha256); sizes are what
+    a query can afford. Each run left out is one line appended to ``left_out``.
+    """
+    from data.store import StageStore
+
     stage, file_glob = TABLE_GLOBS[table].split("/round=*/")
+    store = StageStore(workspace)
     found: list[tuple[int, str, Path]] = []
     for round_dir in Path(workspace).joinpath(stage).glob("round=*"):
         round_text = round_dir.name.removeprefix("round=")
         if not (round_text.isdigit() and (round_dir / MANIFEST).is_file()):
+            continue  # a commit that did not finish: not a stage run yet
+        r = int(round_text)
+        man = store.manifest(stage, r)
+        problems = store.validate(stage, r, deep=False) if man is not None else ["unreadable"]
+        if man is None or problems:
+            if left_out is not None:
+                left_out.append(left_out_line(stage, r, problems[0]))
             continue
-        for path in round_dir.glob(file_glob):
-            if path.is_file() and not path.name.startswith((".", "_")):
-                found.append((int(round_text), path.name, path))
+        for entry in man.files:
+            name = entry.path
+            if "/" not in name and fnmatch(name, file_glob) and not name.startswith((".", "_")):
+                found.append((r, name, round_dir / name))
     return [path for _, _, path in sorted(found)]
+
+
+def left_out_line(stage: str, round_: int, problem: str) -> str:
+    """The one line that says a stage run is missing from SQL, and how to get it back."""
+    problem = problem.removeprefix(f"{stage} round {round_}: ")
+    return (
+        f"mpd: warning: {stage} round {round_} is left out of SQL ({problem}); "
+        f"`mpd run` recomputes it (or `mpd rerun --round {round_} --from {stage}`)"
+    )
 
 
 def _quote(text: str) -> str:
@@ -224,8 +258,10 @@ def _stage_runs_select(workspace: Path) -> str:
     return f"SELECT {cast} FROM (VALUES {values}) AS t({names}){where}"
 
 
-def _table_paths(workspace: Path, table: str, root: Path, relative: bool) -> list[str]:
-    files = committed_files(workspace, table)
+def _table_paths(
+    workspace: Path, table: str, root: Path, relative: bool, left_out: list[str]
+) -> list[str]:
+    files = committed_files(workspace, table, left_out)
     return [f.relative_to(root).as_posix() if relative else str(f) for f in files]
 
 
@@ -237,20 +273,23 @@ def bench_members(root: Path) -> list[dict[str, Any]]:
         return []
 
 
-def _view_definitions(workspace: Path, *, relative: bool) -> Iterator[tuple[str, str]]:
+def _view_definitions(
+    workspace: Path, *, relative: bool, left_out: list[str]
+) -> Iterator[tuple[str, str]]:
     """(view name, SELECT) in dependency order; paths absolute or workspace-relative."""
     if members := bench_members(workspace):
-        yield from _bench_view_definitions(workspace, members, relative=relative)
+        yield from _bench_view_definitions(workspace, members, relative=relative, left_out=left_out)
         return
     for table in TABLE_GLOBS:
-        yield table, _table_select(table, _table_paths(workspace, table, workspace, relative))
+        paths = _table_paths(workspace, table, workspace, relative, left_out)
+        yield table, _table_select(table, paths)
     yield "kept", "SELECT * FROM decisions WHERE kept"
     yield "stage_runs", _stage_runs_select(workspace)
     yield "round_summary", round_summary_sql()
 
 
 def _bench_view_definitions(
-    root: Path, members: list[dict[str, Any]], *, relative: bool
+    root: Path, members: list[dict[str, Any]], *, relative: bool, left_out: list[str]
 ) -> Iterator[tuple[str, str]]:
     """A bench root: each member's table with its method and seed, stacked; then ``bench``."""
 
@@ -265,7 +304,9 @@ def _bench_view_definitions(
     for table in TABLE_GLOBS:
         yield (
             table,
-            stacked(lambda ws, t=table: _table_select(t, _table_paths(ws, t, root, relative))),
+            stacked(
+                lambda ws, t=table: _table_select(t, _table_paths(ws, t, root, relative, left_out))
+            ),
         )
     yield "kept", "SELECT * FROM decisions WHERE kept"
     yield "stage_runs", stacked(_stage_runs_select)
@@ -274,11 +315,25 @@ def _bench_view_definitions(
 
 
 def _create_views(con: duckdb.DuckDBPyConnection, workspace: Path, *, relative: bool) -> None:
-    for name, select in _view_definitions(workspace, relative=relative):
+    """Every view; a stage run that does not validate is left out, with one warning line each.
+
+    A table whose files DuckDB cannot read (a shard damaged at its recorded size) becomes an
+    empty view with a warning, so the other tables keep working.
+    """
+    left_out: list[str] = []
+    for name, select in _view_definitions(workspace, relative=relative, left_out=left_out):
         try:
             con.execute(f"CREATE OR REPLACE VIEW {_ident(name)} AS {select}")
         except duckdb.Error as exc:  # e.g. a committed file that is not valid Parquet
-            raise SqlError(f"cannot build view {name}: {one_line(exc)}") from None
+            if name not in TABLE_GLOBS:
+                raise SqlError(f"cannot build view {name}: {one_line(exc)}") from None
+            left_out.append(
+                f"mpd: warning: table {name} is empty here: {one_line(exc)}; "
+                "`mpd status` names the damaged stage and `mpd run` recomputes it"
+            )
+            con.execute(f"CREATE OR REPLACE VIEW {_ident(name)} AS {_table_select(name, [])}")
+    for line in dict.fromkeys(left_out):
+        log.warning("%s", line)
 
 
 def _workspace(workspace: Path | str) -> Path:
@@ -348,21 +403,72 @@ def write_catalog(workspace: Path | str) -> Path:
     return target
 
 
-def run_query(workspace: Path | str, query: str) -> pa.Table:
+class QueryTimeoutError(SqlError):
+    """The query ran past its time limit and was interrupted (one line: how to allow more)."""
+
+
+def run_query(workspace: Path | str, query: str, *, timeout_s: float | None = None) -> pa.Table:
     """Check ``query`` with the read-only guard, run it over the views, return the result.
 
-    With several statements (all read-only), the last one's result is returned.
-    DuckDB errors become :class:`SqlError` with DuckDB's first message line.
+    With several statements (all read-only), the last one's result is returned. DuckDB errors
+    become :class:`SqlError` with DuckDB's first message line. The query runs in a worker
+    thread so that the caller stays responsive: Ctrl-C (``KeyboardInterrupt``) and
+    ``timeout_s`` interrupt DuckDB itself (``interrupt()``), which DuckDB otherwise lets run
+    to the end with the signal pending.
     """
     check_read_only(query)
     con = connect(workspace)
     try:
-        relation = con.sql(query)
-        return relation.to_arrow_table() if relation is not None else pa.table({})
-    except duckdb.Error as exc:
-        raise SqlError(one_line(exc)) from None
+        return _run_interruptible(con, query, timeout_s)
     finally:
         con.close()
+
+
+def _run_interruptible(
+    con: duckdb.DuckDBPyConnection, query: str, timeout_s: float | None
+) -> pa.Table:
+    outcome: dict[str, Any] = {}
+    # The worker's end is an Event, not Thread.join: a KeyboardInterrupt landing inside join()
+    # can leave the thread marked stopped while it still runs, and close() then finds the
+    # connection busy.
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            relation = con.sql(query)
+            outcome["table"] = relation.to_arrow_table() if relation is not None else pa.table({})
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="mpd-sql", daemon=True).start()
+    deadline = None if not timeout_s else time.monotonic() + timeout_s
+    try:
+        while not done.wait(0.05):
+            if deadline is not None and time.monotonic() > deadline:
+                _stop(con, done)
+                raise QueryTimeoutError(
+                    f"the query ran past {timeout_s:g} s and was stopped "
+                    "(raise --timeout, or --timeout 0 for no limit)"
+                )
+    except KeyboardInterrupt:
+        _stop(con, done)
+        raise
+    if "error" in outcome:
+        exc = outcome["error"]
+        if isinstance(exc, duckdb.Error):
+            raise SqlError(one_line(exc)) from None
+        raise exc
+    return outcome["table"]
+
+
+def _stop(con: duckdb.DuckDBPyConnection, done: threading.Event) -> None:
+    """Interrupt the worker's query until it ends: an interrupt that lands before DuckDB starts
+    executing (while it parses or binds) is forgotten, so it is repeated."""
+    while not done.is_set():
+        con.interrupt()
+        done.wait(0.1)
 
 
 def internal_queries(workspace: Path | str, *queries: str) -> list[pa.Table]:

@@ -179,14 +179,37 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read-only DuckDB SQL over the views problems, samples, solutions, rewrites, "
         "truncations, scores, decisions, kept, train_log, evals, stage_runs, round_summary (in a "
         "bench root: the same stacked with method and seed columns, and bench). Statements that "
-        "write files, attach databases, load extensions or change settings are refused.",
+        "write files, attach databases, load extensions or change settings are refused. "
+        "A stage run whose files are missing or damaged is left out, with a warning naming it. "
+        "Ctrl-C stops a running query (exit 130).",
     )
     _add_workspace_args(p)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=SQL_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"stop a query that runs longer (default {SQL_TIMEOUT_S:g}; 0 = no limit)",
+    )
     p.add_argument("--out", type=Path, help="write the result to FILE.parquet instead")
     p.add_argument("query", help='e.g. "select round, accuracy from round_summary"')
     p.set_defaults(func=cmd_sql)
     return parser
+
+
+SQL_TIMEOUT_S = 300.0  # long enough for any query on a night's rounds, short enough to notice
+
+
+def _seconds(text: str) -> float:
+    """argparse type for a duration in seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more seconds, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -404,7 +427,11 @@ def cmd_sql(args: argparse.Namespace) -> int:
     from data.catalog import format_table, run_query, write_parquet_atomic
 
     workspace = _load(args).workspace
-    table = run_query(workspace, args.query)
+    try:
+        table = run_query(workspace, args.query, timeout_s=args.timeout or None)
+    except KeyboardInterrupt:
+        print("mpd: query interrupted; nothing was written", file=sys.stderr)
+        return 130
     if args.out is not None:
         write_parquet_atomic(table, args.out)
         print(f"wrote {table.num_rows} rows to {args.out}", file=sys.stderr)

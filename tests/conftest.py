@@ -188,3 +188,20 @@ def _wait_healthy(url: str, server: subprocess.Popen, log_path: Path, timeout: f
     tail = log_path.read_text(errors="replace")[-3000:]
     stop_process_tree(server)
     pytest.fail(f"prefect server at {url} not healthy after {timeout:.0f}s:\n{tail}")
+
+
+def write_manifest(round_dir: Path, stage: str, round_: int) -> None:
+    """A real manifest (data.store.Manifest) committing the round directory's Parquet files,
+    for tests that lay out a workspace by hand: SQL views read the files a manifest lists."""
+    import json
+
+    from data.fsutil import sha256_file
+    from data.store import MANIFEST, FileEntry, Manifest
+
+    files = [
+        FileEntry(f.name, f.stat().st_size, sha256_file(f))
+        for f in sorted(round_dir.glob("*.parquet"))
+        if not f.name.startswith((".", "_"))
+    ]
+    man = Manifest(stage, round_, "k" * 64, files, 0, 0.0, 0.0, 0.0, "test")
+    (round_dir / MANIFEST).write_text(json.dumps(man.to_dict()))

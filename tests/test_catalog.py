@@ -32,6 +32,7 @@ from data.catalog import (
     write_parquet_atomic,
 )
 from data.schemas import TABLES, conform
+from tests.conftest import write_manifest
 
 STAGE_OF = {table: glob.split("/")[0] for table, glob in TABLE_GLOBS.items()}
 
@@ -87,12 +88,13 @@ def write_rows(path: Path, table: str, rows: list[dict[str, Any]]) -> None:
 
 
 def commit(ws: Path, table: str, round_: int, rows: list[dict[str, Any]], name: str = "") -> Path:
-    """Write a committed round: the file, then the manifest (the commit marker)."""
+    """Write a committed round: the file, then the manifest (the commit marker) listing every
+    committed file of the round so far, as the store writes it."""
     default = {"decisions": "decisions.parquet", "train_log": "log.parquet"}
     round_dir = ws / STAGE_OF[table] / f"round={round_}"
     path = round_dir / (name or default.get(table, "part-00000.parquet"))
     write_rows(path, table, rows)
-    (round_dir / "_manifest.json").write_text(json.dumps({"stage": STAGE_OF[table]}))
+    write_manifest(round_dir, STAGE_OF[table], round_)
     return path
 
 
@@ -416,11 +418,62 @@ def test_run_query_errors_are_one_line_sql_errors(ws: Path) -> None:
         run_query(ws, "SELEC 1")
 
 
-def test_corrupt_committed_file_is_a_clear_error(ws: Path) -> None:
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mpd.catalog"]
+
+
+def test_a_stage_run_missing_a_shard_is_left_out_not_counted_short(
+    ws: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The review's case: one shard of a committed 2-shard stage deleted. The view used to glob
+    the files present and count 1 of 2 rows; now the run is left out, with one warning line
+    naming it and the repair, and the other tables and rounds keep working."""
+    commit(ws, "samples", 1, [trace(1, "a")])
+    lost = commit(ws, "samples", 1, [trace(1, "b")], name="part-00001.parquet")
+    commit(ws, "samples", 2, [trace(2, "c")])
+    commit(ws, "evals", 0, [eval_row(0, "p1", "test")])
+    assert run_query(ws, "SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 3}]
+    lost.unlink()
+    caplog.clear()
+    assert run_query(ws, "SELECT round, problem_id FROM samples").to_pylist() == [
+        {"round": 2, "problem_id": "c"}
+    ]
+    assert run_query(ws, "SELECT count(*) AS n FROM evals").to_pylist() == [{"n": 1}]
+    (line,) = set(_warnings(caplog))
+    assert "sample round 1 is left out of SQL" in line and "part-00001.parquet" in line
+    assert "mpd rerun --round 1 --from sample" in line and "\n" not in line
+
+
+def test_a_truncated_shard_no_longer_breaks_every_query(
+    ws: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A truncated shard (its size no longer the manifest's) used to make every query fail."""
     path = commit(ws, "samples", 1, [trace(1, "a")])
-    path.write_bytes(b"not parquet at all")
-    with pytest.raises(SqlError, match="cannot build view samples"):
-        connect(ws)
+    commit(ws, "decisions", 1, [decision(1, "a", "kept")])
+    path.write_bytes(path.read_bytes()[:40])
+    assert run_query(ws, "SELECT count(*) AS n FROM kept").to_pylist() == [{"n": 1}]
+    assert run_query(ws, "SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 0}]
+    assert any("wrong size" in w for w in _warnings(caplog))
+
+
+def test_a_shard_damaged_at_its_size_empties_its_table_only(
+    ws: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Damage the size check cannot see (same length, not Parquet): that table is empty, with
+    a warning that points at `mpd status`; the other tables answer."""
+    path = commit(ws, "samples", 1, [trace(1, "a")])
+    commit(ws, "evals", 0, [eval_row(0, "p1", "test")])
+    path.write_bytes(b"x" * path.stat().st_size)
+    assert run_query(ws, "SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 0}]
+    assert run_query(ws, "SELECT count(*) AS n FROM evals").to_pylist() == [{"n": 1}]
+    assert any("table samples is empty here" in w and "mpd status" in w for w in _warnings(caplog))
+
+
+def test_views_read_the_files_the_manifest_lists_not_the_files_present(ws: Path) -> None:
+    """A valid Parquet file dropped into a committed round (a copy, a stray tool) is not data."""
+    commit(ws, "samples", 1, [trace(1, "a")])
+    write_rows(ws / "sample/round=1/part-00007.parquet", "samples", [trace(1, "stray")])
+    assert run_query(ws, "SELECT problem_id FROM samples").to_pylist() == [{"problem_id": "a"}]
 
 
 def test_run_query_returns_the_last_statement(ws: Path) -> None:

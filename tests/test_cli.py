@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,60 @@ def test_sql_syntax_error_is_one_line(tmp_path: Path) -> None:
     out = mpd("sql", "-w", str(tmp_path), "selec 1")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.count("\n") == 1
+
+
+SLOW_QUERY = "select sum(a.range * b.range) from range(1000000) a, range(1000000) b"
+
+
+def test_sql_timeout_stops_a_slow_query(tmp_path: Path) -> None:
+    """A query past --timeout is interrupted inside DuckDB: one line, exit 2, in seconds."""
+    (tmp_path / "ws").mkdir()
+    started = time.monotonic()
+    out = mpd("sql", "-w", str(tmp_path / "ws"), "--timeout", "1", SLOW_QUERY)
+    assert out.returncode == 2 and time.monotonic() - started < 60
+    assert out.stderr.strip().splitlines() == [
+        "mpd: error: the query ran past 1 s and was stopped "
+        "(raise --timeout, or --timeout 0 for no limit)"
+    ]
+
+
+def test_sql_ctrl_c_interrupts_a_running_query(tmp_path: Path) -> None:
+    """SIGINT during a query (DuckDB used to run on, ignoring it): exit 130 at once, one line,
+    and --out writes nothing."""
+    (tmp_path / "ws").mkdir()
+    out_file = tmp_path / "result.parquet"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "sql",
+            "-w",
+            str(tmp_path / "ws"),
+            "--timeout",
+            "0",
+            "--out",
+            str(out_file),
+            SLOW_QUERY,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    time.sleep(6)  # start-up, then well into the query
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("mpd: ") and "Traceback" not in err
+    assert not out_file.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "inf"])
+def test_sql_bad_timeout_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    out = mpd("sql", "-w", str(tmp_path), "--timeout", value, "select 1")
+    assert out.returncode == 2 and "--timeout" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_second_run_on_a_busy_workspace_is_refused(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 from data.catalog import connect, run_query
 from data.schemas import DECISIONS
 from data.sql_guard import ReadOnlyError, SqlError, check_read_only
+from tests.conftest import write_manifest
 
 # (query, the statement kind the message must name). File names are relative, so
 # they would land in the test's working directory if anything ran.
@@ -149,7 +150,7 @@ def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "ratio": [0.5, 0.9],
     }
     pq.write_table(pa.table(rows, schema=DECISIONS), round_dir / "decisions.parquet")
-    (round_dir / "_manifest.json").write_text("{}")
+    write_manifest(round_dir, "filter", 1)
     monkeypatch.chdir(tmp_path)
     return tmp_path / "ws"
 
