@@ -47,10 +47,7 @@ class WorkspaceLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise WorkspaceBusyError(
-                f"workspace {self.path.parent} is in use by {describe_holder(holder)}; "
-                "wait for it to finish or stop it first"
-            ) from None
+            raise self._busy(holder) from None
         previous = _read_holder(fd)
         if previous.get("pid"):
             self.stale = previous
@@ -65,6 +62,30 @@ class WorkspaceLock:
         os.fsync(fd)
         self._fd = fd
         return self
+
+    def check_free(self) -> None:
+        """Refuse at once if a live process holds the workspace; take and write nothing.
+
+        For the checks a command runs before starting Prefect: the lock itself is taken later,
+        so this is advice, not a reservation (a run that starts in between is still refused
+        by :meth:`acquire`). The lock file's record is left for the real holder to read.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._busy(_read_holder(fd)) from None
+        finally:
+            os.close(fd)  # closing drops a lock this check took
+
+    def _busy(self, holder: dict[str, Any]) -> WorkspaceBusyError:
+        return WorkspaceBusyError(
+            f"workspace {self.path.parent} is in use by {describe_holder(holder)}; "
+            "wait for it to finish or stop it first"
+        )
 
     def release(self) -> None:
         if self._fd is None:

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the campaign (every stage cached and resumable)")
     _add_workspace_args(p)
-    p.add_argument("--rounds", type=int, help="run up to this round (overrides config)")
+    p.add_argument("--rounds", type=_count, help="run up to this round (overrides config)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -132,14 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and every later round aside, then runs the campaign: only those are recomputed.",
     )
     _add_workspace_args(p)
-    p.add_argument("--round", dest="round_", type=int, required=True, help="round to redo from")
+    p.add_argument("--round", dest="round_", type=_count, required=True, help="round to redo from")
     p.add_argument(
         "--from",
         dest="stage",
         required=True,
         choices=["sample", "solve", "rewrite", "score", "filter", "truncate", "train", "eval"],
     )
-    p.add_argument("--rounds", type=int, help="run up to this round (overrides config)")
+    p.add_argument("--rounds", type=_count, help="run up to this round (overrides config)")
     p.set_defaults(func=cmd_rerun)
 
     p = sub.add_parser(
@@ -209,6 +209,17 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more seconds, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type for a round number or count: 0 or more (a usage error, not a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -314,9 +325,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mpd")
     # An offline pipeline: no telemetry from the embedded server (it only logs errors here).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.preflight import preflight
+
+    # Config, workspace, lock and model mistakes end here, in well under a second: before
+    # Prefect is imported and started (seconds; a minute on a loaded machine).
+    cfg = _load(args)
+    preflight(cfg.workspace, [cfg.models.student, cfg.models.teacher])
     from flows.campaign import campaign_flow
 
-    _load(args)  # config errors end here, before Prefect starts
     state = campaign_flow(
         config=str(args.config) if args.config else None,
         rounds=args.rounds,
@@ -353,7 +369,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.workspace is not None:
         overrides.append(f"workspace={args.workspace}")
-    plan(args.config, overrides, methods, seeds, rounds)  # every mistake ends here, before Prefect
+    from flows.preflight import preflight
+
+    base, _ = plan(args.config, overrides, methods, seeds, rounds)  # mistakes end here, before
+    preflight(base.workspace, [base.models.student, base.models.teacher])  # Prefect starts
     state = bench_flow(
         config=str(args.config) if args.config else None,
         methods=methods,
@@ -398,9 +417,11 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     from data.lock import WorkspaceLock
     from data.store import StageStore
     from flows.modes import round_stages
+    from flows.preflight import preflight
     from flows.status import downstream
 
     cfg = _load(args)
+    preflight(cfg.workspace, [cfg.models.student, cfg.models.teacher])
     with WorkspaceLock(cfg.workspace):
         store = StageStore(cfg.workspace)
         gone = [

@@ -13,7 +13,6 @@ from data.prompts import DEFAULT_REWRITE_PROMPT
 from data.schemas import REWRITES
 from data.store import StageWriter
 from tasks.common import chat_prompt, generate_traces, shard_seed
-from tasks.shards import run_shards
 
 log = logging.getLogger("mpd")
 
@@ -107,6 +106,8 @@ def rewrite_body(
                 orig_truncated=s["truncated"],
             )
         return rows
+
+    from tasks.shards import run_shards  # Prefect: imported when a stage runs, not by config
 
     n_shards = run_shards(
         writer,

@@ -13,7 +13,6 @@ from data.prompts import CONCISE_CUE
 from data.schemas import LOGPROB_MIN, LOGPROB_SCALE, SCORES
 from data.store import StageWriter
 from tasks.common import chat_prompt
-from tasks.shards import run_shards
 
 log = logging.getLogger("mpd")
 
@@ -116,6 +115,8 @@ def score_body(
             }
             for r, s in zip(chosen, scored, strict=True)
         ]
+
+    from tasks.shards import run_shards  # Prefect: imported when a stage runs, not by config
 
     n_shards = run_shards(
         writer,

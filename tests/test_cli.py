@@ -174,14 +174,59 @@ def test_second_run_on_a_busy_workspace_is_refused(tmp_path: Path) -> None:
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
         out = mpd("run", "-w", str(ws), *SMALL)
         assert out.returncode == 2
         assert f"in use by pid {holder.pid}" in out.stderr and "mpd run (nightly)" in out.stderr
         assert not (ws / "problems").exists(), "the refused run wrote nothing"
+        # refused before Prefect is imported or started (that took ~56 s under load)
+        assert "prefect" not in out.stderr.lower() and time.monotonic() - started < 20
     finally:
         holder.kill()
         holder.wait()
     assert mpd("run", "-w", str(ws), *SMALL).returncode == 0, "a killed holder does not block"
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        ("file", "is a file: give a directory"),
+        ("under-file", "is under"),
+        ("unwritable", "cannot create workspace"),
+    ],
+)
+def test_unusable_workspace_is_one_line_before_prefect(
+    tmp_path: Path, where: str, expected: str
+) -> None:
+    """A workspace that is a file, under a file, or where nothing can be created (/proc, as
+    a read-only filesystem would): one line, exit 2, no traceback (it used to print an OSError
+    traceback twice, after Prefect's start-up)."""
+    (tmp_path / "afile").write_text("x")
+    ws = {
+        "file": tmp_path / "afile",
+        "under-file": tmp_path / "afile" / "ws",
+        "unwritable": Path("/proc/1/mpd-ws"),
+    }[where]
+    started = time.monotonic()
+    out = mpd("run", "-w", str(ws), *SMALL)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and expected in out.stderr
+    assert "prefect" not in out.stderr.lower() and time.monotonic() - started < 20
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--rounds", "-1"],
+        ["rerun", "--round", "-1", "--from", "filter"],
+        ["run", "--set", "models.student=/no/such/model"],
+    ],
+)
+def test_bad_arguments_are_one_line_exit_2(tmp_path: Path, args: list[str]) -> None:
+    """`mpd run --rounds -1` was a pydantic traceback, exit 1."""
+    out = mpd(*args, "-w", str(tmp_path / "ws"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()[-1]) < 200
 
 
 def test_bad_problems_file_is_one_line(tmp_path: Path) -> None:

@@ -61,3 +61,20 @@ def test_clean_release_is_not_reported_stale(tmp_path: Path) -> None:
         pass
     with WorkspaceLock(tmp_path) as lock:
         assert lock.stale is None
+
+
+def test_check_free_refuses_a_held_workspace_and_leaves_the_record(tmp_path: Path) -> None:
+    """The pre-Prefect check takes nothing and writes nothing: a killed holder's record stays
+    for the real run to report as a stale lock."""
+    WorkspaceLock(tmp_path).check_free()  # no lock file yet: free
+    held = WorkspaceLock(tmp_path, command="mpd run (nightly)").acquire()
+    try:
+        with pytest.raises(WorkspaceBusyError, match="mpd run \\(nightly\\)"):
+            WorkspaceLock(tmp_path).check_free()
+    finally:
+        record = (tmp_path / ".lock").read_text()
+        os.close(held._fd)  # dies without releasing: the record stays, the lock goes
+    WorkspaceLock(tmp_path).check_free()
+    assert (tmp_path / ".lock").read_text() == record
+    with WorkspaceLock(tmp_path) as lock:
+        assert lock.stale is not None and lock.stale["command"] == "mpd run (nightly)"
