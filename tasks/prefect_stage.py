@@ -21,8 +21,9 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import CachePolicy
+from prefect.states import Failed
 
-from data.errors import is_retried
+from data.errors import is_retried, kind_of, one_line
 from data.store import StageStore
 from tasks.common import StageResult
 
@@ -48,6 +49,22 @@ class StageKeyPolicy(CachePolicy):
         return None
 
 
+def failed_quietly(run: Callable[[], Any]) -> Any:
+    """``run()``, with a user mistake turned into a Failed state that carries it.
+
+    Prefect logs a raised exception with its whole traceback (~50 lines before the CLI's one
+    line); a returned Failed state is logged as one line, and ``state.result()`` (or a
+    future's ``result()``) still raises the exception for the caller. Bugs and transient
+    failures are raised as usual: their traceback helps, and the retry condition sees them.
+    """
+    try:
+        return run()
+    except Exception as exc:
+        if kind_of(exc) != "user":
+            raise
+        return Failed(message=one_line(exc), data=exc)
+
+
 def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
     try:
         state.result()
@@ -69,4 +86,4 @@ def stage_task(
     workspace: str, stage: str, round_: int, key: str, run: Callable[[], StageResult]
 ) -> StageResult:
     """Run one stage (``run`` checks the store itself, so a cache miss here is still cheap)."""
-    return run()
+    return failed_quietly(run)

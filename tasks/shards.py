@@ -73,7 +73,9 @@ class _Progress:
 @task(name="shard", task_run_name="{stage}-round-{round_}-shard-{index}", cache_policy=NO_CACHE)
 def shard_task(stage: str, round_: int, index: int, run: Callable[[int], int]) -> int:
     """One shard: generate, write, mark. Its rows live in the shard file, not in Prefect."""
-    return run(index)
+    from tasks.prefect_stage import failed_quietly
+
+    return failed_quietly(lambda: run(index))
 
 
 def run_shards(

@@ -229,6 +229,42 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path: Path, args: list[str]) -> N
     assert len(out.stderr.strip().splitlines()[-1]) < 200
 
 
+def test_server_refusing_the_api_key_is_one_line_without_prefect_tracebacks(
+    tmp_path: Path,
+) -> None:
+    """An HTTP 401 inside a shard task: the right one line used to come after ~47 lines of
+    Prefect's task tracebacks. A user mistake now fails the shard and stage tasks as Failed
+    states (one log line each), and the run ends with exit 2."""
+    import os
+
+    from engines.hf import load_hf_engine
+    from tests.standin_server import StandInServer
+
+    server = StandInServer(load_hf_engine(REPO / "assets/world/student", device="cpu")).start()
+    try:
+        server.reset(api_key="sk-right")
+        engine = [
+            "--set", "engines.student.kind=openai",
+            "--set", f"engines.student.base_url={server.base_url}",
+            "--set", "engines.student.served_model_name=tiny",
+            "--set", "engines.student.api_key_env=MPD_TEST_WRONG_KEY",
+        ]  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "run", "-w", str(tmp_path / "ws"), *SMALL, *engine],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "MPD_TEST_WRONG_KEY": "sk-wrong"},
+            timeout=600,
+        )
+    finally:
+        server.stop()
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("mpd: error:")]
+    assert len(errors) == 1 and "HTTP 401" in errors[0] and "sk-wrong" not in out.stderr
+
+
 def test_bad_problems_file_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"question": "1+1?", "answer": "2"}\n')
