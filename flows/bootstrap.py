@@ -123,9 +123,9 @@ def bootstrap_workspace(
     cfg: RunConfig, *, from_scratch: bool, device: str, workers: int | None
 ) -> Path:
     """``mpd bootstrap`` into a workspace, as the Prefect flow ``mpd-bootstrap``."""
-    import os
+    from flows.prefect_env import prefect_env
 
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    prefect_env()
     from prefect import flow
 
     from flows.logs import setup_logging

@@ -319,41 +319,33 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import os
-
-    # Stage logs go through Prefect's handlers: to the console and to the run in the UI.
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mpd")
-    # An offline pipeline: no telemetry from the embedded server (it only logs errors here).
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.prefect_env import finish, prefect_env, run_flow
     from flows.preflight import preflight
 
     # Config, workspace, lock and model mistakes end here, in well under a second: before
     # Prefect is imported and started (seconds; a minute on a loaded machine).
     cfg = _load(args)
     preflight(cfg.workspace, [cfg.models.student, cfg.models.teacher])
+    prefect_env()
     from flows.campaign import campaign_flow
 
-    state = campaign_flow(
-        config=str(args.config) if args.config else None,
-        rounds=args.rounds,
-        workspace=str(args.workspace) if args.workspace else None,
-        overrides=args.overrides,
-        return_state=True,
+    return finish(
+        run_flow(
+            lambda: campaign_flow(
+                config=str(args.config) if args.config else None,
+                rounds=args.rounds,
+                workspace=str(args.workspace) if args.workspace else None,
+                overrides=args.overrides,
+                return_state=True,
+            )
+        )
     )
-    if state.is_failed():
-        outcome = state.result(raise_on_failure=False)
-        if isinstance(outcome, BaseException):
-            raise outcome  # a user error prints one line in main(); a bug, its traceback
-        print(f"mpd: error: {state.message}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import os
+    from flows.prefect_env import finish, prefect_env, run_flow
 
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mpd")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    prefect_env()
     from flows.bench import bench_flow, parse_list, parse_positive, plan
     from flows.errors import UserError
     from flows.modes import MODES
@@ -373,27 +365,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     base, _ = plan(args.config, overrides, methods, seeds, rounds)  # mistakes end here, before
     preflight(base.workspace, [base.models.student, base.models.teacher])  # Prefect starts
-    state = bench_flow(
-        config=str(args.config) if args.config else None,
-        methods=methods,
-        seeds=seeds,
-        rounds=rounds,
-        overrides=overrides,
-        return_state=True,
+    return finish(
+        run_flow(
+            lambda: bench_flow(
+                config=str(args.config) if args.config else None,
+                methods=methods,
+                seeds=seeds,
+                rounds=rounds,
+                overrides=overrides,
+                return_state=True,
+            )
+        )
     )
-    if state.is_failed():
-        outcome = state.result(raise_on_failure=False)
-        if isinstance(outcome, BaseException):
-            raise outcome
-        print(f"mpd: error: {state.message}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
+    from flows.prefect_env import prefect_env
 
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mpd")
+    prefect_env()
     from flows.config import ConfigError
     from flows.serve import nightly_schedule, serve_nightly
 
