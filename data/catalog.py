@@ -87,6 +87,7 @@ __all__ = [
     "QueryTimeoutError",
     "ReadOnlyError",
     "SqlError",
+    "check_out_path",
     "check_read_only",
     "committed_files",
     "connect",
@@ -329,7 +330,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, workspace: Path, *, relative: 
                 raise SqlError(f"cannot build view {name}: {one_line(exc)}") from None
             left_out.append(
                 f"mpd: warning: table {name} is empty here: {one_line(exc)}; "
-                "`mpd status` names the damaged stage and `mpd run` recomputes it"
+                "`mpd status --verify` names the damaged stage and `mpd run` recomputes it"
             )
             con.execute(f"CREATE OR REPLACE VIEW {_ident(name)} AS {_table_select(name, [])}")
     for line in dict.fromkeys(left_out):
@@ -620,20 +621,53 @@ def _shorten(text: str) -> str:
     return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
 
 
+def check_out_path(path: Path | str, workspace: Path | str | None = None) -> Path:
+    """Where ``--out`` may write: a ``.parquet`` file, not inside a stage's directory.
+
+    Checked before the query runs (a long query must not fail at its last step), and so that
+    nothing a user points ``--out`` at can replace a committed shard or staging data.
+    """
+    path = Path(path).expanduser()
+    if path.suffix.lower() != ".parquet":
+        raise SqlError(f"--out must name a .parquet file, got {str(path)!r}")
+    if path.is_dir():
+        raise SqlError(f"--out {path} is a directory: name a .parquet file")
+    for existing in path.parents:
+        if existing.exists():
+            if not existing.is_dir():
+                raise SqlError(f"--out {path}: {existing} is a file, not a directory")
+            break
+    if workspace is not None:
+        ws = Path(workspace).resolve()
+        target = path.resolve()
+        if target.is_relative_to(ws):
+            top = target.relative_to(ws).parts[0]
+            if top in _PROTECTED or top.startswith("."):
+                raise SqlError(
+                    f"--out {path} is inside the workspace's {top}/, which mpd owns: "
+                    "write the result elsewhere (e.g. --out exports/result.parquet)"
+                )
+    return path
+
+
+# The workspace's directories that only the store writes (stage outputs, staging, trash).
+_PROTECTED = frozenset(glob.split("/")[0] for glob in TABLE_GLOBS.values())
+
+
 def write_parquet_atomic(table: pa.Table, path: Path | str) -> Path:
     """Write ``table`` to ``path`` (must end in .parquet) via a temp file and a rename.
 
     A reader (or a crash) never sees half a file; a failed write leaves no
     temporary behind. Parent directories are created.
     """
-    path = Path(path)
-    if path.suffix.lower() != ".parquet":
-        raise SqlError(f"--out must name a .parquet file, got {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_out_path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, path)
+    except OSError as exc:
+        raise SqlError(f"cannot write --out {path}: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

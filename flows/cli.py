@@ -171,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show the state of every (round, stage) in a workspace")
     _add_workspace_args(p)
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash every committed file (sha256): finds damage that kept a file's size",
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
@@ -325,7 +330,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Config, workspace, lock and model mistakes end here, in well under a second: before
     # Prefect is imported and started (seconds; a minute on a loaded machine).
     cfg = _load(args)
-    preflight(cfg.workspace, [cfg.models.student, cfg.models.teacher])
+    preflight(cfg)
     prefect_env()
     from flows.campaign import campaign_flow
 
@@ -363,8 +368,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         overrides.append(f"workspace={args.workspace}")
     from flows.preflight import preflight
 
-    base, _ = plan(args.config, overrides, methods, seeds, rounds)  # mistakes end here, before
-    preflight(base.workspace, [base.models.student, base.models.teacher])  # Prefect starts
+    # Every mistake ends here, before Prefect starts.
+    base, _ = plan(args.config, overrides, methods, seeds, rounds)
+    preflight(base)
     return finish(
         run_flow(
             lambda: bench_flow(
@@ -410,7 +416,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     from flows.status import downstream
 
     cfg = _load(args)
-    preflight(cfg.workspace, [cfg.models.student, cfg.models.teacher])
+    preflight(cfg)
     with WorkspaceLock(cfg.workspace):
         store = StageStore(cfg.workspace)
         gone = [
@@ -429,14 +435,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     from flows.status import print_status
 
     cfg = _load(args)
-    print_status(cfg.workspace, cfg.rounds, round_stages(cfg))
+    if not Path(cfg.workspace).is_dir():
+        from flows.errors import UserError
+
+        raise UserError(f"workspace {cfg.workspace} does not exist (nothing has run there yet?)")
+    print_status(cfg.workspace, cfg.rounds, round_stages(cfg), deep=args.verify)
     return 0
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from data.catalog import format_table, run_query, write_parquet_atomic
+    from data.catalog import check_out_path, format_table, run_query, write_parquet_atomic
 
     workspace = _load(args).workspace
+    if args.out is not None:
+        check_out_path(args.out, workspace)  # before a long query, not after it
     try:
         table = run_query(workspace, args.query, timeout_s=args.timeout or None)
     except KeyboardInterrupt:

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data.errors import UserError
 from data.lock import WorkspaceLock
+
+if TYPE_CHECKING:
+    from flows.config import RunConfig
 
 
 def usable_workspace(workspace: Path | str) -> Path:
@@ -39,13 +43,30 @@ def usable_workspace(workspace: Path | str) -> Path:
 def check_models(names: list[str | None]) -> None:
     """Every model given as a path exists (``builtin:`` ones are installed by the run)."""
     for name in names:
-        if name and not name.startswith("builtin:") and not Path(name).expanduser().exists():
+        if not name or name.startswith("builtin:"):
+            continue
+        path = Path(name).expanduser()
+        if not path.exists():
             raise UserError(f"model path does not exist: {name}")
+        if not path.is_dir():
+            raise UserError(f"model path is not a directory (a saved model or adapter): {name}")
 
 
-def preflight(workspace: Path | str, models: list[str | None] = ()) -> Path:
-    """Workspace usable and not in use, models present: each failure one line, exit 2."""
-    path = usable_workspace(workspace)
+def check_inputs(cfg: RunConfig) -> None:
+    """The files a config names exist: a missing filter SQL file used to surface only at the
+    filter stage, after a round's sampling and rewriting."""
+    if cfg.filter.sql is not None and not Path(cfg.filter.sql).expanduser().is_file():
+        raise UserError(f"filter.sql: file not found: {cfg.filter.sql}")
+    source = cfg.problems.file if cfg.problems.source == "file" else None
+    if source is not None and not Path(source.path).expanduser().exists():
+        raise UserError(f"problems.file.path: problem source not found: {source.path}")
+
+
+def preflight(cfg: RunConfig) -> Path:
+    """Workspace usable and not in use, models and input files present: each failure one
+    line, exit 2, before Prefect starts."""
+    check_inputs(cfg)
+    check_models([cfg.models.student, cfg.models.teacher])
+    path = usable_workspace(cfg.workspace)
     WorkspaceLock(path).check_free()
-    check_models(list(models))
     return path

@@ -63,12 +63,17 @@ def downstream(
 
 
 def collect(
-    workspace: Path, rounds: int | None = None, stages: list[str] = ROUND_STAGES
+    workspace: Path,
+    rounds: int | None = None,
+    stages: list[str] = ROUND_STAGES,
+    *,
+    deep: bool = False,
 ) -> list[StageState]:
+    """Every (round, stage)'s state; ``deep`` re-hashes the committed files (sha256)."""
     store = StageStore(workspace)
     states: dict[tuple[int, str], StageState] = {}
     for man in store.committed():
-        problems = store.validate(man.stage, man.round, deep=False)
+        problems = store.validate(man.stage, man.round, deep=deep)
         states[(man.round, man.stage)] = StageState(
             man.round,
             man.stage,
@@ -102,9 +107,13 @@ def collect(
 
 
 def print_status(
-    workspace: Path, rounds: int | None = None, stages: list[str] = ROUND_STAGES
+    workspace: Path,
+    rounds: int | None = None,
+    stages: list[str] = ROUND_STAGES,
+    *,
+    deep: bool = False,
 ) -> list[StageState]:
-    states = collect(workspace, rounds, stages)
+    states = collect(workspace, rounds, stages, deep=deep)
     table = Table(title=f"workspace {workspace}")
     for col in ("round", "stage", "state", "rows", "duration", "key", "detail"):
         table.add_column(col, justify="right" if col in ("round", "rows", "duration") else "left")
