@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint format bench benchmarks clean help vllm-env
+.PHONY: run test test-fast lint format bench benchmarks clean help vllm-env
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -27,6 +27,19 @@ test: $(STAMP)  ## install if needed, lint, run the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The edit-test loop: pure functions, SQL, storage, config, CLI refusals. No Prefect server, no
+# training beyond a few steps, no model generation beyond a few tokens; under 3 minutes on 2 cores.
+FAST_TESTS := tests/test_answers.py tests/test_keys.py tests/test_errors.py tests/test_config.py \
+	tests/test_losses.py tests/test_chunked.py tests/test_filter.py tests/test_schemas.py \
+	tests/test_store.py tests/test_lock.py tests/test_catalog.py tests/test_sql_guard.py \
+	tests/test_sources.py tests/test_mathscore.py tests/test_tokenizer.py tests/test_world.py \
+	tests/test_world_data.py tests/faults
+
+test-fast: $(STAMP)  ## the fast tier (< 3 min): lint, then the tests that need no Prefect or training
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q $(FAST_TESTS) $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff check and format check
 	$(BIN)/ruff check .

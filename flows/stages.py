@@ -40,7 +40,7 @@ from data.store import StageStore
 from engines.config import EngineConfig
 from flows.bootstrap import resolve_model
 from flows.config import RunConfig
-from tasks.common import StageResult, engine_for, read_stage, run_stage
+from tasks.common import StageResult, engine_for, read_stage, run_stage, stage_files
 
 log = logging.getLogger("mpd")
 
@@ -416,25 +416,15 @@ def train(ctx: Context, r: int, targets: Targets, student: Student) -> tuple[Sta
     def body(w: Any) -> dict:
         from train.models import load_tokenizer
 
-        kept = kept_pairs(ctx, r) if filtered else None
-        rows = [
-            t
-            for t in read_stage(ctx.store, data.stage, r).to_pylist()
-            if kept is None or (t["problem_id"], t["sample_idx"]) in kept
-        ]
-        wanted = {(t["problem_id"], t["sample_idx"]) for t in rows}
-        scores = (
-            None
-            if scored is None
-            else {
-                (s["problem_id"], s["sample_idx"]): s
-                for s in read_stage(ctx.store, "score", r).to_pylist()
-                if (s["problem_id"], s["sample_idx"]) in wanted
-            }
+        rows = tasks.train.training_rows(
+            stage_files(ctx.store, data.stage, r),
+            decisions=stage_files(ctx.store, "filter", r) if filtered else None,
+            scores=stage_files(ctx.store, "score", r) if scored else None,
         )
         instruction = targets.instruction if online else None
-        examples = tasks.train.build_examples(
-            rows, scores, ctx.problems, load_tokenizer(student.path), teacher_template=instruction
+        tokenizer = load_tokenizer(student.path)
+        examples = list(
+            tasks.train.build_examples(rows, ctx.problems, tokenizer, teacher_template=instruction)
         )
         return tasks.train.train_body(
             w,

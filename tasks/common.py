@@ -70,16 +70,19 @@ def run_stage(
     )
 
 
-def read_stage(store: StageStore, stage: str, round_: int, name: str | None = None) -> pa.Table:
-    """The committed Parquet of a stage run (all shards, or one named file)."""
+def stage_files(store: StageStore, stage: str, round_: int, name: str | None = None) -> list[Path]:
+    """The committed Parquet files of a stage run, in shard order (all, or one named file)."""
     man = store.manifest(stage, round_)
     if man is None:
         raise FileNotFoundError(f"{stage} round {round_} is not committed")
     base = store.stage_dir(stage, round_)
     files = [f.path for f in man.files if f.path.endswith(".parquet")]
-    if name is not None:
-        files = [f for f in files if f == name]
-    return pa.concat_tables([pq.read_table(base / f) for f in sorted(files)])
+    return [base / f for f in sorted(files) if name is None or f == name]
+
+
+def read_stage(store: StageStore, stage: str, round_: int, name: str | None = None) -> pa.Table:
+    """The committed Parquet of a stage run (all shards, or one named file)."""
+    return pa.concat_tables([pq.read_table(f) for f in stage_files(store, stage, round_, name)])
 
 
 def shards(n: int, size: int) -> list[range]:
