@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.errors import UserError
 from data.store import StageStore, StageWriter
 from engines.config import EngineConfig
 
@@ -205,6 +206,33 @@ def generate_traces(
     return rows
 
 
+def context_limit(engine: Any) -> int | None:
+    """The longest sequence the engine's model takes, where the engine can tell (None: unknown)."""
+    limit = getattr(engine, "max_context", None)
+    config = getattr(getattr(engine, "model", None), "config", None)
+    return limit or getattr(config, "max_position_embeddings", None)
+
+
+def check_context(engine: Any, records: list[dict], prompts: list[list[int]]) -> None:
+    """Refuse problems whose prompt alone fills the model's context, before generating any.
+
+    A user's problem file can hold a prompt longer than the model reads; the model would then
+    generate from a truncated or out-of-range context. One line names how many and the first.
+    """
+    limit = context_limit(engine)
+    if not limit:
+        return
+    long = [
+        (r["problem_id"], len(p)) for r, p in zip(records, prompts, strict=True) if len(p) >= limit
+    ]
+    if long:
+        pid, n = long[0]
+        raise UserError(
+            f"{len(long)} problem prompt(s) do not fit the model's context of {limit} tokens "
+            f"(first: {pid}, {n} tokens); shorten them or leave them out of the problem file"
+        )
+
+
 def generate_stage(
     writer: StageWriter,
     engine: Any,
@@ -227,6 +255,8 @@ def generate_stage(
     and extra columns; the resumable, Prefect-visible shard loop is this one.
     """
     from tasks.shards import run_shards
+
+    check_context(engine, records, prompts)
 
     def make_rows(i: int, part: range) -> list[dict]:
         return generate_traces(

@@ -265,6 +265,25 @@ def test_server_refusing_the_api_key_is_one_line_without_prefect_tracebacks(
     assert len(errors) == 1 and "HTTP 401" in errors[0] and "sk-wrong" not in out.stderr
 
 
+def test_prompt_longer_than_the_context_is_one_line(tmp_path: Path) -> None:
+    """A user's problem longer than the model's context (2048 tokens for the tiny student) is
+    refused before any generation, naming it, instead of running on a context out of range."""
+    problems = tmp_path / "p.jsonl"
+    rows = [
+        {"prompt": f"What is {i} + {i}?", "answer": str(2 * i), "split": "test"} for i in range(6)
+    ]
+    rows[3]["prompt"] = "What is " + " + ".join(["1"] * 3000) + "?"
+    problems.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = mpd(
+        "run", "-w", str(tmp_path / "ws"), "--set", "problems.source=file",
+        "--set", f"problems.file.path={problems}", "--set", "problems.file.split_column=split",
+        "--set", "rounds=0", "--set", "evaluate.max_tokens=8",
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("mpd: error:")]
+    assert len(errors) == 1 and "do not fit the model's context of 2048 tokens" in errors[0]
+
+
 def test_bad_problems_file_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"question": "1+1?", "answer": "2"}\n')
