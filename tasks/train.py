@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from data.schemas import TRAIN_LOG
 from data.store import StageWriter
@@ -23,7 +24,6 @@ from tasks.score import dequantize
 from train.config import TrainConfig
 
 log = logging.getLogger("mpd")
-MEMORY_LIMIT = "1GB"  # DuckDB's working memory for the train stage's join; more spills to disk
 
 
 def training_rows(
@@ -37,42 +37,86 @@ def training_rows(
 
     The targets (a rewrite, sample, truncate or solve stage's files) in their committed order,
     only those the filter kept (``decisions``' ``kept`` rows), with the teacher's stored top-k
-    (``scores``) beside each. DuckDB joins on disk and hands batches over: a round's tables are
-    never whole Python lists (100k kept traces x 1k tokens x top-32 would be billions of objects).
+    (``scores``) beside each. A round's tables are never whole Python lists (100k kept traces x
+    1k tokens x top-32 would be billions of objects), and never whole in memory:
+
+    1. DuckDB joins the *keys* (ids, file and row numbers; Parquet's column projection reads
+       nothing else) and orders them by the targets' committed order: four integers a row.
+    2. The payloads (token ids, top-k ids and logprobs) are taken row by row from one target
+       file and the score files it needs, file after file. The score stage writes its rows in
+       the targets' order, so each score file is read about once.
     """
     import duckdb
 
     def files(paths: list[Path]) -> str:
         return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
-    columns = "t.problem_id, t.sample_idx, t.token_ids"
-    joins, where = "", ""
+    def position(alias: str, paths: list[Path]) -> str:
+        return f"list_position({files(paths)}, {alias}.filename) - 1"
+
+    opts = "filename = true, file_row_number = true"
+    score_cols = f", {position('s', scores)} AS sf, s.file_row_number AS sr" if scores else ""
+    query = (
+        f"SELECT {position('t', targets)} AS tf, t.file_row_number AS tr{score_cols} "
+        f"FROM read_parquet({files(targets)}, {opts}) t"
+    )
     if scores is not None:
-        columns += ", s.num_tokens, s.k, s.topk_ids, s.topk_logprobs_q"
-        joins = (
-            f"LEFT JOIN read_parquet({files(scores)}) s "
+        query += (
+            f" LEFT JOIN read_parquet({files(scores)}, {opts}) s "
             "ON s.problem_id = t.problem_id AND s.sample_idx = t.sample_idx"
         )
     if decisions is not None:
-        where = (
-            f"WHERE EXISTS (SELECT 1 FROM read_parquet({files(decisions)}) d WHERE d.kept "
+        query += (
+            f" WHERE EXISTS (SELECT 1 FROM read_parquet({files(decisions)}) d WHERE d.kept "
             "AND d.problem_id = t.problem_id AND d.sample_idx = t.sample_idx)"
         )
-    query = (
-        f"SELECT {columns} FROM read_parquet({files(targets)}, filename = true, "
-        f"file_row_number = true) t {joins} {where} "
-        f"ORDER BY list_position({files(targets)}, t.filename), t.file_row_number"
-    )
-    import tempfile
+    con = duckdb.connect()
+    try:
+        keys = con.sql(query + " ORDER BY tf, tr").to_arrow_table()
+    finally:
+        con.close()
+    yield from _payload_batches(keys, targets, scores, batch_rows)
 
-    # The ORDER BY keeps the committed order (the trainer's visiting order depends on it); DuckDB
-    # sorts out of core, spilling past memory_limit, so a round larger than memory streams.
-    with tempfile.TemporaryDirectory(prefix="mpd-train-rows-") as spill:
-        con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": spill})
-        try:
-            yield from con.sql(query).to_arrow_reader(batch_rows)
-        finally:
-            con.close()
+
+def _payload_batches(
+    keys: pa.Table, targets: list[Path], scores: list[Path] | None, batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    """Step 2 of :func:`training_rows`: the keys' rows, with their columns, in the keys' order."""
+    tf = keys.column("tf").to_numpy()
+    tr = keys.column("tr").to_numpy()
+    score_file: dict[int, pa.Table] = {}  # the one score file in use
+    for f in np.unique(tf):  # ascending: the committed order of the target files
+        rows = np.flatnonzero(tf == f)
+        part = pq.read_table(targets[f], columns=["problem_id", "sample_idx", "token_ids"])
+        part = part.take(pa.array(tr[rows]))
+        if scores is not None:
+            sf = keys.column("sf").take(pa.array(rows))
+            if sf.null_count:
+                first = int(np.flatnonzero(sf.is_null().to_numpy(zero_copy_only=False))[0])
+                pid, idx = part.column("problem_id")[first], part.column("sample_idx")[first]
+                raise ValueError(f"{pid} sample {idx}: no score")
+            sf_np = sf.to_numpy()
+            sr_np = keys.column("sr").to_numpy()[rows]
+            pieces = []
+            for g in _runs(sf_np):  # consecutive rows from the same score file
+                file = int(sf_np[g[0]])
+                if file not in score_file:
+                    score_file.clear()
+                    score_file[file] = pq.read_table(scores[file], columns=SCORE_COLUMNS)
+                pieces.append(score_file[file].take(pa.array(sr_np[g])))
+            payload = pa.concat_tables(pieces)
+            for name in SCORE_COLUMNS:
+                part = part.append_column(name, payload.column(name))
+        yield from part.combine_chunks().to_batches(max_chunksize=batch_rows)
+
+
+SCORE_COLUMNS = ["num_tokens", "k", "topk_ids", "topk_logprobs_q"]
+
+
+def _runs(values: np.ndarray) -> list[np.ndarray]:
+    """Index groups of equal consecutive values: [0,0,1,1,0] -> [[0,1],[2,3],[4]]."""
+    cuts = np.flatnonzero(np.diff(values)) + 1
+    return np.split(np.arange(len(values)), cuts)
 
 
 def build_examples(
