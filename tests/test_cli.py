@@ -142,6 +142,9 @@ def test_sql_ctrl_c_interrupts_a_running_query(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
+        # A suite started in the background inherits SIGINT ignored, and Python then keeps it
+        # ignored: give the command the default disposition, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(6)  # start-up, then well into the query
     assert proc.poll() is None, proc.communicate()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from data.errors import UserError
 from flows.serve import NIGHTLY, committed_rounds, rounds_to_reach, serve_options
 from tests.conftest import stop_process_tree
 
@@ -134,7 +135,7 @@ def test_an_empty_workspace_has_no_committed_rounds(tmp_path: Path) -> None:
     assert committed_rounds(tmp_path) == 0
     assert rounds_to_reach(tmp_path, 1) == 1
     assert rounds_to_reach(tmp_path, 3, cap=2) == 2
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(UserError, match="at least 1"):  # one line and exit 2 from the CLI
         rounds_to_reach(tmp_path, 0)
 
 
