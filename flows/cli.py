@@ -217,26 +217,23 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    """argparse type for a round number or count: 0 or more (a usage error, not a traceback)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+def _int_at_least(minimum: int, bound: str) -> Callable[[str], int]:
+    """argparse type for an integer >= ``minimum`` (a usage error, not a traceback)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    """argparse type for counts that must be at least 1 (a usage error, not a traceback)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+_count = _int_at_least(0, "0 or more")  # a round number or count
+_positive_int = _int_at_least(1, "at least 1")
 
 
 def main(argv: list[str] | None = None) -> int:
