@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from data.world import build_problems
     from engines.hf import load_hf_engine
     from engines.vllm import load_vllm_engine
-    from tasks.common import chat_prompt
+    from tasks.generation import chat_prompt
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

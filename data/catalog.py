@@ -16,7 +16,7 @@ stacked, with ``method`` and ``seed`` columns first, and its ``bench`` view
 workspace and is not defined there.
 
 A view reads only *committed* files: those matching the table's glob in
-:data:`TABLE_GLOBS`, inside a ``<stage>/round=<r>/`` directory that holds the
+the table's declaration (:mod:`data.tables`, made by the stage that writes it), inside a ``<stage>/round=<r>/`` directory that holds the
 store's ``_manifest.json`` (the commit marker; a round directory without one is
 a commit that did not finish). Names starting with ``.`` or ``_`` are skipped,
 so ``.staging/``, ``.trash/``, temporaries and the manifest are never read, and
@@ -74,45 +74,45 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.schemas import TABLES
 from data.sql_guard import ReadOnlyError, SqlError, check_read_only, one_line
 from data.store import MANIFEST
+from data.tables import tables
 
 log = logging.getLogger("mpd.catalog")
 
 __all__ = [
     "CATALOG_FILE",
-    "TABLE_GLOBS",
-    "VIEWS",
     "QueryTimeoutError",
     "ReadOnlyError",
     "SqlError",
+    "bench_views",
     "check_out_path",
     "check_read_only",
     "committed_files",
     "connect",
     "format_table",
     "run_query",
+    "views",
     "write_catalog",
     "write_parquet_atomic",
 ]
 
-# table -> glob relative to the workspace. Every glob has the form
-# "<stage dir>/round=*/<file glob>"; the stage dir and round are what commits.
-TABLE_GLOBS: dict[str, str] = {
-    "problems": "problems/round=*/*.parquet",
-    "samples": "sample/round=*/*.parquet",
-    "solutions": "solve/round=*/*.parquet",
-    "rewrites": "rewrite/round=*/*.parquet",
-    "truncations": "truncate/round=*/*.parquet",
-    "scores": "score/round=*/*.parquet",
-    "decisions": "filter/round=*/decisions.parquet",
-    "train_log": "train/round=*/log.parquet",
-    "evals": "eval/round=*/*.parquet",
-    "bootstrap_evals": "bootstrap/round=*/evals.parquet",
-}
-VIEWS: tuple[str, ...] = (*TABLE_GLOBS, "kept", "stage_runs", "round_summary")
-BENCH_VIEWS: tuple[str, ...] = (*TABLE_GLOBS, "kept", "stage_runs", "bench")
+# The views beside the stage tables: kept rows, the manifests, and the per-workspace summary
+# (a plain workspace) or the method comparison (a bench root).
+DERIVED_VIEWS: tuple[str, ...] = ("kept", "stage_runs", "round_summary")
+BENCH_DERIVED_VIEWS: tuple[str, ...] = ("kept", "stage_runs", "bench")
+
+
+def views() -> tuple[str, ...]:
+    """Every view of a plain workspace: the registered stage tables, then the derived ones."""
+    return (*tables(), *DERIVED_VIEWS)
+
+
+def bench_views() -> tuple[str, ...]:
+    """Every view of a bench root."""
+    return (*tables(), *BENCH_DERIVED_VIEWS)
+
+
 CATALOG_FILE = "catalog.duckdb"
 BENCH_FILE = "bench.json"  # marks a bench root: {"members": [{"method", "seed", "path"}]}
 STAGE_RUNS: tuple[tuple[str, str], ...] = (
@@ -175,7 +175,8 @@ def committed_files(workspace: Path, table: str, left_out: list[str] | None = No
     """
     from data.store import StageStore
 
-    stage, file_glob = TABLE_GLOBS[table].split("/round=*/")
+    spec = tables()[table]
+    stage, file_glob = spec.stage, spec.files
     store = StageStore(workspace)
     found: list[tuple[int, str, Path]] = []
     for round_dir in Path(workspace).joinpath(stage).glob("round=*"):
@@ -215,7 +216,7 @@ def _ident(name: str) -> str:
 
 def _table_select(table: str, paths: list[str]) -> str:
     """The SELECT behind a table view: its schema's columns, in schema order."""
-    schema = TABLES[table]
+    schema = tables()[table].schema
     if not paths:
         typed_nulls = ", ".join(
             f"CAST(NULL AS {duckdb_type(f.type)}) AS {_ident(f.name)}" for f in schema
@@ -281,7 +282,7 @@ def _view_definitions(
     if members := bench_members(workspace):
         yield from _bench_view_definitions(workspace, members, relative=relative, left_out=left_out)
         return
-    for table in TABLE_GLOBS:
+    for table in tables():
         paths = _table_paths(workspace, table, workspace, relative, left_out)
         yield table, _table_select(table, paths)
     yield "kept", "SELECT * FROM decisions WHERE kept"
@@ -302,7 +303,7 @@ def _bench_view_definitions(
         ]
         return " UNION ALL ".join(parts)
 
-    for table in TABLE_GLOBS:
+    for table in tables():
         yield (
             table,
             stacked(
@@ -326,7 +327,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, workspace: Path, *, relative: 
         try:
             con.execute(f"CREATE OR REPLACE VIEW {_ident(name)} AS {select}")
         except duckdb.Error as exc:  # e.g. a committed file that is not valid Parquet
-            if name not in TABLE_GLOBS:
+            if name not in tables():
                 raise SqlError(f"cannot build view {name}: {one_line(exc)}") from None
             left_out.append(
                 f"mpd: warning: table {name} is empty here: {one_line(exc)}; "
@@ -642,16 +643,14 @@ def check_out_path(path: Path | str, workspace: Path | str | None = None) -> Pat
         target = path.resolve()
         if target.is_relative_to(ws):
             top = target.relative_to(ws).parts[0]
-            if top in _PROTECTED or top.startswith("."):
+            # the workspace's directories that only the store writes (stage outputs, staging)
+            protected = {t.stage for t in tables().values()}
+            if top in protected or top.startswith("."):
                 raise SqlError(
                     f"--out {path} is inside the workspace's {top}/, which mpd owns: "
                     "write the result elsewhere (e.g. --out exports/result.parquet)"
                 )
     return path
-
-
-# The workspace's directories that only the store writes (stage outputs, staging, trash).
-_PROTECTED = frozenset(glob.split("/")[0] for glob in TABLE_GLOBS.values())
 
 
 def write_parquet_atomic(table: pa.Table, path: Path | str) -> Path:

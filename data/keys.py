@@ -147,7 +147,7 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def code_version(*modules: ModuleType | str, shallow: tuple[str, ...] = ()) -> str:
+def code_version(*modules: ModuleType | str) -> str:
     """Package version plus a digest of the code a stage runs.
 
     The digest covers the given modules' source and that of every module of this package they
@@ -155,15 +155,14 @@ def code_version(*modules: ModuleType | str, shallow: tuple[str, ...] = ()) -> s
     change the loss, the grader or an engine and exactly the stages that reach it recompute.
     Memoised per process, because a key must name the code that runs: a file edited under a
     long run (a bench, a served schedule) would otherwise change the keys halfway through,
-    while the process still runs what it imported. ``shallow`` modules count with their own
-    source only: the wiring that builds every stage's inputs (``flows.stages``) imports every
-    stage, and following it would make each stage's key cover all the others' code.
+    while the process still runs what it imported. A stage's wiring lives in its own module
+    (``tasks/<stage>.py``), so one closure covers wiring, body and everything they call; the
+    registry that imports every stage is imported by no stage.
     """
     names = tuple(m if isinstance(m, str) else m.__name__ for m in modules)
-    memo = (*names, "|", *shallow)
+    memo = names
     if memo not in _CODE_VERSIONS:
         files = module_closure(*names)
-        files.update({name: f for name in shallow if (f := _module_file(name))})
         h = hashlib.sha256()
         for name, file in sorted(files.items()):
             h.update(f"{name}\0".encode() + file.read_bytes() + b"\0")

@@ -1,0 +1,6 @@
+"""Flows: the campaign, bench and bootstrap, the run config and the mpd CLI.
+
+Importing any of them registers every stage and its tables first (``tasks/registry.py``).
+"""
+
+import tasks.registry  # noqa: F401

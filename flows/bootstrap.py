@@ -20,6 +20,7 @@ from data.keys import code_version, stage_key
 from data.lock import WorkspaceLock
 from data.store import StageStore
 from flows.config import REPO_ROOT, RunConfig, dump_config
+from tasks.context import resolve_model
 
 log = logging.getLogger("mpd")
 SHIPPED = REPO_ROOT / "assets" / "world"
@@ -148,27 +149,6 @@ def _bootstrap(cfg: RunConfig, *, from_scratch: bool, device: str, workers: int 
     store = StageStore(cfg.workspace)
     path = ensure_bootstrap(store, cfg, from_scratch=from_scratch, device=device, workers=workers)
     catalog.write_catalog(cfg.workspace)
-    return path
-
-
-BUILTIN_MODELS = {"builtin:tiny-student": "student", "builtin:tiny-teacher": "teacher"}
-
-
-def resolve_model(name: str, workspace: Path) -> Path:
-    """A model name from the config as a directory: ``builtin:`` names live in the
-    workspace's bootstrap stage, anything else is a path."""
-    from flows.errors import UserError
-
-    if name.startswith("builtin:"):
-        if name not in BUILTIN_MODELS:
-            raise UserError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
-        path = StageStore(workspace).stage_dir("bootstrap", 0) / BUILTIN_MODELS[name]
-        if not path.is_dir():
-            raise UserError(f"{name} is not built yet in {workspace}; run `mpd bootstrap` first")
-        return path
-    path = Path(name).expanduser()
-    if not path.exists():
-        raise UserError(f"model path does not exist: {name}")
     return path
 
 

@@ -5,7 +5,7 @@
 (for ``method: mpd``; the other methods run a subset of these stages plus ``solve``
 or ``truncate``, see flows/modes.py).
 
-Every stage is cached on the stage store by its key (``flows/stages.py``), so a
+Every stage is cached on the stage store by its key (each stage's ``run`` in ``tasks/``), so a
 re-run computes only what changed, and a killed run resumes from its finished
 shards and checkpoints. The whole campaign holds the workspace lock.
 """
@@ -15,41 +15,24 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pyarrow as pa
 from prefect import flow
 from prefect.states import Failed
 
-import tasks.problems
 from data import catalog
 from data.errors import kind_of, one_line
 from data.fsutil import atomic_write_bytes
-from data.keys import code_version, stage_key
 from data.lock import WorkspaceLock, describe_holder
-from data.schemas import PROBLEMS
 from data.store import StageStore
-from flows import modes, stages
+from flows import modes
 from flows.artifacts import publish_round
 from flows.bootstrap import check_tokenizers, ensure_bootstrap
 from flows.config import RunConfig, dump_config, load_config
 from flows.logs import setup_logging
 from flows.summary import print_summary
+from tasks.context import Context
+from tasks.problems import commit_problems
 
 log = logging.getLogger("mpd")
-
-
-def problems_stage(store: StageStore, cfg: RunConfig) -> str:
-    """Commit the problem set (round 0) unless a valid one with the same key exists."""
-    code = code_version(tasks.problems)
-    key = stage_key("problems", config=cfg.problems, seed=cfg.seed, code=code)
-    if man := store.lookup("problems", 0, key):
-        log.info("problems: cached (%d rows, key %s)", man.rows, key[:12])
-        return key
-    records = tasks.problems.problem_records(cfg.problems, cfg.seed)
-    writer = store.writer("problems", 0, key, code_version=code)
-    writer.write_shard(0, pa.Table.from_pylist(records), PROBLEMS)
-    man = writer.commit({"config": cfg.problems.model_dump(mode="json")}, expected_shards=1)
-    log.info("problems: wrote %d rows in %.1fs (key %s)", man.rows, man.duration_s, key[:12])
-    return key
 
 
 LAST_RUN = ".mpd/last_run.json"
@@ -64,14 +47,6 @@ def write_last_run(ws: Path, outcomes: dict) -> None:
     atomic_write_json(
         ws / LAST_RUN, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": outcomes}
     )
-
-
-def run_round(ctx: stages.Context, r: int, student: stages.Student) -> stages.Student:
-    """Round ``r`` of ``cfg.method``: its target stages (flows/modes.py), then train, evaluate."""
-    targets = modes.round_targets(ctx, r, student)
-    _, student = stages.train(ctx, r, targets, student)
-    stages.evaluate(ctx, r, student)
-    return student
 
 
 @flow(name="mpd-campaign", log_prints=True)
@@ -128,17 +103,17 @@ def run_campaign(cfg: RunConfig) -> None:
             if any(m.startswith("builtin:") for m in (cfg.models.student, cfg.models.teacher)):
                 ensure_bootstrap(store, cfg, device=cfg.models.device)
             check_tokenizers(cfg)
-            ctx = stages.Context(cfg, problems_stage(store, cfg))
-            student = stages.starting_student(ctx)
-            stages.evaluate(ctx, 0, student)
+            ctx = Context(cfg, commit_problems(store, cfg))
+            student = ctx.starting_student()
+            modes.evaluate_start(ctx, student)
             if ctx.computed(0):
                 publish_round(ws, 0)
             for r in range(1, cfg.rounds + 1):
-                student = run_round(ctx, r, student)
+                student = modes.run_round(ctx, r, student)
                 if ctx.computed(r):
                     publish_round(ws, r)
         finally:
-            from tasks.common import close_engines
+            from tasks.engines import close_engines
 
             close_engines()
             if ctx is not None:

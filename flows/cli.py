@@ -48,6 +48,8 @@ def _add_workspace_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tasks.registry import round_stages  # the stages a round can have, as declared
+
     parser = argparse.ArgumentParser(
         prog="mpd",
         description="Mixed-Policy Distillation: make a small reasoning model think in fewer "
@@ -137,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--from",
         dest="stage",
         required=True,
-        choices=["sample", "solve", "rewrite", "score", "filter", "truncate", "train", "eval"],
+        choices=round_stages(),
+        help="the stage to redo (its later stages in the method's plan follow)",
     )
     p.add_argument("--rounds", type=_count, help="run up to this round (overrides config)")
     p.set_defaults(func=cmd_rerun)

@@ -30,6 +30,10 @@ Why these choices:
   all six), and rewrite and filter are shared by the three rewriting methods.
   Later rounds differ because the students differ.
 
+The round plan is computed once, by :func:`round_stages`: the campaign runs exactly those
+stages (each one's ``run`` from its declaration in ``tasks/``), ``mpd status`` lists them and
+``mpd rerun`` follows them.
+
 A mode's ``preset`` holds the knobs it changes from the default recipe (``configs/<method>.yaml``
 holds the same on ``base: tiny.yaml``, a test keeps them equal); ``mpd bench`` applies it.
 """
@@ -39,23 +43,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import tasks.sample
-import tasks.truncate
-from flows import stages
 from flows.config import RunConfig
-from flows.errors import UserError
-from flows.stages import Context, StageResult, Student, Targets, kept_pairs
-from tasks.common import read_stage
+from tasks.context import Context, Round, Student
+from tasks.registry import STAGES
 
 
 @dataclass(frozen=True)
 class Mode:
-    """How a method's round differs: the table it trains on, filtered or not, whose teacher."""
+    """How a method's round differs: the table it trains on, filtered or not, whose teacher.
+
+    ``extra``: stages of its own (declared in ``tasks/``) that run before ``train``.
+    """
 
     targets: Literal["sample", "solve", "rewrite", "truncate"]
     filtered: bool
     self_teacher: bool = False
     preset: dict[str, Any] = field(default_factory=dict)
+    extra: tuple[str, ...] = ()
 
 
 # LoRA adapters learn at about ten times a full fine-tune's rate (and tiny.yaml's is gentle): the SFT
@@ -88,87 +92,41 @@ def round_stages(cfg: RunConfig) -> list[str]:
         out.append("filter")
     if mode.targets == "truncate":
         out += ["truncate", "score"] if needs_score(cfg) else ["truncate"]
-    return [*out, "train", "eval"]
+    return [*out, *mode.extra, "train", "eval"]
 
 
-def round_targets(ctx: Context, r: int, student: Student) -> Targets:
-    """Run the stages before ``train`` that round ``r`` of the method needs; return its targets."""
-    cfg = ctx.cfg
-    mode = MODES[cfg.method]
-    teacher = self_distill_teacher(ctx, r) if mode.self_teacher else None
-    instruction = cfg.self_distill.instruction if mode.self_teacher else None
-    scored = filtered = None
-    if mode.targets == "solve":
-        data = solve(ctx, r)
-    else:
-        data = sampled = stages.sample(ctx, r, student)
-    if mode.targets in ("rewrite", "truncate"):
-        data = rewritten = stages.rewrite(ctx, r, sampled, student)
-    if needs_score(cfg) and mode.targets != "truncate":
-        scored = stages.score(ctx, r, data, teacher=teacher, instruction=instruction)
-    if mode.filtered:
-        filtered = stages.filter_(ctx, r, rewritten)
-        check_kept(ctx, r, filtered)
-    if mode.targets == "truncate":
-        assert filtered is not None
-        data = truncate(ctx, r, sampled, rewritten, filtered, student)
-        filtered = None  # a truncation exists only for a kept rewrite
-        scored = stages.score(ctx, r, data) if needs_score(cfg) else None
-    return Targets(data, filtered, scored, teacher, instruction)
+def new_round(ctx: Context, r: int, student: Student) -> Round:
+    """Round ``r`` of ``ctx.cfg.method``, starting from ``student``: what it trains on."""
+    mode = MODES[ctx.cfg.method]
+    return Round(
+        r,
+        student,
+        targets=mode.targets,
+        # a truncation exists only for a kept rewrite: its table needs no filtering
+        kept_only=mode.filtered and mode.targets != "truncate",
+        teacher=self_distill_teacher(ctx, r) if mode.self_teacher else None,
+        instruction=ctx.cfg.self_distill.instruction if mode.self_teacher else None,
+    )
 
 
-def check_kept(ctx: Context, r: int, filtered: StageResult) -> None:
-    """A filter that kept nothing ends the round with one line: training on nothing is no round."""
-    kept, reasons = stages.kept_count(ctx, r)
-    if kept == 0:
-        why = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
-        raise UserError(
-            f"round {r}: the filter kept none of {filtered.rows} rewrites ({why}); nothing was "
-            f'trained. Inspect them with: mpd sql "select * from decisions where round = {r}"'
-        )
+def run_round(ctx: Context, r: int, student: Student) -> Student:
+    """Round ``r``: every stage of its plan, in order; returns the student it trained."""
+    rnd = new_round(ctx, r, student)
+    for name in round_stages(ctx.cfg):
+        run = STAGES[name].run
+        assert run is not None, f"{name} is not a round stage"
+        run(ctx, rnd)
+    return rnd.student
+
+
+def evaluate_start(ctx: Context, student: Student) -> None:
+    """Round 0: the starting student's evaluation, shared by every method."""
+    run = STAGES["eval"].run
+    assert run is not None
+    run(ctx, Round(0, student))
 
 
 def self_distill_teacher(ctx: Context, r: int) -> Student:
     """The frozen copy: the student that started round 1 + M·⌊(r−1)/M⌋, M = refresh_every."""
     every = ctx.cfg.self_distill.refresh_every
     return ctx.students[(r - 1) // every * every]
-
-
-def solve(ctx: Context, r: int) -> StageResult:
-    """off_policy: the teacher answers the round's problems as the student would (solutions)."""
-    name = ctx.cfg.models.teacher
-    teacher = Student(path=str(ctx.model_path(name)), identity=ctx.identity(name))
-    return stages.generate_answers(ctx, r, "solve", "teacher", teacher, name)
-
-
-def truncate(
-    ctx: Context,
-    r: int,
-    sampled: StageResult,
-    rewritten: StageResult,
-    filtered: StageResult,
-    student: Student,
-) -> StageResult:
-    """truncation: each kept rewrite's student sample, cut to the rewrite's length."""
-    key, code = ctx.key(
-        "truncate",
-        tasks.truncate,
-        wiring=__name__,
-        config={},
-        inputs={"sample": sampled.key, "rewrite": rewritten.key, "filter": filtered.key},
-    )
-
-    def body(w: Any) -> dict:
-        from train.models import load_tokenizer
-
-        rows = tasks.truncate.truncate_rows(
-            read_stage(ctx.store, "sample", r).to_pylist(),
-            read_stage(ctx.store, "rewrite", r).to_pylist(),
-            kept_pairs(ctx, r),
-            tokenizer=load_tokenizer(student.path),
-            problems=ctx.problems,
-            grader=ctx.grader,
-        )
-        return tasks.truncate.truncate_body(w, rows)
-
-    return ctx.run("truncate", r, key, code, body)

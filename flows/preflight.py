@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from data.errors import UserError
 from data.lock import WorkspaceLock
+from tasks.context import check_model_dir
 
 if TYPE_CHECKING:
     from flows.config import RunConfig
@@ -45,11 +46,7 @@ def check_models(names: list[str | None]) -> None:
     for name in names:
         if not name or name.startswith("builtin:"):
             continue
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise UserError(f"model path does not exist: {name}")
-        if not path.is_dir():
-            raise UserError(f"model path is not a directory (a saved model or adapter): {name}")
+        check_model_dir(name)
 
 
 def check_inputs(cfg: RunConfig) -> None:

@@ -4,6 +4,10 @@ States: ``done`` (committed, files intact), ``corrupt`` (committed but a file is
 missing or altered: the next run redoes it), ``partial`` (staging holds finished
 shards of an interrupted run: the next run with the same key reuses them),
 ``missing`` (planned by the config, never started).
+
+Which stages a round has is the method's plan (``flows.modes.round_stages``); the rows are
+ordered as the stages are registered (``tasks/registry.py``), so a new stage shows up here
+without a change to this file.
 """
 
 from __future__ import annotations
@@ -16,9 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from data.store import SHARD_MARKERS, STAGING, StageStore
+from tasks.registry import STAGES
 
-ROUND_STAGES = ["sample", "rewrite", "score", "filter", "train", "eval"]  # method mpd's
-ALL_STAGES = ["sample", "solve", "rewrite", "score", "filter", "truncate", "train", "eval"]
 # done: computed by the last run; cached: reused by it; failed: the last run failed there
 
 
@@ -41,7 +44,7 @@ def last_run(workspace: Path) -> dict[str, dict]:
         return {}
 
 
-def planned(rounds: int, stages: list[str] = ROUND_STAGES) -> list[tuple[int, str]]:
+def planned(rounds: int, stages: list[str]) -> list[tuple[int, str]]:
     """(round, stage) pairs a campaign of ``rounds`` rounds of ``stages`` produces."""
     out = [(0, "problems"), (0, "eval")]
     for r in range(1, rounds + 1):
@@ -49,9 +52,7 @@ def planned(rounds: int, stages: list[str] = ROUND_STAGES) -> list[tuple[int, st
     return out
 
 
-def downstream(
-    round_: int, stage: str, rounds: int, stages: list[str] = ROUND_STAGES
-) -> list[tuple[int, str]]:
+def downstream(round_: int, stage: str, rounds: int, stages: list[str]) -> list[tuple[int, str]]:
     """``stage`` of ``round_`` and every stage after it (of the method's ``stages``)."""
     order = stages if round_ > 0 else ["eval"]
     if stage not in order:
@@ -64,8 +65,8 @@ def downstream(
 
 def collect(
     workspace: Path,
-    rounds: int | None = None,
-    stages: list[str] = ROUND_STAGES,
+    rounds: int | None,
+    stages: list[str],
     *,
     deep: bool = False,
 ) -> list[StageState]:
@@ -102,14 +103,14 @@ def collect(
             st.state, st.detail = "failed", outcome.get("error", "")
         elif outcome.get("state") == "cached" and st.state == "done":
             st.state = "cached"
-    order = {s: i for i, s in enumerate(["problems", *stages, *ALL_STAGES])}
+    order = {s: i for i, s in enumerate(dict.fromkeys(["problems", *stages, *STAGES]))}
     return sorted(states.values(), key=lambda s: (s.round, order.get(s.stage, 99), s.stage))
 
 
 def print_status(
     workspace: Path,
-    rounds: int | None = None,
-    stages: list[str] = ROUND_STAGES,
+    rounds: int | None,
+    stages: list[str],
     *,
     deep: bool = False,
 ) -> list[StageState]:

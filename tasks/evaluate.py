@@ -1,4 +1,8 @@
-"""Evaluate stage: held-out accuracy and token counts under one fixed scorer."""
+"""Evaluate stage: held-out accuracy and token counts under one fixed scorer.
+
+Its key: the problems, the round's student and the evaluate config (not the round: the same
+student evaluates once, whichever round it ends).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,12 @@ from pydantic import Field
 from data.configbase import StrictModel
 from data.schemas import EVALS
 from data.store import StageWriter
-from tasks.common import chat_prompt, generate_stage, shard_seed
+from data.tables import Table
+from tasks.common import StageResult
+from tasks.context import Context, Round
+from tasks.engines import stage_engine
+from tasks.generation import chat_prompt, generate_stage, grader_of, shard_seed
+from tasks.stage import Stage
 
 log = logging.getLogger("mpd")
 
@@ -90,3 +99,43 @@ def evaluate_body(
         workers=workers,
     )
     return {"shards": n_shards, "problems": len(records)}
+
+
+def run(ctx: Context, rnd: Round) -> StageResult:
+    """Evaluate the round's student: the one ``train`` made, or the starting one in round 0."""
+    cfg, student = ctx.cfg.evaluate, rnd.student
+    key, code = ctx.key(
+        "eval",
+        __name__,
+        config=cfg,
+        inputs={"problems": ctx.problems_key},
+        models={"student": student.identity},
+    )
+    records = eval_problems(list(ctx.problems.values()), cfg)
+    return ctx.run(
+        "eval",
+        rnd,
+        key,
+        code,
+        lambda w: evaluate_body(
+            w,
+            cfg,
+            engine=stage_engine(ctx, "student", student.path),
+            records=records,
+            round_=rnd.r,
+            seed=ctx.cfg.seed,
+            model=student.identity[:12],
+            grader=grader_of(ctx.cfg),
+            workers=ctx.workers("student"),
+        ),
+    )
+
+
+STAGE = Stage(
+    name="eval",
+    summary="the round's student answers the fixed test and held-out problems (greedy)",
+    run=run,
+    tables=(Table("evals", "eval", "*.parquet", EVALS),),
+    reads=("problems", "train"),
+    config="evaluate",
+)

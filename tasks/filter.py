@@ -1,7 +1,12 @@
-"""Filter stage: a DuckDB SQL rule keeps or drops each rewrite, with a reason."""
+"""Filter stage: a DuckDB SQL rule keeps or drops each rewrite, with a reason.
+
+Its key: the round's rewrites (their key), the filter config and the SQL text. A filter that
+keeps nothing ends the round with one line: training on nothing is no round.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import duckdb
@@ -14,6 +19,10 @@ from data.configbase import StrictModel
 from data.errors import UserError
 from data.schemas import DECISIONS, SAMPLES, SchemaError, conform
 from data.store import StageWriter
+from data.tables import Table
+from tasks.common import StageResult, read_stage
+from tasks.context import Context, Round
+from tasks.stage import Stage
 
 
 class FilterConfig(StrictModel):
@@ -102,8 +111,63 @@ def filter_body(
         faithful=cfg.faithful,
     )
     writer.write_table("decisions.parquet", decisions, DECISIONS)
+    kept, reasons = kept_count(decisions)
+    return {"kept": kept, "reasons": reasons}
+
+
+def kept_count(decisions: pa.Table) -> tuple[int, dict[str, int]]:
+    """How many rows the filter kept, and how many it dropped for each reason."""
     reasons = pc.value_counts(decisions.column("reason")).to_pylist()
-    return {
-        "kept": int(pc.sum(decisions.column("kept")).as_py() or 0),
-        "reasons": {r["values"]: r["counts"] for r in reasons},
+    return int(pc.sum(decisions.column("kept")).as_py() or 0), {
+        x["values"]: x["counts"] for x in reasons
     }
+
+
+def check_kept(result: StageResult, decisions: pa.Table) -> None:
+    """A filter that kept nothing: one line that says why, and how to look."""
+    kept, reasons = kept_count(decisions)
+    if kept == 0:
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
+        r = result.round
+        raise UserError(
+            f"round {r}: the filter kept none of {result.rows} rewrites ({why}); nothing was "
+            f'trained. Inspect them with: mpd sql "select * from decisions where round = {r}"'
+        )
+
+
+def run(ctx: Context, rnd: Round) -> StageResult:
+    cfg, r = ctx.cfg.filter, rnd.r
+    rewritten = rnd.result("rewrite", "filter")
+    sql = filter_sql(cfg)
+    key, code = ctx.key(
+        "filter",
+        __name__,
+        config={"filter": cfg, "sql": hashlib.sha256(sql.encode()).hexdigest()},
+        inputs={"rewrite": rewritten.key},
+    )
+    result = ctx.run(
+        "filter",
+        rnd,
+        key,
+        code,
+        lambda w: filter_body(
+            w,
+            cfg,
+            rewrites=read_stage(ctx.store, "rewrite", r),
+            # what the rewrites were made from (an input of the rewrite's key already)
+            samples=read_stage(ctx.store, "sample", r),
+            round_=r,
+        ),
+    )
+    check_kept(result, read_stage(ctx.store, "filter", r))
+    return result
+
+
+STAGE = Stage(
+    name="filter",
+    summary="a DuckDB SQL rule keeps or drops each rewrite, with a reason",
+    run=run,
+    tables=(Table("decisions", "filter", "decisions.parquet", DECISIONS),),
+    reads=("rewrite", "sample"),
+    config="filter",
+)

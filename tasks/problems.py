@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from data.configbase import StrictModel
+from data.keys import code_version, stage_key
+from data.schemas import PROBLEMS
 from data.sources import ProblemSourceConfig
+from data.store import StageStore
+from data.tables import Table
+from tasks.stage import Stage
+
+log = logging.getLogger("mpd")
 
 
 class ProblemsConfig(StrictModel):
@@ -65,3 +73,34 @@ def problem_records(cfg: ProblemsConfig, seed: int) -> list[dict]:
             for r in build_problems(seed, cfg.n_train, cfg.n_test, cfg.n_heldout, cfg.difficulty)
         ]
     return [{"round": 0, **r} for r in records]
+
+
+def commit_problems(store: StageStore, cfg: Any) -> str:
+    """Commit the problem set (round 0) unless a valid one with the same key exists; its key.
+
+    It runs once per campaign, before any round, and every stage that reads problems has this
+    key among its inputs. ``cfg`` is the run config (``flows.config.RunConfig``).
+    """
+    import pyarrow as pa
+
+    code = code_version(__name__)
+    key = stage_key("problems", config=cfg.problems, seed=cfg.seed, code=code)
+    if man := store.lookup("problems", 0, key):
+        log.info("problems: cached (%d rows, key %s)", man.rows, key[:12])
+        return key
+    records = problem_records(cfg.problems, cfg.seed)
+    writer = store.writer("problems", 0, key, code_version=code)
+    writer.write_shard(0, pa.Table.from_pylist(records), PROBLEMS)
+    man = writer.commit({"config": cfg.problems.model_dump(mode="json")}, expected_shards=1)
+    log.info("problems: wrote %d rows in %.1fs (key %s)", man.rows, man.duration_s, key[:12])
+    return key
+
+
+STAGE = Stage(
+    name="problems",
+    summary="the campaign's problem set: the built-in world's, or your file's (once, round 0)",
+    run=None,  # commit_problems, before the rounds
+    tables=(Table("problems", "problems", "*.parquet", PROBLEMS),),
+    config="problems",
+    per_round=False,
+)

@@ -1,4 +1,7 @@
-"""Rewrite stage: the teacher rewrites each student trace concisely (MPD)."""
+"""Rewrite stage: the teacher rewrites each student trace concisely (MPD).
+
+Its key: the round's samples (their key), the rewriter and the rewrite config.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,12 @@ from data.configbase import StrictModel
 from data.prompts import DEFAULT_REWRITE_PROMPT
 from data.schemas import REWRITES
 from data.store import StageWriter
-from tasks.common import chat_prompt, generate_traces, shard_seed
+from data.tables import Table
+from tasks.common import StageResult, read_stage
+from tasks.context import Context, Round
+from tasks.engines import stage_engine
+from tasks.generation import chat_prompt, generate_traces, grader_of, shard_seed
+from tasks.stage import Stage
 
 log = logging.getLogger("mpd")
 
@@ -131,3 +139,47 @@ def _retokenize(row: dict, tokenizer: Any) -> None:
     close = tokenizer.convert_tokens_to_ids("</think>")
     row["token_ids"] = ids
     row["think_tokens"], row["answer_tokens"], row["total_tokens"] = split_counts(ids, close)
+
+
+def run(ctx: Context, rnd: Round) -> StageResult:
+    cfg, name = ctx.cfg.rewrite, ctx.cfg.models.rewriter
+    rewriter, r = ctx.model(name), rnd.r
+    sampled, student = rnd.result("sample", "rewrite"), rnd.student
+    key, code = ctx.key(
+        "rewrite",
+        __name__,
+        config=cfg,
+        inputs={"sample": sampled.key},
+        models={"rewriter": rewriter.identity},
+    )
+    from train.models import load_tokenizer
+
+    return ctx.run(
+        "rewrite",
+        rnd,
+        key,
+        code,
+        lambda w: rewrite_body(
+            w,
+            cfg,
+            engine=stage_engine(ctx, "rewriter", rewriter.path),
+            workers=ctx.workers("rewriter"),
+            samples=read_stage(ctx.store, "sample", r).to_pylist(),
+            problems=ctx.problems,
+            round_=r,
+            seed=ctx.cfg.seed,
+            model=str(name or ctx.cfg.models.teacher),
+            grader=grader_of(ctx.cfg),
+            student_tokenizer=load_tokenizer(student.path),
+        ),
+    )
+
+
+STAGE = Stage(
+    name="rewrite",
+    summary="the teacher rewrites each sample concisely, keeping the student's path",
+    run=run,
+    tables=(Table("rewrites", "rewrite", "*.parquet", REWRITES),),
+    reads=("sample",),
+    config="rewrite",
+)

@@ -1,4 +1,7 @@
-"""Sample stage: the current student answers training problems."""
+"""Sample stage: the current student answers the round's training problems.
+
+Its key: the problems, the student, the sample config and the round (each round draws anew).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,12 @@ from pydantic import Field
 from data.configbase import StrictModel
 from data.schemas import SAMPLES
 from data.store import StageWriter
-from tasks.common import chat_prompt, generate_stage, shard_seed
+from data.tables import Table
+from tasks.common import StageResult
+from tasks.context import Context, Round, Student
+from tasks.engines import stage_engine
+from tasks.generation import chat_prompt, generate_stage, grader_of, shard_seed
+from tasks.stage import Stage
 
 log = logging.getLogger("mpd")
 
@@ -76,3 +84,51 @@ def sample_body(
         workers=workers,
     )
     return {"shards": n_shards, "problems": len(records)}
+
+
+def generate_answers(
+    ctx: Context, rnd: Round, stage: str, role: str, model: Student, label: str
+) -> StageResult:
+    """``cfg.sample`` traces of round r's problems by ``model`` in ``role``: the student's
+    ``sample`` stage, and off_policy's ``solve`` (the teacher answering as a student would)."""
+    cfg, r = ctx.cfg.sample, rnd.r
+    key, code = ctx.key(
+        stage,
+        __name__,
+        config={"sample": cfg, "round": r},
+        inputs={"problems": ctx.problems_key},
+        models={role: model.identity},
+    )
+    records = round_problems(list(ctx.problems.values()), cfg.problems_per_round, ctx.cfg.seed, r)
+    return ctx.run(
+        stage,
+        rnd,
+        key,
+        code,
+        lambda w: sample_body(
+            w,
+            cfg,
+            engine=stage_engine(ctx, role, model.path),
+            records=records,
+            round_=r,
+            seed=ctx.cfg.seed,
+            model=label,
+            grader=grader_of(ctx.cfg),
+            workers=ctx.workers(role),
+            stage=stage,
+        ),
+    )
+
+
+def run(ctx: Context, rnd: Round) -> StageResult:
+    return generate_answers(ctx, rnd, "sample", "student", rnd.student, rnd.student.identity[:12])
+
+
+STAGE = Stage(
+    name="sample",
+    summary="the student answers the round's training problems",
+    run=run,
+    tables=(Table("samples", "sample", "*.parquet", SAMPLES),),
+    reads=("problems",),
+    config="sample",
+)

@@ -1,4 +1,9 @@
-"""Score stage: the teacher's top-k logprobs for every target token."""
+"""Score stage: the teacher's top-k logprobs for every target token.
+
+It scores the round's targets (``Round.targets``: rewrites, samples, solutions or truncations),
+whichever the method trains on. Its key: the targets' key, the teacher and the score config (with
+the rewrite template, and self_distill's instruction when the teacher is the frozen student).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,12 @@ from data.configbase import StrictModel
 from data.prompts import CONCISE_CUE
 from data.schemas import LOGPROB_MIN, LOGPROB_SCALE, SCORES
 from data.store import StageWriter
-from tasks.common import chat_prompt
+from data.tables import Table
+from tasks.common import StageResult, read_stage
+from tasks.context import Context, Round
+from tasks.engines import stage_engine
+from tasks.generation import chat_prompt
+from tasks.stage import Stage
 
 log = logging.getLogger("mpd")
 
@@ -129,3 +139,62 @@ def score_body(
         workers=workers,
     )
     return {"shards": n_shards, "context": context, "top_k": cfg.top_k}
+
+
+def run(ctx: Context, rnd: Round) -> StageResult:
+    """The teacher's top-k for every row of the round's targets (any stage holding traces).
+
+    With a frozen self-distillation teacher (``rnd.teacher``), that copy of the student reads
+    the problem inside the "be concise" template (``rnd.instruction``). The teacher's own
+    solutions are scored under the plain problem, the context they were generated in.
+    """
+    cfg, r = ctx.cfg.score, rnd.r
+    targets = rnd.result(rnd.targets, "score")
+    if targets.stage == "solve":
+        cfg = cfg.model_copy(update={"context": "problem"})
+    name, instruction = ctx.cfg.models.teacher, rnd.instruction
+    if rnd.teacher is None:
+        role, teacher, label = "teacher", ctx.model(name), name
+    else:
+        role, teacher = "student", rnd.teacher
+        label = f"self:{teacher.identity[:12]}"
+    # the frozen self-distillation teacher has its own slot: it must not evict the student's
+    slot = "teacher" if rnd.teacher is None else "self_teacher"
+    config: dict[str, Any] = {"score": cfg, "template": ctx.cfg.rewrite.prompt}
+    if instruction is not None:
+        config["instruction"] = instruction
+    key, code = ctx.key(
+        "score",
+        __name__,
+        config=config,
+        inputs={targets.stage: targets.key},
+        models={"teacher": teacher.identity},
+    )
+
+    def body(w: Any) -> dict:
+        samples = [] if targets.stage == "solve" else read_stage(ctx.store, "sample", r).to_pylist()
+        return score_body(
+            w,
+            cfg,
+            engine=stage_engine(ctx, role, teacher.path, slot=slot),
+            workers=ctx.workers(role),
+            rewrites=read_stage(ctx.store, targets.stage, r).to_pylist(),
+            samples={(s["problem_id"], s["sample_idx"]): s for s in samples},
+            problems=ctx.problems,
+            rewrite_template=ctx.cfg.rewrite.prompt,
+            round_=r,
+            model=label,
+            instruction=instruction,
+        )
+
+    return ctx.run("score", rnd, key, code, body)
+
+
+STAGE = Stage(
+    name="score",
+    summary="the teacher's top-k logprobs for every target token (offline KL)",
+    run=run,
+    tables=(Table("scores", "score", "*.parquet", SCORES),),
+    reads=("sample", "solve", "rewrite", "truncate"),
+    config="score",
+)

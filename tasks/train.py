@@ -3,6 +3,10 @@
 The trainer writes checkpoints into the stage's staging directory, which is
 named by the stage key: a killed training stage restarted with the same key
 resumes from its last checkpoint; checkpoints are removed before the commit.
+
+Its key: the targets' stage run, the filter decisions and stored scores when the method uses
+them, the round's starting student (and the online teacher), and the train config. Its output,
+``train/round=<r>/model``, is the next student; its identity is this key.
 """
 
 from __future__ import annotations
@@ -19,8 +23,12 @@ import pyarrow.parquet as pq
 
 from data.schemas import TRAIN_LOG
 from data.store import StageWriter
-from tasks.common import chat_prompt
+from data.tables import Table
+from tasks.common import StageResult, stage_files
+from tasks.context import Context, Round, Student
+from tasks.generation import chat_prompt
 from tasks.score import dequantize
+from tasks.stage import Stage
 from train.config import TrainConfig
 
 log = logging.getLogger("mpd")
@@ -231,3 +239,60 @@ def train_body(
         "resumed_from": result.resumed_from,
         "target_tokens": int(sum(len(e.target_ids) for e in examples)),
     }
+
+
+def run(ctx: Context, rnd: Round) -> StageResult:
+    """Train the round's student on its targets; the result is the round's new student."""
+    cfg, m, r, student = ctx.cfg.train, ctx.cfg.models, rnd.r, rnd.student
+    data = rnd.result(rnd.targets, "train")
+    filtered = rnd.result("filter", "train") if rnd.kept_only else None
+    scored = rnd.done.get("score")
+    inputs = {
+        data.stage: data.key,
+        **({"filter": filtered.key} if filtered else {}),
+        **({"score": scored.key} if scored else {}),
+    }
+    models = {"student": student.identity}
+    online = cfg.teacher_mode == "online" and cfg.loss != "ce"
+    teacher = rnd.teacher or ctx.model(m.teacher)
+    if online:
+        models["teacher"] = teacher.identity
+    config: Any = cfg if rnd.instruction is None else {"train": cfg, "teacher": rnd.instruction}
+    key, code = ctx.key("train", __name__, config=config, inputs=inputs, models=models)
+
+    def body(w: Any) -> dict:
+        from train.models import load_tokenizer
+
+        rows = training_rows(
+            stage_files(ctx.store, data.stage, r),
+            decisions=stage_files(ctx.store, "filter", r) if filtered else None,
+            scores=stage_files(ctx.store, "score", r) if scored else None,
+        )
+        instruction = rnd.instruction if online else None
+        tokenizer = load_tokenizer(student.path)
+        examples = list(build_examples(rows, ctx.problems, tokenizer, teacher_template=instruction))
+        return train_body(
+            w,
+            cfg,
+            student_path=student.path,
+            examples=examples,
+            round_=r,
+            seed=ctx.cfg.seed,
+            dtype=m.dtype,
+            device=m.device,
+            teacher_path=teacher.path,
+        )
+
+    result = ctx.run("train", rnd, key, code, body)
+    rnd.student = ctx.students[r] = Student(str(Path(result.path) / "model"), result.key)
+    return result
+
+
+STAGE = Stage(
+    name="train",
+    summary="distil the student toward the teacher on the round's targets (KL or CE)",
+    run=run,
+    tables=(Table("train_log", "train", "log.parquet", TRAIN_LOG),),
+    reads=("sample", "solve", "rewrite", "truncate", "filter", "score"),
+    config="train",
+)

@@ -18,6 +18,8 @@ A record (table ``truncations``, the columns of ``rewrites``; ``orig_*`` = the s
      "completion": "<think>\\nWe need 347 + 258. Let me\\n</think>\\n\\nAnswer: 605",
      "think_tokens": 14, "answer_tokens": 5, "total_tokens": 19, "correct": True,
      "orig_think_tokens": 120, ...}
+
+Its key: the round's samples, rewrites and filter decisions (their keys).
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ import pyarrow as pa
 
 from data.schemas import TRUNCATIONS
 from data.store import StageWriter
+from data.tables import Table
+from tasks.common import StageResult, read_stage
+from tasks.context import Context, Round
+from tasks.generation import grader_of
+from tasks.stage import Stage
 
 
 def truncated_ids(sample_ids: list[int], rewrite_ids: list[int], close_id: int) -> list[int]:
@@ -98,3 +105,45 @@ def truncate_body(writer: StageWriter, rows: list[dict]) -> dict:
     """Write the round's truncation targets as one file (cheap: no model runs here)."""
     writer.write_table("truncations.parquet", pa.Table.from_pylist(rows, TRUNCATIONS), TRUNCATIONS)
     return {"targets": len(rows), "target_tokens": sum(r["total_tokens"] for r in rows)}
+
+
+def kept_pairs(decisions: pa.Table) -> set[tuple[str, int]]:
+    """(problem_id, sample_idx) of the kept rewrites."""
+    kept = decisions.filter(decisions.column("kept"))
+    return set(
+        zip(
+            kept.column("problem_id").to_pylist(),
+            kept.column("sample_idx").to_pylist(),
+            strict=True,
+        )
+    )
+
+
+def run(ctx: Context, rnd: Round) -> StageResult:
+    r, student = rnd.r, rnd.student
+    inputs = {s: rnd.result(s, "truncate").key for s in ("sample", "rewrite", "filter")}
+    key, code = ctx.key("truncate", __name__, config={}, inputs=inputs)
+
+    def body(w: Any) -> dict:
+        from train.models import load_tokenizer
+
+        rows = truncate_rows(
+            read_stage(ctx.store, "sample", r).to_pylist(),
+            read_stage(ctx.store, "rewrite", r).to_pylist(),
+            kept_pairs(read_stage(ctx.store, "filter", r)),
+            tokenizer=load_tokenizer(student.path),
+            problems=ctx.problems,
+            grader=grader_of(ctx.cfg),
+        )
+        return truncate_body(w, rows)
+
+    return ctx.run("truncate", rnd, key, code, body)
+
+
+STAGE = Stage(
+    name="truncate",
+    summary="each kept rewrite's sample, cut to the rewrite's length (truncation's targets)",
+    run=run,
+    tables=(Table("truncations", "truncate", "*.parquet", TRUNCATIONS),),
+    reads=("sample", "rewrite", "filter"),
+)

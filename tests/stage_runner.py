@@ -63,7 +63,7 @@ def run_sample_stage(workspace: Path, engine: Any) -> Any:
 
 def main(workspace: str, engine_json: str) -> int:
     from engines.config import EngineConfig
-    from tasks.common import engine_for
+    from tasks.engines import engine_for
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     cfg = EngineConfig.model_validate(json.loads(engine_json))

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.bootstrap import SHIPPED, resolve_model
+from flows.bootstrap import SHIPPED
 from flows.errors import UserError
+from tasks.context import resolve_model
 from train.assets import AssetsError, verify_assets
 
 REPO = Path(__file__).resolve().parents[1]

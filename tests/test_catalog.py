@@ -19,8 +19,6 @@ import pytest
 
 from data.catalog import (
     CATALOG_FILE,
-    TABLE_GLOBS,
-    VIEWS,
     SqlError,
     committed_files,
     connect,
@@ -28,13 +26,16 @@ from data.catalog import (
     format_table,
     round_summary_sql,
     run_query,
+    views,
     write_catalog,
     write_parquet_atomic,
 )
-from data.schemas import TABLES, conform
+from data.schemas import conform
+from data.tables import tables
 from tests.conftest import write_manifest
 
-STAGE_OF = {table: glob.split("/")[0] for table, glob in TABLE_GLOBS.items()}
+TABLES = {name: t.schema for name, t in tables().items()}
+STAGE_OF = {name: t.stage for name, t in tables().items()}
 
 
 # -- building a workspace ----------------------------------------------------
@@ -117,7 +118,7 @@ def test_empty_workspace_has_every_view_typed_and_empty(ws: Path) -> None:
     names = {
         r[0] for r in con.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
     }
-    assert names == set(VIEWS)
+    assert names == set(views())
     for table, schema in TABLES.items():
         described = con.sql(f"DESCRIBE {table}").fetchall()
         assert [(r[0], r[1]) for r in described] == [(f.name, duckdb_type(f.type)) for f in schema]
@@ -386,8 +387,8 @@ def test_write_catalog_has_every_view_and_no_leftovers(ws: Path) -> None:
     con = duckdb.connect(str(path), read_only=True)
     try:
         con.execute(f"SET file_search_path = '{ws}'")
-        views = con.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
-        assert {v[0] for v in views} == set(VIEWS)
+        found = con.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
+        assert {v[0] for v in found} == set(views())
         assert count(con, "kept") == 1
         sqls = " ".join(r[0] for r in con.sql("SELECT sql FROM duckdb_views()").fetchall())
         assert str(ws) not in sqls, "persisted views must use workspace-relative paths"

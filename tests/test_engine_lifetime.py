@@ -7,7 +7,7 @@ from pathlib import Path
 
 from engines.config import EngineConfig
 from flows.bootstrap import SHIPPED
-from tasks.common import _ENGINES, close_engines, engine_for
+from tasks.engines import _ENGINES, close_engines, engine_for
 
 
 def test_a_role_moving_to_a_new_model_closes_its_old_engine(tmp_path: Path) -> None:

@@ -26,7 +26,8 @@ from engines.base import EngineUnavailableError, GenerationParams
 from engines.config import EngineConfig
 from engines.hf import HFEngine, load_hf_engine
 from engines.openai import EngineRequestError, OpenAIEngine
-from tasks.common import chat_prompt, engine_for
+from tasks.engines import engine_for
+from tasks.generation import chat_prompt
 from tests.conftest import REPO, free_port
 from tests.standin_server import StandInServer
 

@@ -44,7 +44,8 @@ from engines.hf import HFEngine, load_hf_engine
 from engines.openai import OpenAIEngine
 from engines.vllm import VLLMEngine, _replica_env, load_vllm_engine
 from engines.vllm_proc import WorkerError
-from tasks.common import chat_prompt, engine_for
+from tasks.engines import engine_for
+from tasks.generation import chat_prompt
 from tests.conftest import REPO, free_port, stop_process_tree
 from tests.stage_runner import PROBLEMS, SAMPLES_PER_PROBLEM, STUDENT, run_sample_stage
 

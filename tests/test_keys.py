@@ -24,14 +24,14 @@ def test_a_stage_key_covers_the_code_it_imports_transitively() -> None:
 def test_closure_follows_imports_inside_functions() -> None:
     """tasks.train imports the trainer inside its body (lazily); the key must still cover it."""
     assert "train.trainer" in module_closure("tasks.train")
-    assert "flows.stages" not in module_closure("tasks.train")
+    assert "tasks.registry" not in module_closure("tasks.train")  # no stage covers the others
+    assert "tasks.sample" not in module_closure("tasks.train")
 
 
-def test_code_version_names_the_libraries_and_the_wiring() -> None:
+def test_code_version_names_the_libraries_and_the_stage_module() -> None:
     versions = library_versions()
     assert versions["torch"].startswith("2.") and "transformers" in versions
-    plain = code_version("tasks.filter")
-    wired = code_version("tasks.filter", shallow=("flows.stages",))
-    assert plain != wired  # the wiring file's source counts
-    # shallow modules are not followed: the filter's key still ignores the losses' source
-    assert "train.losses" not in module_closure("tasks.filter")
+    assert code_version("tasks.filter") != code_version("tasks.truncate")
+    # a stage that runs no engine does not recompute when an engine's code changes
+    for stage in ("tasks.filter", "tasks.problems"):
+        assert not {"engines.hf", "engines.vllm", "tasks.engines"} & set(module_closure(stage))

@@ -7,9 +7,12 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from data.schemas import DECISIONS, TABLES, TRACE_FIELDS, SchemaError, conform
+from data.schemas import DECISIONS, TRACE_FIELDS, SchemaError, conform
 from data.store import StageStore
+from data.tables import tables
 from tests.test_store import decisions
+
+TABLES = {name: t.schema for name, t in tables().items()}
 
 
 def test_every_trace_table_has_the_columns_the_system_relies_on() -> None:

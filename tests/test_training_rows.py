@@ -58,7 +58,7 @@ def _write(tmp: Path, rng: np.random.Generator) -> tuple[list[Path], list[Path],
 
 
 def _naive(targets, decisions, scores, problems, tok):
-    from tasks.common import chat_prompt
+    from tasks.generation import chat_prompt
 
     kept = {
         (d["problem_id"], d["sample_idx"])

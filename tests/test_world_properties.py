@@ -104,7 +104,7 @@ def test_the_shipped_models_still_behave_as_their_rows_say(ws: Path) -> None:
 def test_self_distill_teacher_reads_the_cue_of_the_students_concise_mode() -> None:
     """OPSDC's frozen teacher must read exactly the prompt the world's concise mode answers."""
     from data.prompts import cued_prompt
-    from tasks.common import chat_prompt
+    from tasks.generation import chat_prompt
     from tasks.score import SelfDistillConfig
     from train.models import load_tokenizer
 

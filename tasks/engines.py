@@ -1,0 +1,81 @@
+"""The engine pool: one engine per model and role in a process, reused across shards and rounds.
+
+Process-global on purpose: a stage's shards, and the stages of a round that use the same model,
+share one loaded engine; a role that moves to another model (each round's new student) closes
+the engine it used, so a campaign holds one engine per role, not one per round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engines.config import EngineConfig
+
+_ENGINES: dict[tuple[str, str, str], Any] = {}
+_ROLES: dict[str, tuple[str, str, str]] = {}  # role -> the key of the engine serving it now
+
+
+def engine_for(
+    cfg: EngineConfig,
+    model_path: Path | str,
+    *,
+    dtype: str,
+    device: str,
+    journal_dir: Path | str | None = None,
+    role: str | None = None,
+) -> Any:
+    """An engine over ``model_path``, loaded once per process and reused across shards.
+
+    ``journal_dir`` (openai engine only) keeps each call's finished requests, so
+    a restarted stage resends only the rest (see ``engines/journal.py``).
+    ``role`` (student, teacher, rewriter): when a role moves to another model
+    (each round's new student), the engine it used is closed unless another
+    role still uses it, so a campaign holds one engine per role, not one per
+    round (a vLLM engine per round would fill the GPU by round 2).
+    """
+    key = (cfg.kind, str(model_path), cfg.model_dump_json() + str(journal_dir))
+    if role is not None:
+        old = _ROLES.get(role)
+        _ROLES[role] = key
+        if old is not None and old != key and old not in _ROLES.values() and old in _ENGINES:
+            _ENGINES.pop(old).close()
+    if key not in _ENGINES:
+        if cfg.kind == "vllm":
+            from engines.vllm import load_vllm_engine
+
+            _ENGINES[key] = load_vllm_engine(model_path, cfg, dtype=cfg.dtype or dtype)
+        elif cfg.kind == "openai":
+            from engines.openai import load_openai_engine
+
+            _ENGINES[key] = load_openai_engine(model_path, cfg, journal_dir=journal_dir)
+        else:
+            from engines.hf import load_hf_engine
+
+            _ENGINES[key] = load_hf_engine(
+                model_path,
+                dtype=dtype,
+                device=device,
+                batch_size=cfg.batch_size,
+                max_batch_tokens=cfg.max_batch_tokens,
+            )
+    return _ENGINES[key]
+
+
+def close_engines() -> None:
+    for engine in _ENGINES.values():
+        engine.close()
+    _ENGINES.clear()
+    _ROLES.clear()
+
+
+def stage_engine(ctx: Any, role: str, path: Path | str, *, slot: str | None = None) -> Any:
+    """The engine a stage of campaign ``ctx`` (:class:`tasks.context.Context`) uses for
+    ``role`` over ``path``; ``slot`` (default: the role) is what it replaces when the model
+    changes: each round's student closes the last round's."""
+    ecfg, m = ctx.engine_config(role), ctx.cfg.models
+    # a served endpoint keeps finished requests, so a restarted stage resends only the rest
+    journal = ctx.store.workspace / ".requests" if ecfg.kind == "openai" else None
+    return engine_for(
+        ecfg, path, dtype=m.dtype, device=m.device, journal_dir=journal, role=slot or role
+    )

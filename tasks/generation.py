@@ -1,0 +1,163 @@
+"""Generating traces for a stage: prompts, per-shard seeds, grading, the shard loop.
+
+The sample, solve and evaluate stages differ only in their problems, sampling parameters and
+extra columns; the rewrite stage shares the prompt and grading. This is the part they share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+
+from data.errors import UserError
+from data.store import StageWriter
+
+
+def grader_of(cfg: Any) -> Callable[[str | None, str], bool]:
+    """The run's grader (``cfg``: the run config): a problem file's scorer (math-verify or exact),
+    else the built-in world's answer match."""
+    file = cfg.problems.file
+    if cfg.problems.source == "file" and file is not None:
+        from data.mathscore import grade
+
+        return lambda pred, gold: grade(pred, gold, file.scorer)
+    from data.answers import answers_match
+
+    return answers_match
+
+
+def shard_seed(seed: int, round_: int, shard: int) -> int:
+    """A per-shard seed: a resumed shard regenerates exactly what the killed one would have."""
+    import hashlib
+
+    return int(hashlib.sha256(f"{seed}-{round_}-{shard}".encode()).hexdigest()[:8], 16)
+
+
+def chat_prompt(tokenizer: Any, question: str) -> list[int]:
+    """The student's context for ``question``: the tokenizer's own chat template.
+
+    Real checkpoints (Qwen3) and the built-in tokenizer both carry a template;
+    a tokenizer without one falls back to the contract in ``data.answers``.
+    """
+    from data.answers import format_prompt
+
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+    else:
+        text = format_prompt(question)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def generate_traces(
+    engine: Any,
+    prompts: list[list[int]],
+    records: list[dict],
+    *,
+    params: Any,
+    round_: int,
+    model: str,
+    grader: Callable[[str | None, str], bool],
+    extra: Callable[[dict, dict, int], dict] | None = None,
+) -> list[dict]:
+    """Generate and grade; one trace row per (record, sample). ``extra`` adds columns."""
+    from data.traces import trace_row
+
+    close = engine.tokenizer.convert_tokens_to_ids("</think>")
+    rows = []
+    for rec, pids, outs in zip(records, prompts, engine.generate(prompts, params), strict=True):
+        for c in outs:
+            row = trace_row(
+                round_=round_,
+                problem_id=rec["problem_id"],
+                sample_idx=c.sample_idx,
+                text=c.text,
+                token_ids=c.token_ids,
+                finish_reason=c.finish_reason,
+                prompt_tokens=len(pids),
+                gold=rec["answer"],
+                think_close_id=close,
+                model=model,
+                grader=grader,
+            )
+            rows.append({**row, **(extra(rec, row, c.sample_idx) if extra else {})})
+    return rows
+
+
+def context_limit(engine: Any) -> int | None:
+    """The longest sequence the engine's model takes, where the engine can tell (None: unknown)."""
+    limit = getattr(engine, "max_context", None)
+    config = getattr(getattr(engine, "model", None), "config", None)
+    return limit or getattr(config, "max_position_embeddings", None)
+
+
+def check_context(engine: Any, records: list[dict], prompts: list[list[int]]) -> None:
+    """Refuse problems whose prompt alone fills the model's context, before generating any.
+
+    A user's problem file can hold a prompt longer than the model reads; the model would then
+    generate from a truncated or out-of-range context. One line names how many and the first.
+    """
+    limit = context_limit(engine)
+    if not limit:
+        return
+    long = [
+        (r["problem_id"], len(p)) for r, p in zip(records, prompts, strict=True) if len(p) >= limit
+    ]
+    if long:
+        pid, n = long[0]
+        raise UserError(
+            f"{len(long)} problem prompt(s) do not fit the model's context of {limit} tokens "
+            f"(first: {pid}, {n} tokens); shorten them or leave them out of the problem file"
+        )
+
+
+def generate_stage(
+    writer: StageWriter,
+    engine: Any,
+    records: list[dict],
+    prompts: list[list[int]],
+    params_for: Callable[[int], Any],
+    schema: pa.Schema,
+    *,
+    stage: str,
+    shard_size: int,
+    round_: int,
+    model: str,
+    grader: Callable[[str | None, str], bool],
+    extra: Callable[[dict, dict, int], dict] | None = None,
+    workers: int = 1,
+) -> int:
+    """Generate and grade ``records`` shard by shard (``params_for(i)``: shard i's sampling).
+
+    The sample and evaluate stages differ only in their problems, parameters
+    and extra columns; the resumable, Prefect-visible shard loop is this one.
+    """
+    from tasks.shards import run_shards
+
+    check_context(engine, records, prompts)
+
+    def make_rows(i: int, part: range) -> list[dict]:
+        return generate_traces(
+            engine,
+            [prompts[j] for j in part],
+            [records[j] for j in part],
+            params=params_for(i),
+            round_=round_,
+            model=model,
+            grader=grader,
+            extra=extra,
+        )
+
+    return run_shards(
+        writer,
+        len(records),
+        shard_size,
+        make_rows,
+        schema,
+        stage=stage,
+        round_=round_,
+        workers=workers,
+    )

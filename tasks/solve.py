@@ -1,0 +1,29 @@
+"""Solve stage (method off_policy): the teacher answers the round's problems as a student would.
+
+The same generation as ``sample`` (same problems, same sampling config), by the teacher; its
+rows are the targets that off_policy trains on.
+"""
+
+from __future__ import annotations
+
+from data.schemas import SOLUTIONS
+from data.tables import Table
+from tasks.common import StageResult
+from tasks.context import Context, Round
+from tasks.sample import generate_answers
+from tasks.stage import Stage
+
+
+def run(ctx: Context, rnd: Round) -> StageResult:
+    name = ctx.cfg.models.teacher
+    return generate_answers(ctx, rnd, "solve", "teacher", ctx.model(name), name)
+
+
+STAGE = Stage(
+    name="solve",
+    summary="the teacher answers the round's problems (off_policy's targets)",
+    run=run,
+    tables=(Table("solutions", "solve", "*.parquet", SOLUTIONS),),
+    reads=("problems",),
+    config="sample",
+)
