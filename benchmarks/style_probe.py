@@ -98,8 +98,8 @@ def main() -> None:
     from engines.hf import HFEngine
     from flows.bootstrap import SHIPPED
     from train.bootstrap import generate_rows, recipe_config
-    from train.config import Recipe
     from train.models import load_tokenizer
+    from train.tiny import Recipe
     from train.trainer import train
     from train.world_data import encode
 

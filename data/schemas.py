@@ -16,6 +16,7 @@ A sample record (table ``samples``)::
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 # Columns shared by every table that holds generated traces (samples, rewrites,
@@ -78,6 +79,20 @@ TRUNCATIONS = REWRITES
 # 0.001 nats, which is far below what training can resolve.
 LOGPROB_SCALE = 1e-3
 LOGPROB_MIN = -32.0
+
+
+def quantize_logprobs(logprobs: np.ndarray) -> np.ndarray:
+    """Logprobs (nats) -> the scores table's int16, in units of LOGPROB_SCALE, clipped at
+    LOGPROB_MIN. The one encoder; :func:`dequantize_logprobs` is its one decoder."""
+    clipped = np.clip(logprobs, LOGPROB_MIN, 0.0)
+    return np.round(clipped / LOGPROB_SCALE).astype(np.int16)
+
+
+def dequantize_logprobs(quantised: np.ndarray | list[int]) -> np.ndarray:
+    """The scores table's int16 logprobs -> float32 nats."""
+    return np.asarray(quantised, dtype=np.float32) * np.float32(LOGPROB_SCALE)
+
+
 SCORES = pa.schema(
     [
         pa.field("round", pa.int32(), nullable=False),

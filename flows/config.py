@@ -24,7 +24,8 @@ from tasks.problems import ProblemsConfig
 from tasks.rewrite import RewriteConfig
 from tasks.sample import SampleConfig
 from tasks.score import ScoreConfig, SelfDistillConfig
-from train.config import BootstrapConfig, ModelsConfig, TrainConfig
+from train.config import ModelsConfig, TrainConfig
+from train.tiny import BootstrapConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"

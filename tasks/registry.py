@@ -1,7 +1,7 @@
 """Every stage mpd knows, in the order a round runs them: the one list to add a stage to.
 
 Adding a stage is one module, ``tasks/<stage>.py``, that ends with ``STAGE = Stage(...)``
-(:mod:`tasks.stage`), and its name in ``STAGE_MODULES`` here. Its tables become SQL views, ``mpd status`` lists it,
+(:mod:`tasks.stage`), and the module imported and listed in ``STAGE_MODULES`` here. Its tables become SQL views, ``mpd status`` lists it,
 ``mpd rerun --from`` accepts it; a method runs it once ``flows/modes.py`` puts it in a plan.
 
 Importing this module registers the stages' tables with the catalog (:mod:`data.tables`);
@@ -11,24 +11,36 @@ stage's key never covers the other stages' code.
 
 from __future__ import annotations
 
-import importlib
+from types import ModuleType
 
 from data import tables
+from tasks import (
+    bootstrap,
+    evaluate,
+    filter,
+    problems,
+    rewrite,
+    sample,
+    score,
+    solve,
+    train,
+    truncate,
+)
 from tasks.stage import Stage
 
 # The stage modules, in the order a round runs them (``per_round`` ones) and SQL lists their
 # tables. Each ends with ``STAGE = Stage(...)``.
-STAGE_MODULES: tuple[str, ...] = (
-    "tasks.bootstrap",
-    "tasks.problems",
-    "tasks.sample",
-    "tasks.solve",
-    "tasks.rewrite",
-    "tasks.score",
-    "tasks.filter",
-    "tasks.truncate",
-    "tasks.train",
-    "tasks.evaluate",
+STAGE_MODULES: tuple[ModuleType, ...] = (
+    bootstrap,
+    problems,
+    sample,
+    solve,
+    rewrite,
+    score,
+    filter,
+    truncate,
+    train,
+    evaluate,
 )
 
 STAGES: dict[str, Stage] = {}
@@ -55,5 +67,5 @@ def round_stages() -> list[str]:
     return [name for name, stage in STAGES.items() if stage.per_round]
 
 
-for _name in STAGE_MODULES:
-    register(importlib.import_module(_name).STAGE)
+for _module in STAGE_MODULES:
+    register(_module.STAGE)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import Field, field_validator
 
 from data.configbase import StrictModel
 from data.prompts import CONCISE_CUE
-from data.schemas import LOGPROB_MIN, LOGPROB_SCALE, SCORES
+from data.schemas import SCORES, quantize_logprobs
 from data.store import StageWriter
 from data.tables import Table
 from tasks.common import StageResult, read_stage
@@ -60,16 +59,6 @@ class SelfDistillConfig(StrictModel):
         if "{problem}" not in value:
             raise ValueError("the self-distillation instruction must contain {problem}")
         return value
-
-
-def quantize(logprobs: np.ndarray) -> np.ndarray:
-    """Logprobs -> int16 in units of LOGPROB_SCALE nats, clipped at LOGPROB_MIN."""
-    clipped = np.clip(logprobs, LOGPROB_MIN, 0.0)
-    return np.round(clipped / LOGPROB_SCALE).astype(np.int16)
-
-
-def dequantize(q: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * np.float32(LOGPROB_SCALE)
 
 
 def score_body(
@@ -119,7 +108,7 @@ def score_body(
                 "k": int(s.topk_ids.shape[1]),
                 "num_tokens": int(s.topk_ids.shape[0]),
                 "topk_ids": s.topk_ids.reshape(-1).tolist(),
-                "topk_logprobs_q": quantize(s.topk_logprobs).reshape(-1).tolist(),
+                "topk_logprobs_q": quantize_logprobs(s.topk_logprobs).reshape(-1).tolist(),
                 "context": context,
                 "model": model,
             }

@@ -21,13 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.schemas import TRAIN_LOG
+from data.schemas import TRAIN_LOG, dequantize_logprobs
 from data.store import StageWriter
 from data.tables import Table
 from tasks.common import StageResult, stage_files
 from tasks.context import Context, Round, Student
 from tasks.generation import chat_prompt
-from tasks.score import dequantize
 from tasks.stage import Stage
 from train.config import TrainConfig
 
@@ -171,7 +170,7 @@ def build_examples(
                     raise ValueError(f"{pid} sample {batch.column('sample_idx')[i]}: no score")
                 shape = (len(target), int(ks[i]))
                 topk_ids = ids[ids_off[i] : ids_off[i + 1]].astype(np.int64).reshape(shape)
-                topk_lp = dequantize(lps[lp_off[i] : lp_off[i + 1]]).reshape(shape)
+                topk_lp = dequantize_logprobs(lps[lp_off[i] : lp_off[i + 1]]).reshape(shape)
             student, teacher = prompt(pid)
             yield Example(
                 prompt_ids=student,

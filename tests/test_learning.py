@@ -95,7 +95,7 @@ def rewrites(tok, teacher) -> tuple[list[Example], list[Example]]:
 
 def with_topk_scores(engine: HFEngine, examples: list[Example]) -> list[Example]:
     """The score stage in miniature: top-k under the rewrite request, stored as int16 as the
-    `scores` table stores them (tasks.score.quantize), read back as the train stage reads them."""
+    `scores` table stores them (data.schemas.quantize_logprobs), read back as the train stage reads them."""
     prompts, targets = [e.teacher_prompt_ids for e in examples], [e.target_ids for e in examples]
     out = []
     for e, s in zip(examples, engine.score(prompts, targets, TOP_K), strict=True):

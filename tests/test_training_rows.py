@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.score import dequantize
+from data.schemas import dequantize_logprobs
 from tasks.train import build_examples, training_rows
 from tests.conftest import REPO
 
@@ -81,7 +81,7 @@ def _naive(targets, decisions, scores, problems, tok):
                     chat_prompt(tok, problems[t["problem_id"]]["prompt"]),
                     t["token_ids"],
                     np.asarray(s["topk_ids"]).reshape(shape),
-                    dequantize(np.asarray(s["topk_logprobs_q"], np.int16)).reshape(shape),
+                    dequantize_logprobs(np.asarray(s["topk_logprobs_q"], np.int16)).reshape(shape),
                 )
             )
     return out  # fmt: skip

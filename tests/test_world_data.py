@@ -7,7 +7,7 @@ import pytest
 from data.answers import format_prompt
 from data.prompts import cued_prompt
 from data.world import STUDENT_OPENER, build_problems, style_of
-from train.config import BootstrapConfig
+from train.tiny import BootstrapConfig
 from train.world_data import make_texts
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data.schemas import LOGPROB_SCALE
+from data.schemas import dequantize_logprobs
 from train.losses import target_mask
 
 # Global batches per length-sorting pool: enough that batches hold similar lengths (little
@@ -61,11 +61,6 @@ class Example:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.target_ids)
-
-
-def dequantize_logprobs(quantised: np.ndarray | Sequence[int]) -> np.ndarray:
-    """int16 logprobs of the `scores` table (units of LOGPROB_SCALE nats) to float32 nats."""
-    return np.asarray(quantised, dtype=np.float32) * np.float32(LOGPROB_SCALE)
 
 
 def example_from_scores(

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from train.batching import Example
-from train.config import BootstrapConfig, Recipe, TrainConfig
+from train.config import TrainConfig
+from train.tiny import BootstrapConfig, Recipe
 
 log = logging.getLogger("mpd.bootstrap")
 

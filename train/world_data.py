@@ -46,7 +46,7 @@ from data.world import (
     render_verbose,
 )
 from train.batching import Example
-from train.config import BootstrapConfig
+from train.tiny import BootstrapConfig
 
 Text = tuple[str, str]  # (chat-formatted prompt, completion without the end-of-turn token)
 
