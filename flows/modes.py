@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flows.config import RunConfig
-from tasks.context import Context, Round, Student
+from tasks.context import Context, ModelRef, Round
 from tasks.registry import STAGES
 
 
@@ -95,7 +95,7 @@ def round_stages(cfg: RunConfig) -> list[str]:
     return [*out, *mode.extra, "train", "eval"]
 
 
-def new_round(ctx: Context, r: int, student: Student) -> Round:
+def new_round(ctx: Context, r: int, student: ModelRef) -> Round:
     """Round ``r`` of ``ctx.cfg.method``, starting from ``student``: what it trains on."""
     mode = MODES[ctx.cfg.method]
     return Round(
@@ -109,7 +109,7 @@ def new_round(ctx: Context, r: int, student: Student) -> Round:
     )
 
 
-def run_round(ctx: Context, r: int, student: Student) -> Student:
+def run_round(ctx: Context, r: int, student: ModelRef) -> ModelRef:
     """Round ``r``: every stage of its plan, in order; returns the student it trained."""
     rnd = new_round(ctx, r, student)
     for name in round_stages(ctx.cfg):
@@ -119,14 +119,14 @@ def run_round(ctx: Context, r: int, student: Student) -> Student:
     return rnd.student
 
 
-def evaluate_start(ctx: Context, student: Student) -> None:
+def evaluate_start(ctx: Context, student: ModelRef) -> None:
     """Round 0: the starting student's evaluation, shared by every method."""
     run = STAGES["eval"].run
     assert run is not None
     run(ctx, Round(0, student))
 
 
-def self_distill_teacher(ctx: Context, r: int) -> Student:
+def self_distill_teacher(ctx: Context, r: int) -> ModelRef:
     """The frozen copy: the student that started round 1 + M·⌊(r−1)/M⌋, M = refresh_every."""
     every = ctx.cfg.self_distill.refresh_every
     return ctx.students[(r - 1) // every * every]

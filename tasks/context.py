@@ -52,9 +52,10 @@ def resolve_model(name: str, workspace: Path) -> Path:
 
 
 @dataclass(frozen=True)
-class Student:
-    """A model checkpoint (a student, or a teacher a stage generates with): where it is, and
-    what identifies it in stage keys."""
+class ModelRef:
+    """A model a stage uses (a round's student, the teacher, self_distill's frozen copy):
+    where it is, and what identifies it in stage keys (a digest of its files, or for a trained
+    student the key of the train stage that made it)."""
 
     path: str
     identity: str
@@ -69,10 +70,10 @@ class Round:
     """
 
     r: int
-    student: Student
+    student: ModelRef
     targets: str = "sample"  # the stage whose rows train reads: sample, solve, rewrite, truncate
     kept_only: bool = False  # train reads only the rows the filter kept
-    teacher: Student | None = None  # self_distill's frozen student; None: models.teacher
+    teacher: ModelRef | None = None  # self_distill's frozen student; None: models.teacher
     instruction: str | None = None  # the frozen student's "be concise" context
     done: dict[str, StageResult] = field(default_factory=dict)
 
@@ -95,7 +96,7 @@ class Context:
         self.cfg, self.problems_key = cfg, problems_key
         self.store = StageStore(cfg.workspace)
         self.outcomes: dict[str, dict[str, Any]] = {}  # "round/stage" -> what this run did
-        self.students: dict[int, Student] = {}  # round -> the student that round produced
+        self.students: dict[int, ModelRef] = {}  # round -> the student that round produced
 
     @cached_property
     def problems(self) -> dict[str, dict]:
@@ -108,9 +109,9 @@ class Context:
     def identity(self, name: str | None) -> str:
         return directory_digest(self.model_path(name))
 
-    def model(self, name: str | None) -> Student:
+    def model(self, name: str | None) -> ModelRef:
         """A configured model (default: the teacher) with its identity."""
-        return Student(str(self.model_path(name)), self.identity(name))
+        return ModelRef(str(self.model_path(name)), self.identity(name))
 
     def engine_config(self, role: str) -> EngineConfig:
         engines = self.cfg.engines
@@ -199,7 +200,7 @@ class Context:
             for where, o in self.outcomes.items()
         )
 
-    def starting_student(self) -> Student:
+    def starting_student(self) -> ModelRef:
         """Round 0's student: the configured ``models.student``."""
         self.students[0] = self.model(self.cfg.models.student)
         return self.students[0]

@@ -16,7 +16,7 @@ from data.schemas import SAMPLES
 from data.store import StageWriter
 from data.tables import Table
 from tasks.common import StageResult
-from tasks.context import Context, Round, Student
+from tasks.context import Context, ModelRef, Round
 from tasks.engines import stage_engine
 from tasks.generation import chat_prompt, generate_stage, grader_of, shard_seed
 from tasks.stage import Stage
@@ -87,7 +87,7 @@ def sample_body(
 
 
 def generate_answers(
-    ctx: Context, rnd: Round, stage: str, role: str, model: Student, label: str
+    ctx: Context, rnd: Round, stage: str, role: str, model: ModelRef, label: str
 ) -> StageResult:
     """``cfg.sample`` traces of round r's problems by ``model`` in ``role``: the student's
     ``sample`` stage, and off_policy's ``solve`` (the teacher answering as a student would)."""

@@ -25,7 +25,7 @@ from data.schemas import TRAIN_LOG, dequantize_logprobs
 from data.store import StageWriter
 from data.tables import Table
 from tasks.common import StageResult, stage_files
-from tasks.context import Context, Round, Student
+from tasks.context import Context, ModelRef, Round
 from tasks.generation import chat_prompt
 from tasks.stage import Stage
 from train.config import TrainConfig
@@ -133,7 +133,7 @@ def build_examples(
     *,
     teacher_template: str | None = None,
 ) -> Iterator[Any]:
-    """Student context (plain problem prompt) + target ids (+ the teacher's stored top-k), one
+    """ModelRef context (plain problem prompt) + target ids (+ the teacher's stored top-k), one
     Example per row of :func:`training_rows`' batches; arrays are cut from each batch's buffers.
 
     ``teacher_template`` (self-distillation with an online teacher): the teacher
@@ -283,7 +283,7 @@ def run(ctx: Context, rnd: Round) -> StageResult:
         )
 
     result = ctx.run("train", rnd, key, code, body)
-    rnd.student = ctx.students[r] = Student(str(Path(result.path) / "model"), result.key)
+    rnd.student = ctx.students[r] = ModelRef(str(Path(result.path) / "model"), result.key)
     return result
 
 
