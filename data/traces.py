@@ -62,3 +62,40 @@ def trace_row(
         "pred_answer": pred,
         "model": model,
     }
+
+
+def trace_rows(
+    records: Sequence[dict],
+    prompts: Sequence[Sequence[int]],
+    outputs: Sequence[Sequence[Any]],
+    *,
+    round_: int,
+    think_close_id: int,
+    model: str,
+    grader: Grader = answers_match,
+    extra: Callable[[dict, dict, int], dict] | None = None,
+) -> list[dict[str, Any]]:
+    """One graded row per completion of every record (``outputs[i]``: the completions of
+    ``prompts[i]``, each with ``text``, ``token_ids``, ``finish_reason``, ``sample_idx``, as an
+    engine returns them). ``extra(record, row, sample_idx)`` adds columns.
+
+    Every generating stage and the world's own evaluation turn completions into rows here.
+    """
+    rows = []
+    for rec, pids, outs in zip(records, prompts, outputs, strict=True):
+        for c in outs:
+            row = trace_row(
+                round_=round_,
+                problem_id=rec["problem_id"],
+                sample_idx=c.sample_idx,
+                text=c.text,
+                token_ids=c.token_ids,
+                finish_reason=c.finish_reason,
+                prompt_tokens=len(pids),
+                gold=rec["answer"],
+                think_close_id=think_close_id,
+                model=model,
+                grader=grader,
+            )
+            rows.append({**row, **(extra(rec, row, c.sample_idx) if extra else {})})
+    return rows

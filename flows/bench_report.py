@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from data import catalog
 from data.fsutil import atomic_write_bytes
+from flows.sqlout import write_parquet_atomic
 from flows.summary import save_png
 
 log = logging.getLogger("mpd")
@@ -284,9 +285,7 @@ def write_report(
         table.to_pylist(),
         key=lambda r: (order.get(r["method"], len(order)), r["seed"], r["round"], r["split"]),
     )
-    catalog.write_parquet_atomic(
-        pa.Table.from_pylist(rows, schema=table.schema), root / "bench.parquet"
-    )
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=table.schema), root / "bench.parquet")
     agg = aggregate(rows)
     text = markdown(agg, members=members, budget=budget, failures=failures, minutes=minutes)
     atomic_write_bytes(root / "bench.md", text.encode())

@@ -444,7 +444,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from data.catalog import check_out_path, format_table, run_query, write_parquet_atomic
+    from data.catalog import run_query
+    from flows.sqlout import check_out_path, format_table, write_parquet_atomic
 
     workspace = _load(args).workspace
     if args.out is not None:

@@ -9,6 +9,7 @@ from typing import Any
 from data import catalog
 from data.fsutil import atomic_write_bytes
 from data.store import StageStore
+from flows.sqlout import format_table
 
 log = logging.getLogger("mpd")
 
@@ -82,7 +83,7 @@ def print_summary(workspace: Path, *, replot: bool = True) -> None:
     rows["stage times"] = [times.get(r, "") for r in rows["round"]]
     import pyarrow as pa
 
-    print(catalog.format_table(pa.table(rows), "table"))
+    print(format_table(pa.table(rows), "table"))
     path = workspace / "summary.png"
     if rows["round"] and (replot or not path.exists()):
         plot(rows, path)

@@ -19,7 +19,7 @@ from data.tables import Table
 from tasks.common import StageResult
 from tasks.context import Context, Round
 from tasks.engines import stage_engine
-from tasks.generation import chat_prompt, generate_stage, grader_of, shard_seed
+from tasks.generation import generate_stage, grader_of
 from tasks.stage import Stage
 
 log = logging.getLogger("mpd")
@@ -70,26 +70,13 @@ def evaluate_body(
     workers: int = 1,
 ) -> dict:
     """One fixed scorer for every round: greedy by default, same problems, same budget."""
-    from engines.base import GenerationParams
-
-    tok = engine.tokenizer
-
-    def params_for(i: int) -> GenerationParams:
-        return GenerationParams(
-            n=cfg.n,
-            temperature=cfg.temperature,
-            max_tokens=cfg.max_tokens,
-            seed=shard_seed(seed, round_, i),
-            stop_token_ids=(tok.eos_token_id,),
-        )
-
-    n_shards = generate_stage(
+    return generate_stage(
         writer,
         engine,
         records,
-        [chat_prompt(tok, r["prompt"]) for r in records],
-        params_for,
         EVALS,
+        sampling={"n": cfg.n, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens},
+        seed=seed,
         stage="eval",
         shard_size=cfg.shard_size,
         round_=round_,
@@ -98,7 +85,6 @@ def evaluate_body(
         extra=lambda rec, row, s: {"split": rec["split"], "family": rec["family"]},
         workers=workers,
     )
-    return {"shards": n_shards, "problems": len(records)}
 
 
 def run(ctx: Context, rnd: Round) -> StageResult:

@@ -64,27 +64,18 @@ def generate_traces(
     extra: Callable[[dict, dict, int], dict] | None = None,
 ) -> list[dict]:
     """Generate and grade; one trace row per (record, sample). ``extra`` adds columns."""
-    from data.traces import trace_row
+    from data.traces import trace_rows
 
-    close = engine.tokenizer.convert_tokens_to_ids("</think>")
-    rows = []
-    for rec, pids, outs in zip(records, prompts, engine.generate(prompts, params), strict=True):
-        for c in outs:
-            row = trace_row(
-                round_=round_,
-                problem_id=rec["problem_id"],
-                sample_idx=c.sample_idx,
-                text=c.text,
-                token_ids=c.token_ids,
-                finish_reason=c.finish_reason,
-                prompt_tokens=len(pids),
-                gold=rec["answer"],
-                think_close_id=close,
-                model=model,
-                grader=grader,
-            )
-            rows.append({**row, **(extra(rec, row, c.sample_idx) if extra else {})})
-    return rows
+    return trace_rows(
+        records,
+        prompts,
+        engine.generate(prompts, params),
+        round_=round_,
+        think_close_id=engine.tokenizer.convert_tokens_to_ids("</think>"),
+        model=model,
+        grader=grader,
+        extra=extra,
+    )
 
 
 def context_limit(engine: Any) -> int | None:
@@ -118,10 +109,10 @@ def generate_stage(
     writer: StageWriter,
     engine: Any,
     records: list[dict],
-    prompts: list[list[int]],
-    params_for: Callable[[int], Any],
     schema: pa.Schema,
     *,
+    sampling: dict[str, Any],
+    seed: int,
     stage: str,
     shard_size: int,
     round_: int,
@@ -129,29 +120,37 @@ def generate_stage(
     grader: Callable[[str | None, str], bool],
     extra: Callable[[dict, dict, int], dict] | None = None,
     workers: int = 1,
-) -> int:
-    """Generate and grade ``records`` shard by shard (``params_for(i)``: shard i's sampling).
+) -> dict[str, int]:
+    """Answer ``records``' problems (chat prompts) shard by shard, graded, into ``writer``.
 
-    The sample and evaluate stages differ only in their problems, parameters
-    and extra columns; the resumable, Prefect-visible shard loop is this one.
+    ``sampling``: n, temperature, top_p, max_tokens; each shard gets its own seed
+    (:func:`shard_seed`), so a resumed shard regenerates exactly what the killed one would have.
+    The sample, solve and evaluate stages differ only in their problems, sampling and extra
+    columns; the resumable, Prefect-visible shard loop is this one. Returns the manifest extra.
     """
+    from engines.base import GenerationParams
     from tasks.shards import run_shards
 
+    tok = engine.tokenizer
+    prompts = [chat_prompt(tok, r["prompt"]) for r in records]
     check_context(engine, records, prompts)
 
     def make_rows(i: int, part: range) -> list[dict]:
+        params = GenerationParams(
+            **sampling, seed=shard_seed(seed, round_, i), stop_token_ids=(tok.eos_token_id,)
+        )
         return generate_traces(
             engine,
             [prompts[j] for j in part],
             [records[j] for j in part],
-            params=params_for(i),
+            params=params,
             round_=round_,
             model=model,
             grader=grader,
             extra=extra,
         )
 
-    return run_shards(
+    shards = run_shards(
         writer,
         len(records),
         shard_size,
@@ -161,3 +160,4 @@ def generate_stage(
         round_=round_,
         workers=workers,
     )
+    return {"shards": shards, "problems": len(records)}

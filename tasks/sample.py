@@ -18,7 +18,7 @@ from data.tables import Table
 from tasks.common import StageResult
 from tasks.context import Context, ModelRef, Round
 from tasks.engines import stage_engine
-from tasks.generation import chat_prompt, generate_stage, grader_of, shard_seed
+from tasks.generation import generate_stage, grader_of
 from tasks.stage import Stage
 
 log = logging.getLogger("mpd")
@@ -55,27 +55,14 @@ def sample_body(
     stage: str = "sample",
 ) -> dict:
     """Sample ``cfg.n`` traces per problem, one resumable shard per ``cfg.shard_size`` prompts."""
-    from engines.base import GenerationParams
-
-    tok = engine.tokenizer
-
-    def params_for(i: int) -> GenerationParams:
-        return GenerationParams(
-            n=cfg.n,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_tokens=cfg.max_tokens,
-            seed=shard_seed(seed, round_, i),
-            stop_token_ids=(tok.eos_token_id,),
-        )
-
-    n_shards = generate_stage(
+    sampling = {"n": cfg.n, "temperature": cfg.temperature, "top_p": cfg.top_p}
+    return generate_stage(
         writer,
         engine,
         records,
-        [chat_prompt(tok, r["prompt"]) for r in records],
-        params_for,
         SAMPLES,
+        sampling={**sampling, "max_tokens": cfg.max_tokens},
+        seed=seed,
         stage=stage,
         shard_size=cfg.shard_size,
         round_=round_,
@@ -83,7 +70,6 @@ def sample_body(
         grader=grader,
         workers=workers,
     )
-    return {"shards": n_shards, "problems": len(records)}
 
 
 def generate_answers(

@@ -23,15 +23,14 @@ from data.catalog import (
     committed_files,
     connect,
     duckdb_type,
-    format_table,
     round_summary_sql,
     run_query,
     views,
     write_catalog,
-    write_parquet_atomic,
 )
 from data.schemas import conform
 from data.tables import tables
+from flows.sqlout import format_table, write_parquet_atomic
 from tests.conftest import write_manifest
 
 TABLES = {name: t.schema for name, t in tables().items()}

@@ -119,7 +119,7 @@ def generate_rows(
     max_tokens: int,
 ) -> list[dict]:
     """Greedy completions of ``prompts`` as ``bootstrap_evals`` rows (role, split, family, style)."""
-    from data.traces import trace_row
+    from data.traces import trace_rows
     from data.world import style_of
     from engines.base import GenerationParams
 
@@ -127,34 +127,22 @@ def generate_rows(
     params = GenerationParams(
         n=1, temperature=0.0, max_tokens=max_tokens, stop_token_ids=(tokenizer.eos_token_id,)
     )
-    close = tokenizer.convert_tokens_to_ids("</think>")
-    rows = []
-    for rec, pid, outs in zip(records, ids, engine.generate(ids, params), strict=True):
-        c = outs[0]
-        row = trace_row(
-            round_=0,
-            problem_id=rec["problem_id"],
-            sample_idx=0,
-            text=c.text,
-            token_ids=c.token_ids,
-            finish_reason=c.finish_reason,
-            prompt_tokens=len(pid),
-            gold=rec["answer"],
-            think_close_id=close,
-            model=model,
-        )
-        rows.append(
-            {
-                **row,
-                "role": role,
-                "split": rec["split"],
-                "family": rec["family"],
-                "style": style_of(c.text),
-                "orig_think_tokens": None,
-                "orig_correct": None,
-            }
-        )
-    return rows
+    return trace_rows(
+        records,
+        ids,
+        engine.generate(ids, params),
+        round_=0,
+        think_close_id=tokenizer.convert_tokens_to_ids("</think>"),
+        model=model,
+        extra=lambda rec, row, _: {
+            "role": role,
+            "split": rec["split"],
+            "family": rec["family"],
+            "style": style_of(row["completion"]),
+            "orig_think_tokens": None,
+            "orig_correct": None,
+        },
+    )
 
 
 def _mean(xs: Sequence[float]) -> float | None:
