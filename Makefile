@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-fast lint format bench benchmarks clean help vllm-env
+.PHONY: run test test-fast lint format bench benchmarks clean help vllm-env prefect-postgres prefect-postgres-stop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -82,3 +82,9 @@ $(VLLM_VENV)/.installed:
 
 clean:  ## remove .venv and caches (workspaces under runs/ are kept)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+prefect-postgres: $(STAMP)  ## start PostgreSQL, a Prefect server on it, pool `mpd` and a worker (.services/)
+	bash scripts/prefect-postgres.sh start
+
+prefect-postgres-stop:  ## stop the worker, the Prefect server and PostgreSQL started by prefect-postgres
+	bash scripts/prefect-postgres.sh stop

@@ -1,11 +1,13 @@
 """Scheduling as an operator sets it up: prefect.yaml deployed to a real server, run by a worker.
 
-The end-to-end test runs the README's commands against the session's ``prefect
-server start`` (fixture ``prefect_api``): create the ``process`` pool, ``prefect
-deploy --all`` from prefect.yaml, start a worker, trigger the nightly deployment
-with a tiny config and watch it to completion, then check that the night reached
-"rounds committed + rounds_per_night" in the workspace. ``mpd serve`` is checked
-without blocking: its schedule and parameters go through ``to_deployment``.
+The end-to-end test runs the documented commands against Prefect on PostgreSQL:
+``scripts/prefect-postgres.sh start`` (a PostgreSQL cluster, a ``prefect server`` keeping its
+state there, the ``process`` pool and a worker), then ``prefect deploy --all`` from prefect.yaml,
+triggers the nightly deployment with a tiny config and watches it to completion, checks that
+the night reached "rounds committed + rounds_per_night" in the workspace and that the run is a
+row of PostgreSQL's ``flow_run`` table, and stops everything it started. The other tests use the
+session's server (fixture ``prefect_api``). ``mpd serve`` is checked without blocking: its
+schedule and parameters go through ``to_deployment``.
 """
 
 from __future__ import annotations
@@ -15,17 +17,20 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from data.errors import UserError
 from flows.serve import NIGHTLY, committed_rounds, rounds_to_reach, serve_options
-from tests.conftest import stop_process_tree
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "prefect-postgres.sh"
 POOL = "mpd"  # the work pool prefect.yaml names
 # One round in seconds: 4 problems x 2 samples, 32-token generations, 2 training steps,
 # 4 test problems evaluated. The filter keeps every rewrite (KEEP_ALL): with 32 tokens most
@@ -139,47 +144,93 @@ def test_an_empty_workspace_has_no_committed_rounds(tmp_path: Path) -> None:
         rounds_to_reach(tmp_path, 0)
 
 
+@pytest.fixture(scope="module")
+def postgres_prefect() -> Iterator[dict[str, str]]:
+    """``scripts/prefect-postgres.sh start`` in a fresh directory, on free ports; stopped after.
+
+    The directory is outside pytest's (mode 700) temporary tree: PostgreSQL runs as the
+    ``postgres`` user, which must reach it. A stack that cannot start fails the test (CI has
+    PostgreSQL 15); it never skips.
+    """
+    services = Path(tempfile.mkdtemp(prefix="mpd-services-"))
+    services.chmod(0o755)
+    env = {
+        **os.environ,
+        "MPD_SERVICES_DIR": str(services),
+        "PG_PORT": str(free_port()),
+        "PREFECT_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+        "PREFECT_WORKER_QUERY_SECONDS": "2",  # the worker picks the run up within seconds
+    }
+    env.pop("PREFECT_API_URL", None)
+
+    def script(action: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(SCRIPT), action],
+            env=env,
+            cwd=services,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    started = script("start")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield {
+            "api": f"http://127.0.0.1:{env['PREFECT_PORT']}/api",
+            "pg_port": env["PG_PORT"],
+            "dir": str(services),
+        }
+    finally:
+        stopped, status = script("stop"), script("status")
+        shutil.rmtree(services, ignore_errors=True)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert status.stdout.split("\n")[:3] == [
+        "postgres: stopped",
+        "prefect server: stopped",
+        "worker: stopped",
+    ], status.stdout
+
+
 @pytest.mark.slow
-def test_nightly_deployment_runs_on_a_worker(tmp_path: Path) -> None:
+def test_nightly_deployment_runs_on_a_worker_against_postgres(
+    tmp_path: Path, postgres_prefect: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", postgres_prefect["api"])  # the prefect CLI's server
     ws = tmp_path / "ws"
     keep_all = tmp_path / "keep_all.sql"
     keep_all.write_text(KEEP_ALL)
     overrides = [*TINY_NIGHT, f"filter.sql={keep_all}"]
 
-    pool = prefect("work-pool", "create", POOL, "--type", "process", "--overwrite")
-    assert pool.returncode == 0, pool.stdout + pool.stderr
-    worker_log = tmp_path / "worker.log"
-    with open(worker_log, "wb") as log:  # started first: it boots while we deploy
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
-            cwd=tmp_path,  # the pull step, not the worker's directory, decides where runs run
-            env={**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "2"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deployed = prefect("deploy", "--all")
-        assert deployed.returncode == 0, _explain_deploy_failure(deployed)
-        _check_nightly_deployment()
-        run = prefect(
-            "deployment",
-            "run",
-            f"mpd-campaign/{NIGHTLY}",
-            "--param",
-            f"workspace={json.dumps(str(ws))}",
-            "--param",
-            f"overrides={json.dumps(overrides)}",
-            "--watch",
-            "--watch-timeout",
-            "240",
-            timeout=300,
-        )
-        detail = run.stdout[-3000:] + run.stderr[-3000:] + _tail(worker_log)
-        assert run.returncode == 0, detail
-        assert "Completed" in run.stdout, detail
-    finally:
-        stop_process_tree(worker)
+    deployed = prefect("deploy", "--all")
+    assert deployed.returncode == 0, _explain_deploy_failure(deployed)
+    _check_nightly_deployment()
+    run = prefect(
+        "deployment",
+        "run",
+        f"mpd-campaign/{NIGHTLY}",
+        "--param",
+        f"workspace={json.dumps(str(ws))}",
+        "--param",
+        f"overrides={json.dumps(overrides)}",
+        "--watch",
+        "--watch-timeout",
+        "240",
+        timeout=300,
+    )
+    worker_log = Path(postgres_prefect["dir"]) / "worker.log"
+    detail = run.stdout[-3000:] + run.stderr[-3000:] + _tail(worker_log)
+    assert run.returncode == 0, detail
+    assert "Completed" in run.stdout, detail
+
+    # The server kept the run in PostgreSQL: the deployment's flow run, completed.
+    query = "select state_type from flow_run where deployment_id is not null"
+    psql = ["psql", "-h", "127.0.0.1", "-p", postgres_prefect["pg_port"], "-U", "postgres"]
+    rows = subprocess.run(
+        [*psql, "-d", "prefect", "-Atc", query], capture_output=True, text=True, timeout=30
+    )
+    assert rows.stdout.split() == ["COMPLETED"], rows.stdout + rows.stderr
 
     # The night reached committed (0) + rounds_per_night (1), and the next one goes on.
     assert (ws / "eval" / "round=1" / "_manifest.json").is_file()
