@@ -29,6 +29,7 @@ from flows.bootstrap import check_tokenizers, ensure_bootstrap
 from flows.config import RunConfig, dump_config, load_config
 from flows.logs import setup_logging
 from flows.summary import print_summary
+from tasks import cluster
 from tasks.context import Context
 from tasks.problems import commit_problems
 
@@ -103,6 +104,7 @@ def run_campaign(cfg: RunConfig) -> None:
             if any(m.startswith("builtin:") for m in (cfg.models.student, cfg.models.teacher)):
                 ensure_bootstrap(store, cfg, device=cfg.models.device)
             check_tokenizers(cfg)
+            cluster.use(cfg.runner)
             ctx = Context(cfg, commit_problems(store, cfg))
             student = ctx.starting_student()
             modes.evaluate_start(ctx, student)
@@ -116,6 +118,7 @@ def run_campaign(cfg: RunConfig) -> None:
             from tasks.engines import close_engines
 
             close_engines()
+            cluster.close()
             if ctx is not None:
                 write_last_run(ws, ctx.outcomes)
             catalog.write_catalog(ws)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 from data.configbase import StrictModel
 from data.errors import UserError
 from engines.config import EnginesConfig
+from tasks.cluster import RunnerConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.filter import FilterConfig
 from tasks.problems import ProblemsConfig
@@ -67,6 +68,11 @@ class RunConfig(StrictModel):
     rounds: int = Field(3, ge=0, description="Rounds in the campaign (0 = evaluate only).")
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     engines: EnginesConfig = Field(default_factory=EnginesConfig)
+    runner: RunnerConfig = Field(
+        default_factory=RunnerConfig,
+        description="Where the generating stages' shards run: the flow's threads or a Dask "
+        "cluster (tasks/cluster.py). Not part of any stage key: the rows are the same.",
+    )
     problems: ProblemsConfig = Field(default_factory=ProblemsConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     rewrite: RewriteConfig = Field(default_factory=RewriteConfig)

@@ -7,6 +7,7 @@ the engine it used, so a campaign holds one engine per role, not one per round.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +70,48 @@ def close_engines() -> None:
     _ROLES.clear()
 
 
-def stage_engine(ctx: Any, role: str, path: Path | str, *, slot: str | None = None) -> Any:
+@dataclass(frozen=True)
+class EngineHandle:
+    """An engine by identity: what loads it (model path, engine config), not the loaded thing.
+
+    It stands for the engine (attribute access loads it through :func:`engine_for`, once per
+    process), so a stage body uses it as an engine; and it pickles small, so a shard sent to a
+    Dask worker (``tasks/cluster.py``) carries the handle and the worker loads its own engine.
+    """
+
+    cfg: EngineConfig
+    path: str
+    dtype: str
+    device: str
+    journal_dir: str | None = None
+    role: str | None = None
+
+    def get(self) -> Any:
+        """The engine, loaded in this process on first use and reused after."""
+        return engine_for(
+            self.cfg,
+            self.path,
+            dtype=self.dtype,
+            device=self.device,
+            journal_dir=self.journal_dir,
+            role=self.role,
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in self.__dataclass_fields__:
+            raise AttributeError(name)  # pickling and copying look for dunders: never load
+        return getattr(self.get(), name)
+
+
+def stage_engine(ctx: Any, role: str, path: Path | str, *, slot: str | None = None) -> EngineHandle:
     """The engine a stage of campaign ``ctx`` (:class:`tasks.context.Context`) uses for
     ``role`` over ``path``; ``slot`` (default: the role) is what it replaces when the model
     changes: each round's student closes the last round's."""
     ecfg, m = ctx.engine_config(role), ctx.cfg.models
     # a served endpoint keeps finished requests, so a restarted stage resends only the rest
     journal = ctx.store.workspace / ".requests" if ecfg.kind == "openai" else None
-    return engine_for(
-        ecfg, path, dtype=m.dtype, device=m.device, journal_dir=journal, role=slot or role
+    handle = EngineHandle(
+        ecfg, str(path), m.dtype, m.device, str(journal) if journal else None, slot or role
     )
+    handle.get()  # load now: the role's previous engine is closed before the stage starts
+    return handle

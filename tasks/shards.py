@@ -9,9 +9,8 @@ to the flow's task runner (threads by default), at most ``workers`` in flight:
   every core or the whole GPU; more would only contend.
 - ``workers: 8`` suits a served endpoint (the ``openai`` engine) or an engine
   with spare capacity.
-- A Dask or Ray cluster: run the campaign flow with that task runner
-  (``campaign_flow.with_options(task_runner=DaskTaskRunner(address=...))``,
-  see the README); shard tasks go wherever the flow's task runner sends them.
+- ``runner: {kind: dask}``: every shard's generation goes to a Dask cluster at once
+  (``tasks/cluster.py``); the shard task waits for it and writes it here.
 
 Outside a flow (a test, a notebook) the same shards run in a plain loop.
 Progress shows as a Prefect progress artifact per stage, and in the log.
@@ -99,12 +98,22 @@ def run_shards(
     todo = [i for i in range(len(parts)) if i not in writer.resumed]
     progress = _Progress(stage, round_, len(parts), done=len(parts) - len(todo))
 
+    from prefect.context import FlowRunContext
+
+    from tasks import cluster
+
+    dask = cluster.client() if todo else None
+    if dask is not None:
+        # Every shard to the cluster now; each is written here as it comes back. ``make_rows``
+        # travels pickled: what it holds is data and an engine handle (tasks/engines.py).
+        remote = {i: dask.submit(make_rows, i, parts[i], pure=False) for i in todo}
+        workers = len(todo)
+
     def one(i: int) -> int:
-        rows = writer.write_shard(i, pa.Table.from_pylist(make_rows(i, parts[i])), schema)
+        made = remote[i].result() if dask is not None else make_rows(i, parts[i])
+        rows = writer.write_shard(i, pa.Table.from_pylist(made), schema)
         progress.step()
         return rows
-
-    from prefect.context import FlowRunContext
 
     if FlowRunContext.get() is None or not todo:
         for i in todo:
