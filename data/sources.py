@@ -32,7 +32,7 @@ from pydantic import Field
 from data.configbase import StrictModel
 from data.errors import UserError
 
-Format = Literal["auto", "jsonl", "parquet", "hf_disk"]
+Format = Literal["auto", "jsonl", "parquet", "hf_disk", "hf_dataset"]
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -49,13 +49,15 @@ class ProblemSourceConfig(StrictModel):
 
     path: str = Field(
         min_length=1,
-        description="JSONL file, Parquet file or directory of Parquet files, or a directory "
-        "written by datasets' save_to_disk (Dataset or DatasetDict).",
+        description="JSONL file, Parquet file or directory of Parquet files, a directory "
+        "written by datasets' save_to_disk (Dataset or DatasetDict), or (format hf_dataset) a "
+        "Hugging Face dataset id or a local directory datasets.load_dataset reads.",
     )
     format: Format = Field(
         "auto",
         description="auto: .jsonl/.ndjson -> jsonl, .parquet/.pq or a directory of them -> "
-        "parquet, a directory with dataset_info.json/state.json/dataset_dict.json -> hf_disk.",
+        "parquet, a directory with dataset_info.json/state.json/dataset_dict.json -> hf_disk. "
+        "hf_dataset (never chosen by auto): datasets.load_dataset(path, name).",
     )
     prompt_column: str = Field("prompt", min_length=1, description="Column with the question.")
     answer_column: str = Field("answer", min_length=1, description="Column with the gold answer.")
@@ -68,9 +70,12 @@ class ProblemSourceConfig(StrictModel):
         description="Column whose values say train (train/training) or test "
         "(test/validation/val/dev/eval); default: the hash split below.",
     )
+    name: str | None = Field(
+        None, description="hf_dataset: the dataset's config name (GSM8K's: main)."
+    )
     split: str | None = Field(
         None,
-        description="hf_disk DatasetDict only: the one split to read (then split by "
+        description="hf_disk / hf_dataset DatasetDict only: the one split to read (then split by "
         "split_column or hash). Default: all splits, their names acting as the split column "
         "when there are several.",
     )
@@ -80,6 +85,13 @@ class ProblemSourceConfig(StrictModel):
         le=1.0,
         description="Share of problems put in test by a seeded hash of the prompt, "
         "when neither split_column nor DatasetDict split names say it.",
+    )
+    answer_format: Literal["plain", "gsm8k", "boxed"] = Field(
+        "plain",
+        description="How the gold answer sits in answer_column. plain: the whole cell; gsm8k: "
+        "after the last '####' of a worked solution (thousands commas dropped), as in GSM8K's "
+        "answer column; boxed: the last \\boxed{...} of a solution, as in MATH's solution "
+        "column.",
     )
     scorer: Literal["math", "exact"] = Field(
         "math", description="math: math-verify equivalence; exact: whitespace-normalised text."
@@ -207,6 +219,35 @@ def _read_hf_disk(path: Path, wanted: list[str], limit: int | None, split: str |
         loaded = datasets.load_from_disk(str(path))  # local files only: no hub access
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise ProblemSourceError(f"{path}: cannot load datasets save_to_disk ({exc})") from None
+    return _dataset_table(path, loaded, wanted, limit, split)
+
+
+def _read_hf_dataset(cfg: ProblemSourceConfig, wanted: list[str]) -> _Table:
+    """``datasets.load_dataset(path, name)``: a Hugging Face dataset id (``openai/gsm8k`` with
+    name ``main``), or a local directory or file that ``datasets`` reads (a directory holding
+    ``train.jsonl`` and ``test.jsonl`` becomes splits train and test)."""
+    import datasets
+
+    local = Path(cfg.path).expanduser()
+    source = str(local) if local.exists() else cfg.path
+    datasets.disable_progress_bars()  # one problem set, not a progress display
+    try:
+        loaded = datasets.load_dataset(source, cfg.name)
+    except Exception as exc:  # the hub unreachable, no such dataset or config, unreadable files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ProblemSourceError(
+            f"{cfg.path}: datasets.load_dataset failed ({type(exc).__name__}: {first[:200]})"
+            + ("; the hub is not reachable offline (HF_HUB_OFFLINE)" if not local.exists() else "")
+        ) from None
+    return _dataset_table(Path(cfg.path), loaded, wanted, cfg.limit, cfg.split)
+
+
+def _dataset_table(
+    path: Path, loaded: Any, wanted: list[str], limit: int | None, split: str | None
+) -> _Table:
+    """A loaded Dataset or DatasetDict as a table: one split, or all with their names."""
+    import datasets
+
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded)
         if split is not None:
@@ -297,6 +338,53 @@ def _texts(table: _Table, cfg: ProblemSourceConfig, field: str) -> list[str]:
     return out
 
 
+def gsm8k_gold(solution: str) -> str | None:
+    """The gold answer of a GSM8K solution: what follows its last ``####`` (``1,234`` ->
+    ``1234``); None when there is none."""
+    _, sep, tail = solution.rpartition("####")
+    if not sep:
+        return None
+    gold = tail.strip().replace(",", "")
+    return gold or None
+
+
+def boxed_gold(solution: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) of a solution, braces
+    balanced (``\\boxed{\\frac{1}{2}}`` -> ``\\frac{1}{2}``); None when there is none."""
+    starts = [i for cmd in ("\\boxed{", "\\fbox{") if (i := solution.rfind(cmd)) >= 0]
+    if not starts:
+        return None
+    start = max(starts)
+    i = solution.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(solution)):
+        depth += {"{": 1, "}": -1}.get(solution[j], 0)
+        if depth == 0:
+            return solution[i:j].strip() or None
+    return None  # unbalanced braces
+
+
+_GOLD = {"gsm8k": (gsm8k_gold, "a '#### <answer>' line"), "boxed": (boxed_gold, "a \\boxed{...}")}
+
+
+def _gold_answers(table: _Table, cfg: ProblemSourceConfig) -> list[str]:
+    """The answer column, as gold answers per ``cfg.answer_format``; one line naming the first
+    row whose gold answer cannot be read."""
+    cells = [a.strip() for a in _texts(table, cfg, "answer_column")]
+    if cfg.answer_format == "plain":
+        return cells
+    parse, wants = _GOLD[cfg.answer_format]
+    golds = [parse(c) for c in cells]
+    bad = [i for i, g in enumerate(golds) if g is None]
+    if bad:
+        raise ProblemSourceError(
+            f"{cfg.path}: {len(bad)} of {table.n_rows} row(s) have no gold answer in "
+            f"{cfg.answer_column!r} (answer_format {cfg.answer_format}: {wants}); first at "
+            f"{table.where(bad[0])}: {cells[bad[0]][-60:]!r}"
+        )
+    return [g for g in golds if g is not None]
+
+
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -367,10 +455,10 @@ def load_problems(cfg: ProblemSourceConfig, seed: int) -> list[dict[str, Any]]:
     null or empty prompts/answers/ids, duplicate ids, unknown split names.
     """
     path = Path(cfg.path).expanduser()
-    fmt = detect_format(path, cfg.format)
-    if cfg.split is not None and fmt != "hf_disk":
+    fmt = cfg.format if cfg.format == "hf_dataset" else detect_format(path, cfg.format)
+    if cfg.split is not None and fmt not in ("hf_disk", "hf_dataset"):
         raise ProblemSourceError(
-            f"{cfg.path}: split={cfg.split!r} applies to hf_disk DatasetDicts only; "
+            f"{cfg.path}: split={cfg.split!r} applies to hf_disk and hf_dataset DatasetDicts only; "
             "use split_column for a column of split names"
         )
     named = (cfg.prompt_column, cfg.answer_column, cfg.id_column, cfg.split_column)
@@ -379,6 +467,8 @@ def load_problems(cfg: ProblemSourceConfig, seed: int) -> list[dict[str, Any]]:
         table = _read_jsonl(path, wanted, cfg.limit)
     elif fmt == "parquet":
         table = _read_parquet(path, wanted, cfg.limit)
+    elif fmt == "hf_dataset":
+        table = _read_hf_dataset(cfg, wanted)
     else:
         table = _read_hf_disk(path, wanted, cfg.limit, cfg.split)
     if table.n_rows == 0:
@@ -386,7 +476,7 @@ def load_problems(cfg: ProblemSourceConfig, seed: int) -> list[dict[str, Any]]:
     _check_columns(table, cfg)
     family = cfg.family or default_family(cfg.path)
     prompts = _texts(table, cfg, "prompt_column")
-    answers = [a.strip() for a in _texts(table, cfg, "answer_column")]
+    answers = _gold_answers(table, cfg)
     ids = _ids(table, cfg, family, prompts)
     splits = _splits(table, cfg, prompts, seed)
     return [

@@ -17,12 +17,18 @@ from data.store import StageWriter
 
 def grader_of(cfg: Any) -> Callable[[str | None, str], bool]:
     """The run's grader (``cfg``: the run config): a problem file's scorer (math-verify or exact),
-    else the built-in world's answer match."""
-    file = cfg.problems.file
-    if cfg.problems.source == "file" and file is not None:
+    a reasoning-gym family's own scorer, else the built-in world's answer match."""
+    problems = cfg.problems
+    file = problems.file
+    if problems.source == "file" and file is not None:
         from data.mathscore import grade
 
         return lambda pred, gold: grade(pred, gold, file.scorer)
+    if problems.source == "reasoning_gym" and problems.reasoning_gym is not None:
+        from data.gym import gym_grader
+
+        seed = cfg.seed if problems.seed is None else problems.seed
+        return gym_grader(problems.reasoning_gym, seed)
     from data.answers import answers_match
 
     return answers_match

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from data.configbase import StrictModel
+from data.gym import GymConfig
 from data.keys import code_version, stage_key
 from data.schemas import PROBLEMS
 from data.sources import ProblemSourceConfig
@@ -19,8 +20,10 @@ log = logging.getLogger("mpd")
 
 
 class ProblemsConfig(StrictModel):
-    source: Literal["builtin", "file"] = Field(
-        "builtin", description="builtin: the procedural reference world; file: your problems."
+    source: Literal["builtin", "file", "reasoning_gym"] = Field(
+        "builtin",
+        description="builtin: the procedural reference world; file: your problems; "
+        "reasoning_gym: one procedural family of the reasoning-gym package.",
     )
     n_train: int = Field(2000, ge=1, description="builtin: training problems.")
     n_test: int = Field(200, ge=1, description="builtin: test problems (training families).")
@@ -39,6 +42,9 @@ class ProblemsConfig(StrictModel):
     file: ProblemSourceConfig | None = Field(
         None, description="source=file: where your problems are and which columns to read."
     )
+    reasoning_gym: GymConfig | None = Field(
+        None, description="source=reasoning_gym: the family, how many problems, its options."
+    )
 
     @model_validator(mode="after")
     def _file_given(self) -> ProblemsConfig:
@@ -51,6 +57,10 @@ class ProblemsConfig(StrictModel):
             raise ValueError(f"difficulty must be within 1..5 (lo <= hi), got {self.difficulty}")
         if self.source == "file" and self.file is None:
             raise ValueError("source: file needs a problems.file section (path, columns)")
+        if self.source == "reasoning_gym" and self.reasoning_gym is None:
+            raise ValueError(
+                "source: reasoning_gym needs a problems.reasoning_gym section (dataset)"
+            )
         return self
 
 
@@ -65,6 +75,11 @@ def problem_records(cfg: ProblemsConfig, seed: int) -> list[dict]:
 
         assert cfg.file is not None  # guaranteed by the validator
         records = load_problems(cfg.file, seed)
+    elif cfg.source == "reasoning_gym":
+        from data.gym import gym_records
+
+        assert cfg.reasoning_gym is not None  # guaranteed by the validator
+        records = gym_records(cfg.reasoning_gym, seed)
     else:
         from data.world import build_problems
 

@@ -24,6 +24,7 @@ _HOME = Path(tempfile.mkdtemp(prefix="mpd-tests-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_CACHE", str(_HOME / "hf-datasets"))  # not ~/.cache
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["PREFECT_HOME"] = str(_HOME / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"

@@ -7,6 +7,7 @@ Each error test asserts the type and the words a user needs to fix the file
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -262,3 +263,80 @@ def test_split_option_only_for_hf(tmp_path: Path) -> None:
 def test_unreadable_parquet(tmp_path: Path) -> None:
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     assert "cannot read Parquet" in error(tmp_path / "bad.parquet")
+
+
+# -- GSM8K, MATH and datasets.load_dataset (the real GSM8K files in ../shared/data) ----------
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+
+def test_gsm8k_gold_answers_come_after_the_last_hashes() -> None:
+    from data.sources import gsm8k_gold
+
+    assert gsm8k_gold("3 + 4 = <<3+4=7>>7\n#### 7") == "7"
+    assert gsm8k_gold("x #### 2\nmore\n#### 1,234") == "1234"
+    assert gsm8k_gold("no marker") is None and gsm8k_gold("#### ") is None
+
+
+def test_boxed_gold_answers_balance_their_braces() -> None:
+    from data.sources import boxed_gold
+
+    assert boxed_gold(r"so $\boxed{\frac{1}{2}}$.") == r"\frac{1}{2}"
+    assert boxed_gold(r"\boxed{1} then \boxed{x^{2}}") == "x^{2}"
+    assert boxed_gold(r"\fbox{5}") == "5"
+    assert boxed_gold(r"\boxed{unclosed") is None and boxed_gold("none") is None
+
+
+def test_the_gsm8k_test_file_reads_with_its_gold_answers() -> None:
+    recs = load(GSM8K / "test.jsonl", prompt_column="question", answer_format="gsm8k", limit=20)
+    assert len(recs) == 20
+    assert recs[0]["answer"] == "18" and recs[0]["prompt"].startswith("Janet")
+    assert all(r["answer"] and "####" not in r["answer"] and "," not in r["answer"] for r in recs)
+
+
+def test_a_gsm8k_row_without_a_gold_answer_is_named(tmp_path: Path) -> None:
+    rows = [{"question": "q1", "answer": "w\n#### 3"}, {"question": "q2", "answer": "no marker"}]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ProblemSourceError, match=r"g.jsonl: 1 of 2 row\(s\) .* line 2"):
+        load(tmp_path / "g.jsonl", prompt_column="question", answer_format="gsm8k")
+
+
+def test_math_solutions_read_their_boxed_answer(tmp_path: Path) -> None:
+    rows = [
+        {"problem": "Half of 1?", "solution": r"It is $\boxed{\frac{1}{2}}$."},
+        {"problem": "1+1?", "solution": r"$\boxed{2}$"},
+    ]
+    (tmp_path / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = load(
+        tmp_path / "math.jsonl",
+        prompt_column="problem",
+        answer_column="solution",
+        answer_format="boxed",
+    )
+    assert [r["answer"] for r in recs] == [r"\frac{1}{2}", "2"]
+
+
+def test_load_dataset_reads_the_gsm8k_directory_with_its_splits() -> None:
+    """The real datasets.load_dataset on a local directory: train.jsonl and test.jsonl become
+    splits train and test (a hub id takes the same path, unreachable offline)."""
+    recs = load(GSM8K, format="hf_dataset", prompt_column="question", answer_format="gsm8k")
+    splits = Counter(r["split"] for r in recs)
+    assert splits == {"train": 7473, "test": 1319}
+    one = load(
+        GSM8K, format="hf_dataset", prompt_column="question", answer_format="gsm8k", split="test"
+    )
+    assert len(one) == 1319
+
+
+def test_a_hub_dataset_offline_is_one_line() -> None:
+    with pytest.raises(ProblemSourceError, match=r"openai/gsm8k: datasets\.load_dataset failed"):
+        load_problems(
+            ProblemSourceConfig(
+                path="openai/gsm8k",
+                name="main",
+                format="hf_dataset",
+                prompt_column="question",
+                answer_format="gsm8k",
+            ),
+            0,
+        )
