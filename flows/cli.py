@@ -49,6 +49,7 @@ def _add_workspace_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from tasks.registry import round_stages  # the stages a round can have, as declared
+    from train.gguf import PACKAGED
 
     parser = argparse.ArgumentParser(
         prog="mpd",
@@ -120,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: models.device)")
     p.add_argument("--workers", type=int, default=None, help="processes generating data")
     p.set_defaults(func=cmd_bootstrap)
+
+    p = sub.add_parser(
+        "import-model",
+        help="import a GGUF model (the packaged SmolLM2, or a file) as a model directory",
+        description="Writes OUT: the model's weights in float32 safetensors, its tokenizer and "
+        "chat template, and IMPORT.json. Use OUT as models.student / models.teacher.",
+    )
+    p.add_argument(
+        "name", nargs="?", choices=sorted(PACKAGED), help="a model packaged with a GGUF file"
+    )
+    p.add_argument("--gguf", type=Path, help="a GGUF file instead of a packaged model")
+    p.add_argument("--out", type=Path, required=True, help="the model directory to write")
+    p.set_defaults(func=cmd_import_model)
 
     p = sub.add_parser("config", help="show the resolved run config")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -277,6 +291,24 @@ def _load(args: argparse.Namespace) -> RunConfig:
     if getattr(args, "rounds", None) is not None:
         cfg.rounds = args.rounds
     return cfg
+
+
+def cmd_import_model(args: argparse.Namespace) -> int:
+    from flows.errors import UserError
+    from flows.logs import setup_logging
+    from train.gguf import import_gguf, packaged_gguf
+
+    if (args.name is None) == (args.gguf is None):
+        raise UserError("import-model: name a packaged model (smollm2) or give --gguf FILE")
+    setup_logging()
+    source = args.gguf if args.gguf is not None else packaged_gguf(args.name)
+    info = import_gguf(source, args.out)
+    print(
+        f"imported {info['architecture']} ({info['parameters'] / 1e6:.1f}M parameters, "
+        f"vocabulary {info['vocab_size']}) into {args.out}",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
