@@ -60,14 +60,39 @@ def split_trace(completion: str) -> tuple[str, str | None]:
     return completion[:end], completion[end:]
 
 
-def extract_answer(completion: str) -> str | None:
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_untagged_answer(completion: str) -> str | None:
+    """The answer of a model that does not reason inside ``<think>`` tags (its tokenizer has no
+    ``</think>``, e.g. SmolLM2): what follows the last ``Answer:``, else the last ``\\boxed{}``,
+    else the last number of the text (commas dropped), the way GSM8K is scored for chat
+    models that answer in prose. None when the text has none of them."""
+    cut = completion.rfind(ANSWER_MARK)
+    if cut >= 0:
+        return completion[cut + len(ANSWER_MARK) :].strip() or None
+    box = completion.rfind("\\boxed{")
+    if box >= 0:
+        depth, start = 0, box + len("\\boxed{")
+        for j in range(start, len(completion)):
+            depth += {"{": 1, "}": -1}.get(completion[j], 0)
+            if depth < 0:
+                return completion[start:j].strip() or None
+    numbers = _NUMBER_RE.findall(completion)
+    return numbers[-1].replace(",", "").rstrip(".") if numbers else None
+
+
+def extract_answer(completion: str, *, tagged: bool = True) -> str | None:
     """What follows the last ``Answer:`` after the last ``</think>``, stripped.
 
     Without an ``Answer:`` there, the whole text after ``</think>`` is the
     answer (the same rule as ``data/mathscore.py``, so both graders agree). None
     when the trace never closed its reasoning or nothing follows: both are "no
-    answer", never a guess from inside the reasoning.
+    answer", never a guess from inside the reasoning. ``tagged=False``: a model without
+    ``<think>`` tags (:func:`extract_untagged_answer`).
     """
+    if not tagged:
+        return extract_untagged_answer(completion)
     _, rest = split_trace(completion)
     if rest is None:
         return None

@@ -21,7 +21,14 @@ from data.answers import answers_match, extract_answer
 Grader = Callable[[str | None, str], bool]
 
 
-def split_counts(token_ids: Sequence[int], think_close_id: int) -> tuple[int, int, int]:
+def think_close_id(tokenizer: Any) -> int | None:
+    """The id of ``</think>`` in ``tokenizer``; None for a model that has no such token (its
+    whole completion is reasoning and answer, untagged)."""
+    tid = tokenizer.convert_tokens_to_ids("</think>")
+    return None if tid is None or tid == getattr(tokenizer, "unk_token_id", None) else tid
+
+
+def split_counts(token_ids: Sequence[int], think_close_id: int | None) -> tuple[int, int, int]:
     """(think, answer, total) tokens; without ``</think>`` everything is thinking."""
     total = len(token_ids)
     for i in range(total - 1, -1, -1):
@@ -40,12 +47,12 @@ def trace_row(
     finish_reason: str,
     prompt_tokens: int,
     gold: str,
-    think_close_id: int,
+    think_close_id: int | None,
     model: str,
     grader: Grader = answers_match,
 ) -> dict[str, Any]:
     think, answer, total = split_counts(token_ids, think_close_id)
-    pred = extract_answer(text)
+    pred = extract_answer(text, tagged=think_close_id is not None)
     return {
         "round": round_,
         "problem_id": problem_id,
@@ -70,7 +77,7 @@ def trace_rows(
     outputs: Sequence[Sequence[Any]],
     *,
     round_: int,
-    think_close_id: int,
+    think_close_id: int | None,
     model: str,
     grader: Grader = answers_match,
     extra: Callable[[dict, dict, int], dict] | None = None,

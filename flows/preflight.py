@@ -42,9 +42,10 @@ def usable_workspace(workspace: Path | str) -> Path:
 
 
 def check_models(names: list[str | None]) -> None:
-    """Every model given as a path exists (``builtin:`` ones are installed by the run)."""
+    """Every model given as a path exists (``builtin:`` and ``packaged:`` ones are installed
+    by the run)."""
     for name in names:
-        if not name or name.startswith("builtin:"):
+        if not name or name.startswith(("builtin:", "packaged:")):
             continue
         check_model_dir(name)
 

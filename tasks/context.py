@@ -40,7 +40,19 @@ def check_model_dir(name: str) -> Path:
 
 def resolve_model(name: str, workspace: Path) -> Path:
     """A model name from the config as a directory: ``builtin:`` names live in the
-    workspace's bootstrap stage, anything else is a path."""
+    workspace's bootstrap stage; ``packaged:NAME`` (a GGUF model shipped in a Python package,
+    e.g. ``packaged:smollm2``) is imported into ``<workspace>/models/NAME`` on first use
+    (``train/gguf.py``); anything else is a path."""
+    if name.startswith("packaged:"):
+        from train.gguf import import_gguf, packaged_gguf
+
+        short = name.removeprefix("packaged:")
+        path = Path(workspace) / "models" / short
+        if not (path / "IMPORT.json").is_file():
+            source = packaged_gguf(short)  # an unknown name is one line
+            log.info("importing %s into %s (once per workspace)", name, path)
+            import_gguf(source, path)
+        return path
     if name.startswith("builtin:"):
         if name not in BUILTIN_MODELS:
             raise UserError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")

@@ -70,14 +70,14 @@ def generate_traces(
     extra: Callable[[dict, dict, int], dict] | None = None,
 ) -> list[dict]:
     """Generate and grade; one trace row per (record, sample). ``extra`` adds columns."""
-    from data.traces import trace_rows
+    from data.traces import think_close_id, trace_rows
 
     return trace_rows(
         records,
         prompts,
         engine.generate(prompts, params),
         round_=round_,
-        think_close_id=engine.tokenizer.convert_tokens_to_ids("</think>"),
+        think_close_id=think_close_id(engine.tokenizer),
         model=model,
         grader=grader,
         extra=extra,

@@ -131,12 +131,12 @@ def rewrite_body(
 
 
 def _retokenize(row: dict, tokenizer: Any) -> None:
-    from data.traces import split_counts
+    from data.traces import split_counts, think_close_id
 
     ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
     if row["finish_reason"] == "stop":
         ids.append(tokenizer.eos_token_id)
-    close = tokenizer.convert_tokens_to_ids("</think>")
+    close = think_close_id(tokenizer)
     row["token_ids"] = ids
     row["think_tokens"], row["answer_tokens"], row["total_tokens"] = split_counts(ids, close)
 

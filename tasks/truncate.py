@@ -64,9 +64,9 @@ def truncate_rows(
     grader: Callable[[str | None, str], bool],
 ) -> list[dict]:
     """One truncation target per kept rewrite (in the rewrites' order)."""
-    from data.traces import trace_row
+    from data.traces import think_close_id, trace_row
 
-    close = tokenizer.convert_tokens_to_ids("</think>")
+    close = think_close_id(tokenizer)
     by_sample = {(s["problem_id"], s["sample_idx"]): s for s in samples}
     rows = []
     for rw in rewrites:

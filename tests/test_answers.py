@@ -136,3 +136,43 @@ def test_count_tokens_truncated_trace_is_all_think() -> None:
 
 def test_count_tokens_empty_answer_part() -> None:
     assert count_tokens(_chars, "<think></think>") == (15, 0, 15)
+
+
+def test_an_untagged_answer_is_the_marked_boxed_or_last_number() -> None:
+    """Models without <think> tags (SmolLM2) answer in prose: Answer:, then \\boxed{}, then
+    the last number (GSM8K's flexible rule), commas dropped."""
+    from data.answers import extract_answer, extract_untagged_answer
+
+    assert extract_untagged_answer("She sells 9 eggs, making $18.") == "18"
+    assert extract_untagged_answer("Total: 1,234 apples") == "1234"
+    assert extract_untagged_answer("so 3 and then Answer: 7") == "7"
+    assert extract_untagged_answer(r"thus \boxed{\frac{1}{2}} or 5") == r"\frac{1}{2}"
+    assert extract_untagged_answer("no numbers at all") is None
+    assert extract_answer("It is 12.", tagged=False) == "12"
+    assert extract_answer("It is 12.") is None  # tagged: no </think>, no answer
+
+
+def test_a_trace_without_think_tags_counts_everything_as_reasoning() -> None:
+    from data.traces import think_close_id, trace_row
+
+    row = trace_row(
+        round_=1,
+        problem_id="p",
+        sample_idx=0,
+        text="9 eggs at $2 make $18.",
+        token_ids=[5, 6, 7, 8],
+        finish_reason="stop",
+        prompt_tokens=3,
+        gold="18",
+        think_close_id=None,
+        model="m",
+    )
+    assert (row["think_tokens"], row["answer_tokens"], row["correct"]) == (4, 0, True)
+
+    class NoThink:  # a tokenizer without </think>: it maps the token to unk
+        unk_token_id = 0
+
+        def convert_tokens_to_ids(self, token: str) -> int:
+            return 0
+
+    assert think_close_id(NoThink()) is None

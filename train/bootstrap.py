@@ -119,7 +119,7 @@ def generate_rows(
     max_tokens: int,
 ) -> list[dict]:
     """Greedy completions of ``prompts`` as ``bootstrap_evals`` rows (role, split, family, style)."""
-    from data.traces import trace_rows
+    from data.traces import think_close_id, trace_rows
     from data.world import style_of
     from engines.base import GenerationParams
 
@@ -132,7 +132,7 @@ def generate_rows(
         ids,
         engine.generate(ids, params),
         round_=0,
-        think_close_id=tokenizer.convert_tokens_to_ids("</think>"),
+        think_close_id=think_close_id(tokenizer),
         model=model,
         extra=lambda rec, row, _: {
             "role": role,

@@ -12,7 +12,8 @@ from data.configbase import StrictModel
 class ModelsConfig(StrictModel):
     student: str = Field(
         "builtin:tiny-student",
-        description="builtin:tiny-student, or a path to a Hugging Face causal LM directory.",
+        description="builtin:tiny-student, packaged:smollm2 (SmolLM2-135M-Instruct, imported "
+        "into the workspace on first use), or a path to a Hugging Face causal LM directory.",
     )
     teacher: str = Field(
         "builtin:tiny-teacher",
