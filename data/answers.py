@@ -63,6 +63,21 @@ def split_trace(completion: str) -> tuple[str, str | None]:
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
+def last_boxed(text: str, commands: tuple[str, ...] = ("\\boxed{",)) -> str | None:
+    """The content of the last ``\\boxed{...}`` (of the last of ``commands``) in ``text``, braces
+    balanced (``\\boxed{\\frac{1}{2}}`` -> ``\\frac{1}{2}``), stripped; None when there is
+    none or its braces never close."""
+    starts = [i + len(cmd) for cmd in commands if (i := text.rfind(cmd)) >= 0]
+    if not starts:
+        return None
+    start, depth = max(starts), 1
+    for j in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[start:j].strip()
+    return None
+
+
 def extract_untagged_answer(completion: str) -> str | None:
     """The answer of a model that does not reason inside ``<think>`` tags (its tokenizer has no
     ``</think>``, e.g. SmolLM2): what follows the last ``Answer:``, else the last ``\\boxed{}``,
@@ -71,13 +86,9 @@ def extract_untagged_answer(completion: str) -> str | None:
     cut = completion.rfind(ANSWER_MARK)
     if cut >= 0:
         return completion[cut + len(ANSWER_MARK) :].strip() or None
-    box = completion.rfind("\\boxed{")
-    if box >= 0:
-        depth, start = 0, box + len("\\boxed{")
-        for j in range(start, len(completion)):
-            depth += {"{": 1, "}": -1}.get(completion[j], 0)
-            if depth < 0:
-                return completion[start:j].strip() or None
+    boxed = last_boxed(completion)
+    if boxed is not None:
+        return boxed or None
     numbers = _NUMBER_RE.findall(completion)
     return numbers[-1].replace(",", "").rstrip(".") if numbers else None
 

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from data.answers import last_boxed
 from data.configbase import StrictModel
 from data.errors import UserError
 
@@ -351,17 +352,7 @@ def gsm8k_gold(solution: str) -> str | None:
 def boxed_gold(solution: str) -> str | None:
     """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) of a solution, braces
     balanced (``\\boxed{\\frac{1}{2}}`` -> ``\\frac{1}{2}``); None when there is none."""
-    starts = [i for cmd in ("\\boxed{", "\\fbox{") if (i := solution.rfind(cmd)) >= 0]
-    if not starts:
-        return None
-    start = max(starts)
-    i = solution.index("{", start) + 1
-    depth = 1
-    for j in range(i, len(solution)):
-        depth += {"{": 1, "}": -1}.get(solution[j], 0)
-        if depth == 0:
-            return solution[i:j].strip() or None
-    return None  # unbalanced braces
+    return last_boxed(solution, ("\\boxed{", "\\fbox{")) or None
 
 
 _GOLD = {"gsm8k": (gsm8k_gold, "a '#### <answer>' line"), "boxed": (boxed_gold, "a \\boxed{...}")}

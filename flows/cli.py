@@ -48,7 +48,7 @@ def _add_workspace_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tasks.registry import round_stages  # the stages a round can have, as declared
+    from tasks.registry import per_round_stages  # the stages a round can have, as declared
     from train.gguf import PACKAGED
 
     parser = argparse.ArgumentParser(
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--from",
         dest="stage",
         required=True,
-        choices=round_stages(),
+        choices=per_round_stages(),
         help="the stage to redo (its later stages in the method's plan follow)",
     )
     p.add_argument("--rounds", type=_count, help="run up to this round (overrides config)")

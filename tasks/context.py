@@ -123,7 +123,8 @@ class Context:
 
     def model(self, name: str | None) -> ModelRef:
         """A configured model (default: the teacher) with its identity."""
-        return ModelRef(str(self.model_path(name)), self.identity(name))
+        path = self.model_path(name)
+        return ModelRef(str(path), directory_digest(path))
 
     def engine_config(self, role: str) -> EngineConfig:
         engines = self.cfg.engines
@@ -137,9 +138,9 @@ class Context:
 
     def key(self, stage: str, module: str, **parts: Any) -> tuple[str, str]:
         """The stage key and code version of a stage declared in ``module`` (its ``__name__``):
-        its source and
-        every module of this package it imports, transitively (:func:`data.keys.code_version`),
-        so its wiring, body, trainer, losses, engines and grader are all in the key."""
+        its source and every module of this package it imports, transitively
+        (:func:`data.keys.code_version`), so its wiring, body, trainer, losses, engines and
+        grader are all in the key."""
         code = code_version(module)
         return stage_key(stage, seed=self.cfg.seed, code=code, **parts), code
 

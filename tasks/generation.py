@@ -27,8 +27,7 @@ def grader_of(cfg: Any) -> Callable[[str | None, str], bool]:
     if problems.source == "reasoning_gym" and problems.reasoning_gym is not None:
         from data.gym import gym_grader
 
-        seed = cfg.seed if problems.seed is None else problems.seed
-        return gym_grader(problems.reasoning_gym, seed)
+        return gym_grader(problems.reasoning_gym, problems.seed_for(cfg.seed))
     from data.answers import answers_match
 
     return answers_match

@@ -46,6 +46,10 @@ class ProblemsConfig(StrictModel):
         None, description="source=reasoning_gym: the family, how many problems, its options."
     )
 
+    def seed_for(self, run_seed: int) -> int:
+        """The seed of the problem set: ``seed``, or the run's when it is null."""
+        return run_seed if self.seed is None else self.seed
+
     @model_validator(mode="after")
     def _file_given(self) -> ProblemsConfig:
         lo, hi = (
@@ -69,7 +73,7 @@ def problem_records(cfg: ProblemsConfig, seed: int) -> list[dict]:
 
     ``seed`` is the run's; ``cfg.seed``, when set, takes its place for the problem set.
     """
-    seed = seed if cfg.seed is None else cfg.seed
+    seed = cfg.seed_for(seed)
     if cfg.source == "file":
         from data.sources import load_problems
 

@@ -62,7 +62,7 @@ def unregister(name: str) -> None:
         tables.unregister(table.name)
 
 
-def round_stages() -> list[str]:
+def per_round_stages() -> list[str]:
     """The stages that can run in a round, in registration order."""
     return [name for name, stage in STAGES.items() if stage.per_round]
 

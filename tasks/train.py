@@ -253,9 +253,10 @@ def run(ctx: Context, rnd: Round) -> StageResult:
     }
     models = {"student": student.identity}
     online = cfg.teacher_mode == "online" and cfg.loss != "ce"
-    teacher = rnd.teacher or ctx.model(m.teacher)
+    # the teacher's identity (a digest of its files) only where it shapes the result
+    teacher_path = rnd.teacher.path if rnd.teacher else str(ctx.model_path(m.teacher))
     if online:
-        models["teacher"] = teacher.identity
+        models["teacher"] = rnd.teacher.identity if rnd.teacher else ctx.identity(m.teacher)
     config: Any = cfg if rnd.instruction is None else {"train": cfg, "teacher": rnd.instruction}
     key, code = ctx.key("train", __name__, config=config, inputs=inputs, models=models)
 
@@ -279,7 +280,7 @@ def run(ctx: Context, rnd: Round) -> StageResult:
             seed=ctx.cfg.seed,
             dtype=m.dtype,
             device=m.device,
-            teacher_path=teacher.path,
+            teacher_path=teacher_path,
         )
 
     result = ctx.run("train", rnd, key, code, body)
