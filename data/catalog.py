@@ -69,6 +69,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from data.objstore import ObjectStore
 from data.sql_guard import ReadOnlyError, SqlError, check_read_only, one_line
 from data.store import MANIFEST
 from data.tables import tables
@@ -156,7 +157,9 @@ def duckdb_type(arrow_type: pa.DataType) -> str:
     raise TypeError(f"no DuckDB type for Arrow type {arrow_type}")
 
 
-def committed_files(workspace: Path, table: str, left_out: list[str] | None = None) -> list[Path]:
+def committed_files(
+    workspace: Path | ObjectStore, table: str, left_out: list[str] | None = None
+) -> list[Path] | list[str]:
     """Absolute paths of ``table``'s committed files, sorted by round then name.
 
     The files are those the round's manifest lists (never whatever happens to lie in the
@@ -164,9 +167,13 @@ def committed_files(workspace: Path, table: str, left_out: list[str] | None = No
     deleted or truncated shard leaves the whole stage run out, so a query never counts 24 of
     32 rows as if they were all. ``mpd status`` checks the contents too (sha256); sizes are what
     a query can afford. Each run left out is one line appended to ``left_out``.
+
+    On object storage the same rule gives the objects' URLs, from the committed manifests.
     """
     from data.store import StageStore
 
+    if isinstance(workspace, ObjectStore):
+        return _committed_objects(workspace, table, left_out)
     spec = tables()[table]
     stage, file_glob = spec.stage, spec.files
     store = StageStore(workspace)
@@ -187,6 +194,23 @@ def committed_files(workspace: Path, table: str, left_out: list[str] | None = No
             if "/" not in name and fnmatch(name, file_glob) and not name.startswith((".", "_")):
                 found.append((r, name, round_dir / name))
     return [path for _, _, path in sorted(found)]
+
+
+def _committed_objects(store: ObjectStore, table: str, left_out: list[str] | None) -> list[str]:
+    spec = tables()[table]
+    found: list[tuple[int, str, str]] = []
+    for man in store.committed():
+        if man.stage != spec.stage:
+            continue
+        if problems := store.validate(man.stage, man.round, deep=False):
+            if left_out is not None:
+                left_out.append(left_out_line(man.stage, man.round, problems[0]))
+            continue
+        for entry in man.files:
+            name = entry.path
+            if "/" not in name and fnmatch(name, spec.files) and not name.startswith((".", "_")):
+                found.append((man.round, name, store.object_url(man, name)))
+    return [url for _, _, url in sorted(found)]
 
 
 def left_out_line(stage: str, round_: int, problem: str) -> str:
@@ -228,7 +252,7 @@ def round_summary_sql() -> str:
     return text.strip().rstrip(";")
 
 
-def _stage_runs_select(workspace: Path) -> str:
+def _stage_runs_select(workspace: Path | ObjectStore) -> str:
     """The stage_runs view: the manifests as an inline table (a snapshot, like the views).
 
     Values go in as text and are cast to the column types, so an empty workspace
@@ -240,7 +264,9 @@ def _stage_runs_select(workspace: Path) -> str:
     cast = ", ".join(f"CAST({name} AS {kind}) AS {name}" for name, kind in STAGE_RUNS)
     rows = [
         (m.stage, m.round, m.key, m.rows, m.duration_s, m.finished_at, m.extra.get("shared_from"))
-        for m in StageStore(workspace).committed()
+        for m in (
+            workspace if isinstance(workspace, ObjectStore) else StageStore(workspace)
+        ).committed()
     ]
     if not rows:
         rows, where = [(None,) * len(STAGE_RUNS)], " WHERE false"
@@ -253,10 +279,12 @@ def _stage_runs_select(workspace: Path) -> str:
 
 
 def _table_paths(
-    workspace: Path, table: str, root: Path, relative: bool, left_out: list[str]
+    workspace: Path | ObjectStore, table: str, root: Path, relative: bool, left_out: list[str]
 ) -> list[str]:
     files = committed_files(workspace, table, left_out)
-    return [f.relative_to(root).as_posix() if relative else str(f) for f in files]
+    if isinstance(workspace, ObjectStore):
+        return [str(f) for f in files]
+    return [f.relative_to(root).as_posix() if relative else str(f) for f in files]  # type: ignore[union-attr]
 
 
 def bench_members(root: Path) -> list[dict[str, Any]]:
@@ -268,14 +296,16 @@ def bench_members(root: Path) -> list[dict[str, Any]]:
 
 
 def _view_definitions(
-    workspace: Path, *, relative: bool, left_out: list[str]
+    workspace: Path | ObjectStore, *, relative: bool, left_out: list[str]
 ) -> Iterator[tuple[str, str]]:
-    """(view name, SELECT) in dependency order; paths absolute or workspace-relative."""
-    if members := bench_members(workspace):
+    """(view name, SELECT) in dependency order; paths absolute or workspace-relative (URLs
+    on object storage)."""
+    if not isinstance(workspace, ObjectStore) and (members := bench_members(workspace)):
         yield from _bench_view_definitions(workspace, members, relative=relative, left_out=left_out)
         return
     for table in tables():
-        paths = _table_paths(workspace, table, workspace, relative, left_out)
+        root = Path() if isinstance(workspace, ObjectStore) else workspace
+        paths = _table_paths(workspace, table, root, relative, left_out)
         yield table, _table_select(table, paths)
     yield "kept", "SELECT * FROM decisions WHERE kept"
     yield "stage_runs", _stage_runs_select(workspace)
@@ -308,7 +338,9 @@ def _bench_view_definitions(
     yield "bench", text.strip().rstrip(";")
 
 
-def _create_views(con: duckdb.DuckDBPyConnection, workspace: Path, *, relative: bool) -> None:
+def _create_views(
+    con: duckdb.DuckDBPyConnection, workspace: Path | ObjectStore, *, relative: bool
+) -> None:
     """Every view; a stage run that does not validate is left out, with one warning line each.
 
     A table whose files DuckDB cannot read (a shard damaged at its recorded size) becomes an
@@ -337,7 +369,7 @@ def _workspace(workspace: Path | str) -> Path:
     return path
 
 
-def connect(workspace: Path | str) -> duckdb.DuckDBPyConnection:
+def connect(workspace: Path | str | ObjectStore) -> duckdb.DuckDBPyConnection:
     """An in-memory, hardened connection with every view over the workspace as it is now.
 
     The views name absolute paths of the committed files found now: a
@@ -345,10 +377,15 @@ def connect(workspace: Path | str) -> duckdb.DuckDBPyConnection:
     milliseconds). After the views are made, extension install/autoload are
     off and ``lock_configuration`` is on, so no later statement can change a
     setting; reading files stays possible because the views need it.
+
+    An :class:`ObjectStore` workspace is read in place: its fsspec filesystem is registered
+    with DuckDB (no extension is downloaded) and the views name the committed objects' URLs.
     """
-    ws = _workspace(workspace)
+    ws = workspace if isinstance(workspace, ObjectStore) else _workspace(workspace)
     con = duckdb.connect(":memory:")
     try:
+        if isinstance(ws, ObjectStore):
+            con.register_filesystem(ws.fs)
         _create_views(con, ws, relative=False)
         for statement in _HARDENING:
             con.execute(statement)
@@ -401,7 +438,9 @@ class QueryTimeoutError(SqlError):
     """The query ran past its time limit and was interrupted (one line: how to allow more)."""
 
 
-def run_query(workspace: Path | str, query: str, *, timeout_s: float | None = None) -> pa.Table:
+def run_query(
+    workspace: Path | str | ObjectStore, query: str, *, timeout_s: float | None = None
+) -> pa.Table:
     """Check ``query`` with the read-only guard, run it over the views, return the result.
 
     With several statements (all read-only), the last one's result is returned. DuckDB errors

@@ -5,6 +5,14 @@ however it dies (``kill -9`` included), so a lock can never outlive its holder
 on this machine. The lock file's JSON body only *names* the holder, for the
 error message a second writer sees and for the "recovered a stale lock" note
 when the previous holder died without cleaning up.
+
+A workspace on object storage (data/objstore.py) is written from several machines, where no
+kernel can drop a lock: there the lock is also a *lease*, the object ``<prefix>/.lock``, created
+with a conditional put (``If-None-Match: *``: exactly one creator wins) and renewed by a
+heartbeat every third of its lifetime with ``If-Match`` on its last ETag. A lease that expired
+(its holder stopped renewing), or one held by a dead process on this host, is stale: the next
+writer takes it over with ``If-Match`` on the stale ETag, so two writers taking over at once
+cannot both win.
 """
 
 from __future__ import annotations
@@ -14,12 +22,16 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from data.errors import UserError
+from data.objstore import ObjectStore, StorageError, attached
+
+LEASE_S = 120.0  # a lease's lifetime; renewed every third of it ($MPD_LEASE_S overrides)
 
 
 class WorkspaceBusyError(UserError, RuntimeError):
@@ -38,6 +50,7 @@ class WorkspaceLock:
         self.command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
         self.stale: dict[str, Any] | None = None
         self._fd: int | None = None
+        self._lease: ObjectLease | None = None
 
     def acquire(self) -> WorkspaceLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,6 +74,13 @@ class WorkspaceLock:
         os.pwrite(fd, json.dumps(record).encode(), 0)
         os.fsync(fd)
         self._fd = fd
+        if (remote := attached(self.path.parent)) is not None:
+            try:
+                self._lease = ObjectLease(remote, record).acquire()
+            except BaseException:
+                self.release()
+                raise
+            self.stale = self.stale or self._lease.stale
         return self
 
     def check_free(self) -> None:
@@ -80,6 +100,8 @@ class WorkspaceLock:
             raise self._busy(_read_holder(fd)) from None
         finally:
             os.close(fd)  # closing drops a lock this check took
+        if (remote := attached(self.path.parent)) is not None:
+            ObjectLease(remote, {}).check_free()
 
     def _busy(self, holder: dict[str, Any]) -> WorkspaceBusyError:
         return WorkspaceBusyError(
@@ -88,6 +110,9 @@ class WorkspaceLock:
         )
 
     def release(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
         if self._fd is None:
             return
         # Empty the record before unlocking so the next holder does not report
@@ -107,6 +132,128 @@ class WorkspaceLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+class ObjectLease:
+    """The one-writer lease of an object-storage workspace (see the module's docstring)."""
+
+    def __init__(self, store: ObjectStore, record: dict[str, Any], ttl: float | None = None):
+        self.store, self.record = store, dict(record)
+        self.ttl = ttl or float(os.environ.get("MPD_LEASE_S") or LEASE_S)
+        self.path = store.path(".lock")
+        self.stale: dict[str, Any] | None = None
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def acquire(self) -> ObjectLease:
+        """Take the lease or raise :class:`WorkspaceBusyError` naming its live holder."""
+        if (etag := self._put(if_none_match=True)) is None:
+            holder, held_etag = self._read()
+            if holder is not None and not _lease_stale(holder):
+                raise self._busy(holder)
+            etag = self._put(if_match=held_etag) if held_etag else self._put(if_none_match=True)
+            if etag is None:  # someone else took it over first
+                raise self._busy(self._read()[0] or {})
+            self.stale = holder
+        self._etag = etag
+        self._heartbeat = threading.Thread(target=self._renew, name="mpd-lease", daemon=True)
+        self._heartbeat.start()
+        return self
+
+    def check_free(self) -> None:
+        holder, _ = self._read()
+        if holder is not None and not _lease_stale(holder):
+            raise self._busy(holder)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=10)
+        _, etag = self._read()
+        if etag is not None and etag == self._etag:  # never delete a lease someone took over
+            self.store._call(self.store.fs.rm_file, self.path)
+        self._etag = None
+
+    # -- internals ----------------------------------------------------------
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            etag = self._put(if_match=self._etag)
+            if etag is None:
+                holder = describe_holder(self._read()[0] or {})
+                _log().error("lost the lease on %s to %s", self.store.url, holder)
+                return
+            self._etag = etag
+
+    def _body(self) -> bytes:
+        return json.dumps({**self.record, "expires": time.time() + self.ttl}).encode()
+
+    def _put(self, *, if_none_match: bool = False, if_match: str | None = None) -> str | None:
+        """A conditional put of the lease; its new ETag, or None when the condition failed."""
+        fs = self.store.fs
+        if hasattr(fs, "call_s3"):
+            bucket, key, _ = fs.split_path(self.path)
+            condition = {"IfNoneMatch": "*"} if if_none_match else {"IfMatch": f'"{if_match}"'}
+            try:
+                out = self.store._call(
+                    fs.call_s3, "put_object", Bucket=bucket, Key=key, Body=self._body(), **condition
+                )
+            except (FileExistsError, StorageError) as exc:
+                if isinstance(exc, FileExistsError) or "pre-condition" in str(exc):
+                    return None
+                raise
+            return str(out.get("ETag", "")).strip('"') or None
+        # Other fsspec stores: exclusive create where the store has one; a renewal overwrites.
+        try:
+            if if_none_match:
+                with fs.open(self.path, "xb") as fh:
+                    fh.write(self._body())
+            else:
+                fs.pipe_file(self.path, self._body())
+        except FileExistsError:
+            return None
+        return self._read()[1]
+
+    def _read(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The lease's holder record and ETag; (None, None) when there is no lease."""
+        fs = self.store.fs
+        try:
+            info = self.store._call(fs.info, self.path)
+            holder = json.loads(self.store._call(fs.cat_file, self.path))
+        except FileNotFoundError:
+            return None, None
+        except ValueError:
+            holder = {}
+        etag = info.get("ETag") or info.get("etag") or str(info.get("mtime", ""))
+        return holder, str(etag).strip('"') or None
+
+    def _busy(self, holder: dict[str, Any]) -> WorkspaceBusyError:
+        until = holder.get("expires")
+        when = f"; its lease runs until {time.strftime('%H:%M:%S', time.localtime(until))}"
+        return WorkspaceBusyError(
+            f"workspace {self.store.url} is in use by {describe_holder(holder)}"
+            f"{when if until else ''}; wait for it to finish or stop it first"
+        )
+
+
+def _lease_stale(holder: dict[str, Any]) -> bool:
+    """Expired, or held by a process of this host that no longer exists."""
+    if float(holder.get("expires") or 0) < time.time():
+        return True
+    if holder.get("host") == socket.gethostname() and holder.get("pid"):
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+    return False
+
+
+def _log() -> Any:
+    import logging
+
+    return logging.getLogger("mpd.lock")
 
 
 def _read_holder(fd: int) -> dict[str, Any]:

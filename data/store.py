@@ -29,10 +29,10 @@ rest; a restart with a different key starts clean and cannot mix inputs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,44 +40,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.fsutil import atomic_write_json, fsync_dir, sha256_file
+from data.manifest import MANIFEST, SHARD_MARKERS, STAGING, TRASH, FileEntry, Manifest
+from data.objstore import attached
 from data.schemas import conform
 
-MANIFEST = "_manifest.json"
-SHARD_MARKERS = "_shards"
-STAGING = ".staging"
-TRASH = ".trash"
 PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd"}
-
-
-@dataclass
-class FileEntry:
-    path: str
-    bytes: int
-    sha256: str
-    rows: int | None = None
-
-
-@dataclass
-class Manifest:
-    stage: str
-    round: int
-    key: str
-    files: list[FileEntry]
-    rows: int
-    started_at: float
-    finished_at: float
-    duration_s: float
-    code_version: str
-    resumed_shards: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Manifest:
-        files = [FileEntry(**f) for f in raw.pop("files")]
-        return cls(files=files, **raw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+log = logging.getLogger("mpd.store")
 
 
 class CorruptShardError(RuntimeError):
@@ -89,6 +57,9 @@ class StageStore:
 
     def __init__(self, workspace: Path | str) -> None:
         self.workspace = Path(workspace).resolve()
+        # A local working copy of an object-storage workspace (data/objstore.py): commits are
+        # published there, and look-ups follow its manifests.
+        self.remote = attached(self.workspace)
 
     def stage_dir(self, stage: str, round_: int) -> Path:
         return self.workspace / stage / f"round={round_}"
@@ -123,11 +94,44 @@ class StageStore:
         return problems
 
     def lookup(self, stage: str, round_: int, key: str, *, deep: bool = True) -> Manifest | None:
-        """The committed manifest if it has ``key`` and validates; else None (a miss)."""
+        """The committed manifest if it has ``key`` and validates; else None (a miss).
+
+        With object storage, its manifest decides: a valid remote commit of ``key`` is a hit
+        (downloaded if the local copy differs), a damaged one is a miss (recomputed and
+        republished), and a valid local commit the store lacks is published (a run killed
+        between its local commit and the upload).
+        """
         man = self.manifest(stage, round_)
         if man is None or man.key != key or self.validate(stage, round_, deep=deep):
-            return None
-        return man
+            man = None
+        return man if self.remote is None else self._follow_remote(stage, round_, key, man, deep)
+
+    def _follow_remote(
+        self, stage: str, round_: int, key: str, local: Manifest | None, deep: bool
+    ) -> Manifest | None:
+        assert self.remote is not None
+        remote = self.remote.manifest(stage, round_)
+        if remote is not None and remote.key == key:
+            if problems := self.remote.validate(stage, round_, deep=deep):
+                log.warning("%s in %s; recomputing it", problems[0], self.remote.url)
+                return None
+            if local is not None and local.objects == remote.objects:
+                return local
+            try:
+                self.remote.download(remote, self.stage_dir(stage, round_))
+            except ValueError as exc:
+                log.warning("%s in %s; recomputing it", exc, self.remote.url)
+                return None
+            return remote
+        return None if local is None else self.publish(local)
+
+    def publish(self, man: Manifest) -> Manifest:
+        """Publish a local commit to object storage; the local manifest records where."""
+        assert self.remote is not None
+        base = self.stage_dir(man.stage, man.round)
+        published = self.remote.publish(man, base)
+        atomic_write_json(base / MANIFEST, published.to_dict())
+        return published
 
     def writer(self, stage: str, round_: int, key: str, *, code_version: str = "") -> StageWriter:
         return StageWriter(self, stage, round_, key, code_version=code_version)
@@ -168,6 +172,7 @@ class StageStore:
             except OSError:
                 shutil.copy2(src / entry.path, out)
         man.extra = {**man.extra, "shared_from": str(source.workspace)}
+        man.objects = ""
         atomic_write_json(tmp / MANIFEST, man.to_dict())
         target = self.stage_dir(stage, round_)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -176,15 +181,36 @@ class StageStore:
         tmp.replace(target)
         fsync_dir(target.parent)
         _prune_empty(parent, self.workspace / STAGING)
-        return man
+        return man if self.remote is None else self.publish(man)
 
     def invalidate(self, stage: str, round_: int) -> bool:
-        """Move a committed output aside (``mpd rerun``); True if there was one."""
+        """Move a committed output aside (``mpd rerun``); True if there was one.
+
+        On object storage the manifest is deleted first, so no reader follows it any more.
+        """
+        retracted = self.remote.retract(stage, round_) if self.remote is not None else False
         target = self.stage_dir(stage, round_)
         if not target.exists():
-            return False
+            return retracted
         _move_to_trash(self.workspace, target, f"{stage}-round={round_}")
         return True
+
+    def partial_runs(self) -> list[tuple[str, int, str, int, int]]:
+        """(stage, round, key16, finished shards, their rows) of every run left in staging."""
+        staging = self.workspace / STAGING
+        out = []
+        for keydir in sorted(staging.glob("*/round=*/*")) if staging.is_dir() else []:
+            if not keydir.is_dir():
+                continue
+            rows = []
+            for marker in (keydir / SHARD_MARKERS).glob("*.json"):
+                try:
+                    rows.append(int(json.loads(marker.read_text()).get("rows", 0)))
+                except (OSError, ValueError):
+                    continue
+            stage, round_text = keydir.parent.parent.name, keydir.parent.name
+            out.append((stage, int(round_text.split("=", 1)[1]), keydir.name, len(rows), sum(rows)))
+        return out
 
 
 class StageWriter:
@@ -201,6 +227,9 @@ class StageWriter:
         self._drop_other_keys()
         self.markers.mkdir(parents=True, exist_ok=True)
         self._clean_temporaries()
+        if (remote := store.remote) is not None:  # shards finished elsewhere resume here
+            remote.drop_staging(stage, round_, keep=self.dir.name)
+            remote.pull_staging(stage, round_, self.dir.name, self.dir)
         self.resumed = self.done_shards()
 
     # -- shards -------------------------------------------------------------
@@ -241,6 +270,10 @@ class StageWriter:
             entry = {"rows": table.num_rows, "bytes": path.stat().st_size}
             entry["sha256"] = sha256_file(path)
             atomic_write_json(self.markers / f"{name}.json", entry)
+            if (remote := self.store.remote) is not None:
+                remote.push_shard(
+                    self.stage, self.round, self.dir.name, path, self.markers / f"{name}.json"
+                )
         return table.num_rows
 
     def path(self, relative: str) -> Path:
@@ -295,7 +328,7 @@ class StageWriter:
         self.dir.replace(target)
         fsync_dir(target.parent)
         _prune_empty(self.dir.parent, self.store.workspace / STAGING)
-        return man
+        return man if self.store.remote is None else self.store.publish(man)
 
     def abandon(self) -> None:
         """Delete this run's staging (finished shards included)."""

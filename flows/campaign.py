@@ -28,6 +28,7 @@ from flows.artifacts import publish_round
 from flows.bootstrap import check_tokenizers, ensure_bootstrap
 from flows.config import RunConfig, dump_config, load_config
 from flows.logs import setup_logging
+from flows.preflight import attach_storage
 from flows.summary import print_summary
 from tasks import cluster
 from tasks.context import Context
@@ -66,9 +67,9 @@ def campaign_flow(
     plus that many instead, capped by ``rounds`` when both are given
     (``flows/serve.py``).
     """
+    if workspace is not None:  # as an override, so that a URL workspace sets storage.url
+        overrides = [*(overrides or []), f"workspace={workspace}"]
     cfg = load_config(config, overrides)
-    if workspace is not None:
-        cfg.workspace = Path(workspace)
     if rounds_per_night is not None:
         from flows.serve import rounds_to_reach
 
@@ -93,7 +94,7 @@ def run_campaign(cfg: RunConfig) -> None:
     if FlowRunContext.get() is None:
         setup_logging()  # inside a flow, Prefect's handlers already carry the mpd logger
     log.setLevel(logging.INFO)
-    ws = cfg.workspace
+    ws = attach_storage(cfg)
     with WorkspaceLock(ws) as lock:
         if lock.stale:
             log.info("recovered a stale lock left by %s", describe_holder(lock.stale))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from data.objstore import ObjectStore
     from flows.config import RunConfig
 
 EXAMPLES = """examples:
@@ -44,7 +45,12 @@ def _add_config_args(p: argparse.ArgumentParser, default: str = "configs/tiny.ya
 
 def _add_workspace_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
-    p.add_argument("-w", "--workspace", type=Path, help="workspace directory (overrides config)")
+    p.add_argument(
+        "-w",
+        "--workspace",
+        help="workspace directory or object-storage URL, e.g. s3://bucket/prefix (overrides "
+        "config)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
 def _load(args: argparse.Namespace) -> RunConfig:
     from flows.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
-    if getattr(args, "workspace", None) is not None:
-        cfg.workspace = args.workspace
+    overrides = list(args.overrides)
+    if getattr(args, "workspace", None) is not None:  # a URL workspace also sets storage.url
+        overrides.append(f"workspace={args.workspace}")
+    cfg = load_config(args.config, overrides)
     if getattr(args, "rounds", None) is not None:
         cfg.rounds = args.rounds
     return cfg
@@ -467,6 +474,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from flows.status import print_status
 
     cfg = _load(args)
+    if cfg.storage.url:  # read where it is: an analyst's machine has no local copy
+        print_status(_object_store(cfg), cfg.rounds, round_stages(cfg), deep=args.verify)
+        return 0
     if not Path(cfg.workspace).is_dir():
         from flows.errors import UserError
 
@@ -475,15 +485,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _object_store(cfg: RunConfig) -> ObjectStore:
+    """The object store of a URL workspace, checked to answer (one line if not)."""
+    from data.objstore import ObjectStore
+
+    store = ObjectStore(str(cfg.storage.url), cfg.storage.options)
+    store.check_reachable()
+    return store
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     from data.catalog import run_query
     from flows.sqlout import check_out_path, format_table, write_parquet_atomic
 
-    workspace = _load(args).workspace
+    cfg = _load(args)
+    workspace = cfg.workspace
     if args.out is not None:
         check_out_path(args.out, workspace)  # before a long query, not after it
+    source = _object_store(cfg) if cfg.storage.url else workspace
     try:
-        table = run_query(workspace, args.query, timeout_s=args.timeout or None)
+        table = run_query(source, args.query, timeout_s=args.timeout or None)
     except KeyboardInterrupt:
         print("mpd: query interrupted; nothing was written", file=sys.stderr)
         return 130

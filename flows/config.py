@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from data.configbase import StrictModel
 from data.errors import UserError
+from data.objstore import default_cache, is_url
 from engines.config import EnginesConfig
 from tasks.cluster import RunnerConfig
 from tasks.evaluate import EvaluateConfig
@@ -45,6 +46,27 @@ class BenchConfig(StrictModel):
     )
 
 
+class StorageConfig(StrictModel):
+    """Where a workspace given as a URL (``workspace: s3://bucket/prefix``) lives (data/objstore.py)."""
+
+    url: str | None = Field(
+        None,
+        description="The workspace's object-storage URL (set from `workspace:` when that is a "
+        "URL). Committed stages live there; `workspace` is then its local working copy.",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options, e.g. {client_kwargs: {endpoint_url: "
+        "http://127.0.0.1:9000}}. Credentials belong in the environment (AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY; AWS_ENDPOINT_URL works too), not here: this is saved in run.yaml.",
+    )
+    cache: Path | None = Field(
+        None,
+        description="The local working copy of a URL workspace (default: "
+        "$MPD_CACHE_DIR/workspaces/<name>, $MPD_CACHE_DIR defaulting to ~/.cache/mpd).",
+    )
+
+
 class RunConfig(StrictModel):
     """A whole campaign. Relative paths are relative to the current directory."""
 
@@ -56,7 +78,12 @@ class RunConfig(StrictModel):
         "concise), sft_compressed (filtered rewrites, CE), truncation (samples cut to the "
         "rewrites' length, CE).",
     )
-    workspace: Path = Field(Path("runs/tiny"), description="Where every table and model goes.")
+    workspace: Path = Field(
+        Path("runs/tiny"),
+        description="Where every table and model goes: a directory, or an object-storage URL "
+        "(s3://bucket/prefix, any fsspec URL; see `storage`).",
+    )
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     cache_from: list[Path] = Field(
         default_factory=list,
         description="Other workspaces whose committed stages this run reuses when the stage key "
@@ -86,6 +113,19 @@ class RunConfig(StrictModel):
         description="How the built-in world's tokenizer, student and teacher are trained.",
     )
     bench: BenchConfig = Field(default_factory=BenchConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _workspace_url(cls, data: Any) -> Any:
+        """``workspace: s3://…`` becomes ``storage.url`` plus a local working copy, so every
+        command keeps a local directory to compute in and the URL says where commits go."""
+        if not isinstance(data, dict) or not is_url(data.get("workspace", "")):
+            return data
+        storage = dict(data.get("storage") or {})
+        storage["url"] = str(data["workspace"])
+        data = {**data, "storage": storage}
+        data["workspace"] = storage.get("cache") or default_cache(storage["url"])
+        return data
 
 
 class ConfigError(UserError, ValueError):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from data.errors import UserError
 from data.lock import WorkspaceLock
+from data.objstore import attach
 from tasks.context import check_model_dir
 
 if TYPE_CHECKING:
@@ -65,6 +66,15 @@ def preflight(cfg: RunConfig) -> Path:
     line, exit 2, before Prefect starts."""
     check_inputs(cfg)
     check_models([cfg.models.student, cfg.models.teacher])
-    path = usable_workspace(cfg.workspace)
+    path = attach_storage(cfg)
     WorkspaceLock(path).check_free()
+    return path
+
+
+def attach_storage(cfg: RunConfig) -> Path:
+    """The local workspace directory, marked as the working copy of ``storage.url`` when the
+    workspace is on object storage (whose bucket must answer: one line if it does not)."""
+    path = usable_workspace(cfg.workspace)
+    if cfg.storage.url:
+        attach(path, cfg.storage.url, cfg.storage.options)
     return path

@@ -50,7 +50,8 @@ def committed_rounds(workspace: Path | str) -> int:
     (``mpd rerun``) or corrupted continues from round 1, and the next night redoes
     round 2 first. Round 0 (the starting student) is not a round of training.
     """
-    store = StageStore(workspace)
+    local = StageStore(workspace)
+    store = local.remote or local  # object storage, when the workspace is a copy of one
     r = 0
     while store.manifest(LAST_STAGE, r + 1) is not None and not store.validate(
         LAST_STAGE, r + 1, deep=False

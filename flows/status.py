@@ -19,7 +19,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from data.store import SHARD_MARKERS, STAGING, StageStore
+from data.objstore import ObjectStore
+from data.store import StageStore
 from tasks.registry import STAGES
 
 # done: computed by the last run; cached: reused by it; failed: the last run failed there
@@ -64,14 +65,19 @@ def downstream(round_: int, stage: str, rounds: int, stages: list[str]) -> list[
 
 
 def collect(
-    workspace: Path,
+    workspace: Path | ObjectStore,
     rounds: int | None,
     stages: list[str],
     *,
     deep: bool = False,
 ) -> list[StageState]:
-    """Every (round, stage)'s state; ``deep`` re-hashes the committed files (sha256)."""
-    store = StageStore(workspace)
+    """Every (round, stage)'s state; ``deep`` re-hashes the committed files (sha256), or on
+    object storage compares every object's ETag with the one recorded when it was published.
+
+    An object-storage workspace is read where it is (no local copy needed); the last run's
+    outcomes (``cached``, ``failed``) are known only to the machine that ran it.
+    """
+    store = workspace if isinstance(workspace, ObjectStore) else StageStore(workspace)
     states: dict[tuple[int, str], StageState] = {}
     for man in store.committed():
         problems = store.validate(man.stage, man.round, deep=deep)
@@ -84,19 +90,16 @@ def collect(
             man.key[:12],
             problems[0] if problems else "",
         )
-    staging = store.workspace / STAGING
-    for keydir in sorted(staging.glob("*/round=*/*")) if staging.is_dir() else []:
-        stage, round_ = keydir.parent.parent.name, int(keydir.parent.name.split("=", 1)[1])
-        if (round_, stage) in states and states[(round_, stage)].key.startswith(keydir.name[:12]):
+    for stage, round_, key16, shards, rows in store.partial_runs():
+        if (round_, stage) in states and states[(round_, stage)].key.startswith(key16[:12]):
             continue
-        markers = list((keydir / SHARD_MARKERS).glob("*.json"))
-        rows = sum(json.loads(m.read_text()).get("rows", 0) for m in markers)
         states[(round_, stage)] = StageState(
-            round_, stage, "partial", rows, None, keydir.name[:12], f"{len(markers)} shard(s)"
+            round_, stage, "partial", rows, None, key16[:12], f"{shards} shard(s)"
         )
     for round_, stage in planned(rounds or 0, stages):
         states.setdefault((round_, stage), StageState(round_, stage, "missing"))
-    for where, outcome in last_run(workspace).items():
+    runs = {} if isinstance(workspace, ObjectStore) else last_run(workspace)
+    for where, outcome in runs.items():
         round_, stage = int(where.split("/")[0]), where.split("/")[1]
         st = states.setdefault((round_, stage), StageState(round_, stage, "missing"))
         if outcome.get("state") == "failed":  # what is committed there is an older key's
@@ -108,14 +111,15 @@ def collect(
 
 
 def print_status(
-    workspace: Path,
+    workspace: Path | ObjectStore,
     rounds: int | None,
     stages: list[str],
     *,
     deep: bool = False,
 ) -> list[StageState]:
     states = collect(workspace, rounds, stages, deep=deep)
-    table = Table(title=f"workspace {workspace}")
+    name = workspace.url if isinstance(workspace, ObjectStore) else workspace
+    table = Table(title=f"workspace {name}")
     for col in ("round", "stage", "state", "rows", "duration", "key", "detail"):
         table.add_column(col, justify="right" if col in ("round", "rows", "duration") else "left")
     colors = {

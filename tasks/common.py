@@ -8,6 +8,7 @@ path), never datasets.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -58,7 +59,10 @@ def run_stage(
             stage,
             len(writer.resumed),
         )
+    _reset_peak_rss()
     extra = compute(writer) or {}
+    if (peak := _peak_rss_mb()) is not None:
+        extra = {**extra, "peak_rss_mb": peak}
     man = writer.commit(extra)
     seconds = time.monotonic() - started
     log.info(
@@ -67,6 +71,28 @@ def run_stage(
     return StageResult(
         stage, round_, key, man.rows, False, seconds, str(store.stage_dir(stage, round_))
     )
+
+
+def _reset_peak_rss() -> None:
+    """Restart the process's peak-RSS counter, so the stage's own peak can be read after it.
+
+    Linux keeps one high-water mark per process (VmHWM); writing 5 to ``clear_refs`` resets it
+    to the current RSS. Elsewhere (or where /proc is read-only) the stage records no peak.
+    """
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float | None:
+    """The process's peak RSS since the last reset, in MB; None where /proc cannot say."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
 
 
 def stage_files(store: StageStore, stage: str, round_: int, name: str | None = None) -> list[Path]:

@@ -1,0 +1,352 @@
+"""Workspaces on object storage (``workspace: s3://bucket/prefix``, any fsspec URL).
+
+An object store has no rename, so the local store's commit (one directory rename) cannot be
+used there. The protocol instead::
+
+    <prefix>/.lock                                      the writer's lease (data/lock.py)
+    <prefix>/.staging/<stage>/round=<r>/<key16>/        shards of a run in progress
+        part-00000.parquet  _shards/part-00000.parquet.json   (marker uploaded after its shard)
+    <prefix>/<stage>/round=<r>/<objects>/part-*.parquet a commit's files, never overwritten
+    <prefix>/<stage>/round=<r>/_manifest.json           the commit: uploaded last
+
+A single PUT is atomic, so the manifest is either the old one or the new one. ``objects`` is a
+fresh prefix per commit (``<key16>-<time>``), recorded in the manifest: a new commit never
+writes over the files an older manifest names, and readers follow committed manifests only.
+After the new manifest is up, the older commit's objects and the run's staging are deleted.
+
+The computing process keeps a *local working copy* (a normal local workspace, marked by
+``.remote.json``): engines and the trainer need local files, and the local store's own staging
+and resume machinery stays as it is. :class:`data.store.StageStore` consults the object store
+on every look-up: a commit made elsewhere is downloaded (each file checked against its
+sha256), a local commit not yet published is published, and an object whose size or ETag no
+longer matches the manifest makes the stage a miss, so it is recomputed and republished.
+``mpd sql`` and ``mpd status`` read the object store directly, with no local copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data.errors import UserError
+from data.fsutil import atomic_write_json, fsync_dir, sha256_file
+from data.manifest import MANIFEST, SHARD_MARKERS, STAGING, Manifest
+
+log = logging.getLogger("mpd.objstore")
+
+REMOTE_FILE = ".remote.json"  # in a local working copy: {"url": ..., "options": {...}}
+
+
+class StorageError(UserError, RuntimeError):
+    """Object storage cannot be reached or refused a request (one line: which URL, why)."""
+
+
+def is_url(workspace: str | Path) -> bool:
+    """True for ``s3://…``, ``gcs://…``, ``memory://…`` (anything fsspec names by protocol)."""
+    return "://" in str(workspace)
+
+
+def default_cache(url: str) -> Path:
+    """Where a URL's local working copy lives unless ``storage.cache`` says otherwise.
+
+    ``$MPD_CACHE_DIR`` (default ``~/.cache/mpd``) ``/workspaces/<readable name>-<sha8>``: the
+    same URL on the same machine always finds the same copy, and two URLs never share one.
+    """
+    base = Path(os.environ.get("MPD_CACHE_DIR") or Path.home() / ".cache" / "mpd")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", url.split("://", 1)[1]).strip("-")[:60]
+    return base / "workspaces" / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+
+
+@dataclass
+class ObjectStore:
+    """One workspace prefix on an fsspec filesystem: manifests, commits, staging."""
+
+    url: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import fsspec
+
+        self.url = self.url.rstrip("/")
+        try:
+            # Listings are never cached: another process (a writer elsewhere, an analyst's
+            # rerun) changes the store between two calls of a long-lived process.
+            options = {"use_listings_cache": False, **self.options}
+            self.fs, root = fsspec.core.url_to_fs(self.url, **options)
+        except (ImportError, ValueError, TypeError) as exc:
+            raise StorageError(f"workspace {self.url}: {_one_line(exc)}") from None
+        self.root = root.rstrip("/")
+
+    # -- where --------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def round_path(self, stage: str, round_: int) -> str:
+        return self.path(stage, f"round={round_}")
+
+    def object_path(self, man: Manifest, relative: str) -> str:
+        return f"{self.round_path(man.stage, man.round)}/{man.objects}/{relative}"
+
+    def object_url(self, man: Manifest, relative: str) -> str:
+        """A committed file's URL, as DuckDB (with this filesystem registered) reads it."""
+        return self.fs.unstrip_protocol(self.object_path(man, relative))
+
+    def staging_path(self, stage: str, round_: int, key16: str | None = None) -> str:
+        base = self.path(STAGING, stage, f"round={round_}")
+        return base if key16 is None else f"{base}/{key16}"
+
+    # -- reading ------------------------------------------------------------
+    def check_reachable(self) -> None:
+        """Fail with one line when the bucket or prefix's parent cannot be listed."""
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self._call(self.fs.ls, bucket)
+        except FileNotFoundError:
+            raise StorageError(
+                f"workspace {self.url}: bucket {bucket!r} does not exist (create it first)"
+            ) from None
+
+    def manifest(self, stage: str, round_: int) -> Manifest | None:
+        """The committed manifest, or None when there is none (or it is unreadable)."""
+        try:
+            raw = self._call(self.fs.cat_file, f"{self.round_path(stage, round_)}/{MANIFEST}")
+            return Manifest.from_dict(json.loads(raw))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, KeyError):
+            return None
+
+    def committed(self) -> list[Manifest]:
+        """Every committed stage run, sorted by round then stage."""
+        out = []
+        for path in self._call(self.fs.glob, self.path("*", "round=*", MANIFEST)):
+            stage, rdir = path.split("/")[-3], path.split("/")[-2]
+            round_text = rdir.removeprefix("round=")
+            if stage.startswith(".") or not round_text.isdigit():
+                continue
+            if (man := self.manifest(stage, int(round_text))) is not None:
+                out.append(man)
+        return sorted(out, key=lambda m: (m.round, m.stage))
+
+    def validate(self, stage: str, round_: int, *, deep: bool = True) -> list[str]:
+        """Problems with the committed objects; empty means valid.
+
+        One listing of the commit's prefix gives every object's size and ETag: a size that
+        differs is a truncated or replaced object, and (``deep``) an ETag that differs from
+        the one recorded at publication is an object overwritten in place. A store without
+        ETags has its objects downloaded and re-hashed instead (``deep`` only).
+        """
+        man = self.manifest(stage, round_)
+        if man is None:
+            return [f"{stage} round {round_}: no readable manifest"]
+        listed = self._listing(man)
+        problems = []
+        for entry in man.files:
+            info = listed.get(entry.path)
+            if info is None:
+                problems.append(f"{stage} round {round_}: missing object {entry.path}")
+            elif int(info.get("size", -1)) != entry.bytes:
+                problems.append(f"{stage} round {round_}: {entry.path} has the wrong size")
+            elif deep and not self._same_contents(man, entry, info):
+                problems.append(f"{stage} round {round_}: {entry.path} is corrupt (object changed)")
+        return problems
+
+    def partial_runs(self) -> list[tuple[str, int, str, int, int]]:
+        """(stage, round, key16, finished shards, their rows) of every run left in staging."""
+        out = []
+        for marker in self._call(
+            self.fs.glob, self.path(STAGING, "*", "round=*", "*", SHARD_MARKERS, "*.json")
+        ):
+            parts = marker.split("/")
+            stage, rdir, key16 = parts[-5], parts[-4], parts[-3]
+            try:
+                rows = int(json.loads(self._call(self.fs.cat_file, marker)).get("rows", 0))
+            except (FileNotFoundError, ValueError):
+                continue
+            out.append((stage, int(rdir.removeprefix("round=")), key16, rows))
+        runs: dict[tuple[str, int, str], list[int]] = {}
+        for stage, r, key16, rows in out:
+            runs.setdefault((stage, r, key16), []).append(rows)
+        return [(s, r, k, len(v), sum(v)) for (s, r, k), v in sorted(runs.items())]
+
+    # -- writing ------------------------------------------------------------
+    def publish(self, man: Manifest, local_dir: Path) -> Manifest:
+        """Upload a local commit's files under a fresh prefix, then its manifest (the commit).
+
+        Returns the manifest as published (``objects`` and each file's ETag filled in); the
+        older commit's objects and the run's staging are deleted after the manifest is up.
+        """
+        previous = self.manifest(man.stage, man.round)
+        objects = f"{man.key[:16]}-{time.time_ns():x}"
+        published = Manifest.from_dict({**man.to_dict(), "objects": objects})
+        for entry in published.files:
+            self._call(
+                self.fs.put_file,
+                str(local_dir / entry.path),
+                self.object_path(published, entry.path),
+            )
+        listed = self._listing(published)
+        for entry in published.files:
+            entry.etag = _etag(listed.get(entry.path, {}))
+        body = (json.dumps(published.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+        self._call(self.fs.pipe_file, f"{self.round_path(man.stage, man.round)}/{MANIFEST}", body)
+        self._drop_other_objects(man.stage, man.round, keep=objects)
+        if previous is not None and previous.objects and previous.objects != objects:
+            log.debug(
+                "deleted %s round %d's older objects %s", man.stage, man.round, previous.objects
+            )
+        self.drop_staging(man.stage, man.round)
+        return published
+
+    def download(self, man: Manifest, target: Path) -> None:
+        """Download a commit into local directory ``target`` (made by rename from a temporary
+        one), each file checked against the manifest's sha256; raise on a mismatch."""
+        tmp = target.parent / f".download-{target.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for entry in man.files:
+            out = tmp / entry.path
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self._call(self.fs.get_file, self.object_path(man, entry.path), str(out))
+            if out.stat().st_size != entry.bytes or sha256_file(out) != entry.sha256:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ValueError(f"{man.stage} round {man.round}: {entry.path} is corrupt (sha256)")
+        atomic_write_json(tmp / MANIFEST, man.to_dict())
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.replace(target)
+        fsync_dir(target.parent)
+
+    def retract(self, stage: str, round_: int) -> bool:
+        """Uncommit (``mpd rerun``): the manifest first, so no reader follows it, then objects."""
+        manifest = f"{self.round_path(stage, round_)}/{MANIFEST}"
+        if not self._call(self.fs.exists, manifest):
+            return False
+        self._call(self.fs.rm_file, manifest)
+        self._drop_other_objects(stage, round_, keep=None)
+        return True
+
+    # -- staging ------------------------------------------------------------
+    def push_shard(self, stage: str, round_: int, key16: str, shard: Path, marker: Path) -> None:
+        """Upload a finished shard, then its marker: a marker up implies its whole shard."""
+        base = self.staging_path(stage, round_, key16)
+        self._call(self.fs.put_file, str(shard), f"{base}/{shard.name}")
+        self._call(self.fs.put_file, str(marker), f"{base}/{SHARD_MARKERS}/{marker.name}")
+
+    def pull_staging(self, stage: str, round_: int, key16: str, local_dir: Path) -> int:
+        """Download the shards another process finished for this key; returns how many.
+
+        What resumes a run on another machine (or after the local copy was lost): the local
+        writer then checks each shard against its marker, as for its own shards.
+        """
+        base = self.staging_path(stage, round_, key16)
+        pulled = 0
+        for marker in self._call(self.fs.glob, f"{base}/{SHARD_MARKERS}/*.json"):
+            name = marker.rsplit("/", 1)[1]
+            local_marker = local_dir / SHARD_MARKERS / name
+            if local_marker.exists():
+                continue
+            shard = name.removesuffix(".json")
+            tmp = local_dir / f".{shard}.tmp-pull"
+            try:
+                self._call(self.fs.get_file, f"{base}/{shard}", str(tmp))
+            except FileNotFoundError:
+                continue
+            tmp.replace(local_dir / shard)
+            local_marker.parent.mkdir(parents=True, exist_ok=True)
+            local_marker.write_bytes(self._call(self.fs.cat_file, marker))
+            pulled += 1
+        return pulled
+
+    def drop_staging(self, stage: str, round_: int, *, keep: str | None = None) -> None:
+        """Delete the staging of ``(stage, round_)`` (all keys, or all but ``keep``)."""
+        base = self.staging_path(stage, round_)
+        for entry in self._ls_dirs(base):
+            if keep is None or entry.rsplit("/", 1)[1] != keep:
+                self._call(self.fs.rm, entry, recursive=True)
+
+    # -- internals ----------------------------------------------------------
+    def _listing(self, man: Manifest) -> dict[str, dict[str, Any]]:
+        base = f"{self.round_path(man.stage, man.round)}/{man.objects}"
+        try:
+            found = self._call(self.fs.find, base, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {path[len(base) + 1 :]: info for path, info in found.items()}
+
+    def _same_contents(self, man: Manifest, entry: Any, info: dict[str, Any]) -> bool:
+        if entry.etag and _etag(info):
+            return _etag(info) == entry.etag
+        data = self._call(self.fs.cat_file, self.object_path(man, entry.path))
+        return hashlib.sha256(data).hexdigest() == entry.sha256
+
+    def _drop_other_objects(self, stage: str, round_: int, *, keep: str | None) -> None:
+        for entry in self._ls_dirs(self.round_path(stage, round_)):
+            if keep is None or entry.rsplit("/", 1)[1] != keep:
+                self._call(self.fs.rm, entry, recursive=True)
+
+    def _ls_dirs(self, path: str) -> list[str]:
+        try:
+            entries = self._call(self.fs.ls, path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        return [e["name"].rstrip("/") for e in entries if e.get("type") == "directory"]
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """One filesystem call; a connection or permission failure becomes one line."""
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except (OSError, PermissionError) as exc:
+            raise StorageError(f"workspace {self.url}: {_one_line(exc)}") from None
+        except Exception as exc:  # botocore's connection errors are not OSErrors
+            if type(exc).__module__.startswith(("botocore", "aiobotocore", "aiohttp")):
+                raise StorageError(f"workspace {self.url}: {_one_line(exc)}") from None
+            raise
+
+
+def _etag(info: dict[str, Any]) -> str | None:
+    value = info.get("ETag") or info.get("etag")
+    return str(value).strip('"') if value else None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def attached(workspace: Path) -> ObjectStore | None:
+    """The object store a local working copy belongs to (its ``.remote.json``), or None."""
+    try:
+        raw = json.loads((Path(workspace) / REMOTE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return ObjectStore(raw["url"], raw.get("options") or {})
+
+
+def attach(workspace: Path, url: str, options: dict[str, Any] | None = None) -> ObjectStore:
+    """Mark ``workspace`` as the local working copy of ``url``; check the store answers."""
+    store = ObjectStore(url, dict(options or {}))
+    store.check_reachable()
+    body = {"url": store.url, "options": store.options}
+    marker = Path(workspace) / REMOTE_FILE
+    current = None
+    with contextlib.suppress(OSError, ValueError):
+        current = json.loads(marker.read_text())
+    if current is not None and current.get("url") != store.url:
+        raise StorageError(
+            f"local copy {workspace} belongs to {current.get('url')}, not {store.url}; "
+            "give another storage.cache directory"
+        )
+    if current != body:
+        atomic_write_json(marker, body)
+    return store

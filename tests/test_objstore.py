@@ -1,0 +1,392 @@
+"""Workspaces on object storage, against a real S3-compatible server on 127.0.0.1.
+
+The server is moto's server mode, started by the project's own ``scripts/s3-server.sh`` (a
+server that cannot start fails the module; it does not skip). Each "machine" is an
+``mpd`` subprocess with its own ``MPD_CACHE_DIR``: a fresh cache directory is a machine that has
+never seen the workspace, so whatever it finds came from the object store.
+
+What is held here: a whole one-round campaign committed to ``s3://…``; ``mpd status`` and
+``mpd sql`` reading the bucket in place; another machine finding every stage cached (downloaded,
+sha256-checked); kill -9 mid-sampling, then a resume on another machine reusing the shards the
+killed run uploaded, with rows equal to the clean run; an object overwritten in place caught by
+``status --verify`` (ETag) and recomputed by the next run; a second writer refused by the
+lease; and the commit protocol's parts (manifest last, a stale or expired lease taken over
+exactly once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data.lock import ObjectLease, WorkspaceBusyError, WorkspaceLock
+from data.manifest import MANIFEST, FileEntry, Manifest
+from data.objstore import REMOTE_FILE, ObjectStore, attach, default_cache
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "mpd-tests"
+KEEP_FIRST = REPO / "tests" / "fixtures" / "keep_first_filter.sql"
+SAMPLE_SHARDS = 8
+TINY: dict[str, object] = {
+    "problems.n_train": 40,
+    "problems.n_test": 10,
+    "problems.n_heldout": 5,
+    "sample.problems_per_round": SAMPLE_SHARDS,
+    "sample.n": 1,
+    "sample.shard_size": 1,
+    "sample.max_tokens": 48,
+    "rewrite.max_tokens": 48,
+    "score.context": "rewrite",
+    "filter.ratio": 10,
+    "filter.sql": KEEP_FIRST,
+    "train.steps": 3,
+    "train.batch_size": 2,
+    "train.checkpoint_every": 1,
+    "evaluate.limit": 2,
+    "evaluate.max_tokens": 16,
+}
+ROUND_STAGES = ["sample", "rewrite", "score", "filter", "train", "eval"]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The S3 server (scripts/s3-server.sh) with the test bucket; yields its environment."""
+    services = tmp_path_factory.mktemp("services")
+    env = {
+        **os.environ,
+        "MPD_SERVICES_DIR": str(services),
+        "S3_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+    }
+    script = str(REPO / "scripts" / "s3-server.sh")
+    out = subprocess.run(
+        ["bash", script, "start", BUCKET], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, f"the S3 server did not start: {out.stderr}"
+    exports = dict(
+        item.split("=", 1) for item in out.stdout.strip().removeprefix("export ").split()
+    )
+    saved = {k: os.environ.get(k) for k in exports}
+    os.environ.update(exports)  # for this process's own ObjectStore calls
+    try:
+        yield exports
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        subprocess.run(["bash", script, "stop"], env=env, timeout=60)
+        status = subprocess.run(["bash", script, "status"], env=env, capture_output=True)
+        assert status.returncode == 3, "the S3 server is still running after stop"
+
+
+def machine(tmp_path: Path, name: str) -> dict[str, str]:
+    """The environment of one machine: its own cache directory for local working copies."""
+    return {"MPD_CACHE_DIR": str(tmp_path / f"machine-{name}")}
+
+
+def command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", *map(str, args)]
+
+
+def sets() -> list[str]:
+    return [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+
+
+def environ(env: dict[str, str]) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "250", **env}
+
+
+def mpd(env: dict[str, str], *args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command(*args), capture_output=True, text=True, cwd=REPO, env=environ(env), timeout=600
+    )
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def run(url: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return mpd(env, "run", "-w", url, "--rounds", 1, *sets())
+
+
+def store(url: str) -> ObjectStore:
+    return ObjectStore(url)
+
+
+def status(url: str, env: dict[str, str], *flags: str) -> dict[str, tuple[str, str]]:
+    """``mpd status`` of a URL workspace parsed: "round/stage" -> (state, detail)."""
+    out = ok(mpd(env, "status", "-w", url, "--set", "rounds=1", *flags))
+    rows = {}
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.split("│")]
+        if len(cells) == 9 and cells[1].isdigit():
+            rows[f"{cells[1]}/{cells[2]}"] = (cells[3], cells[7])
+    return rows
+
+
+def sql(url: str, env: dict[str, str], query: str) -> list[dict]:
+    return json.loads(ok(mpd(env, "sql", "-w", url, "--format", "json", query)).stdout)
+
+
+def sample_rows(url: str, env: dict[str, str]) -> list[tuple]:
+    rows = sql(url, env, "select problem_id, sample_idx, token_ids from samples order by all")
+    return [(r["problem_id"], r["sample_idx"], r["token_ids"]) for r in rows]
+
+
+def local_copy(url: str, env: dict[str, str]) -> Path:
+    """A machine's local working copy of ``url``."""
+    return Path(env["MPD_CACHE_DIR"]) / "workspaces" / default_cache(url).name
+
+
+def outcomes(url: str, env: dict[str, str]) -> dict[str, str]:
+    """What that machine's last run did per "round/stage": done (computed), cached, failed."""
+    stages = json.loads((local_copy(url, env) / ".mpd" / "last_run.json").read_text())["stages"]
+    return {where: o["state"] for where, o in stages.items()}
+
+
+def copy_workspace(src: str, dst: str) -> None:
+    s = store(src)
+    s.fs.copy(s.root, store(dst).root, recursive=True)
+
+
+@pytest.fixture(scope="module")
+def clean(s3: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A one-round campaign committed to object storage by machine A; returns its URL."""
+    url = f"s3://{BUCKET}/clean"
+    env = machine(tmp_path_factory.mktemp("a"), "a")
+    ok(run(url, env))
+    assert {outcomes(url, env)[f"1/{s}"] for s in ROUND_STAGES} == {"done"}
+    return url
+
+
+def test_campaign_commits_every_stage_to_object_storage(clean: str) -> None:
+    s = store(clean)
+    committed = {(m.round, m.stage): m for m in s.committed()}
+    for stage in ROUND_STAGES:
+        man = committed[(1, stage)]
+        assert man.objects.startswith(man.key[:16]), man.objects
+        assert all(f.etag for f in man.files), "every object's ETag is recorded at publication"
+        assert not s.validate(stage, 1, deep=True)
+    assert (0, "eval") in committed and (0, "problems") in committed
+    assert not s.fs.exists(s.path(".staging", "sample")), "staging is deleted after the commit"
+    assert not s.fs.exists(s.path(".lock")), "the lease is released at the end"
+
+
+def test_status_and_sql_read_the_bucket_without_a_local_copy(clean: str, tmp_path: Path) -> None:
+    env = machine(tmp_path, "analyst")
+    rows = status(clean, env, "--verify")
+    assert {w: st for w, (st, _) in rows.items()} == {
+        "0/problems": "done",
+        "0/bootstrap": "done",
+        "0/eval": "done",
+        **{f"1/{s}": "done" for s in ROUND_STAGES},
+    }
+    runs = sql(clean, env, "select stage, round, rows from stage_runs where round = 1")
+    assert {r["stage"] for r in runs} == set(ROUND_STAGES)
+    kept = sql(clean, env, "select count(*) as n from kept")[0]["n"]
+    assert kept == sql(clean, env, "select kept from round_summary where round = 1")[0]["kept"]
+    assert len(sample_rows(clean, env)) == SAMPLE_SHARDS
+    assert not Path(env["MPD_CACHE_DIR"]).exists(), "reading made no local copy"
+
+
+def test_another_machine_finds_every_stage_cached(clean: str, tmp_path: Path) -> None:
+    """Machine B has never seen the workspace: every stage is a hit, downloaded from the
+    bucket (its files sha256-checked), and nothing is recomputed or republished."""
+    before = {(m.round, m.stage): m.objects for m in store(clean).committed()}
+    env = machine(tmp_path, "b")
+    ok(run(clean, env))
+    assert set(outcomes(clean, env).values()) == {"cached"}
+    assert {(m.round, m.stage): m.objects for m in store(clean).committed()} == before
+    copy = local_copy(clean, env)
+    assert json.loads((copy / REMOTE_FILE).read_text())["url"] == clean
+    assert (copy / "sample" / "round=1" / MANIFEST).is_file()
+
+
+def test_kill_during_sampling_resumes_on_another_machine(
+    clean: str, tmp_path: Path, s3: dict[str, str]
+) -> None:
+    """kill -9 mid-sampling on machine A; machine B resumes with the shards A uploaded to the
+    staging prefix (its own copy is empty), takes over A's dead lease, and commits the same
+    rows as the clean run; the stages after sampling keep their keys and stay cached."""
+    url = f"s3://{BUCKET}/killed"
+    copy_workspace(clean, url)
+    s = store(url)
+    s.retract("sample", 1)
+    log = tmp_path / "a.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            command("run", "-w", url, "--rounds", 1, *sets()),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=environ(machine(tmp_path, "a")),
+            start_new_session=True,
+        )
+    markers = s.path(".staging", "sample", "round=1", "*", "_shards", "*.json")
+    try:
+        deadline = time.monotonic() + 300
+        while not s.fs.glob(markers):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no shard was ever uploaded"
+            time.sleep(0.02)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    uploaded = len(s.fs.glob(markers))
+    assert 1 <= uploaded < SAMPLE_SHARDS, "the kill landed mid-sampling"
+    assert s.manifest("sample", 1) is None, "nothing half-done was committed"
+    assert s.fs.exists(s.path(".lock")), "the killed run's lease is still there"
+    env_b = machine(tmp_path, "b")
+    assert status(url, env_b)["1/sample"] == ("partial", f"{uploaded} shard(s)")
+
+    out = ok(run(url, env_b))
+    assert "recovered a stale lock" in out.stderr
+    assert f"round 1 sample   resuming: {uploaded} finished shard(s) reused" in out.stderr
+    assert out.stderr.count("round 1 sample   shard ") == SAMPLE_SHARDS - uploaded
+    assert s.manifest("sample", 1).resumed_shards == uploaded
+    assert {outcomes(url, env_b)[f"1/{s}"] for s in ROUND_STAGES[1:]} == {"cached"}
+    assert sample_rows(url, env_b) == sample_rows(clean, env_b)
+
+
+def test_an_object_changed_in_place_is_caught_and_recomputed(clean: str, tmp_path: Path) -> None:
+    url = f"s3://{BUCKET}/corrupt"
+    copy_workspace(clean, url)
+    env = machine(tmp_path, "a")
+    ok(run(url, env))  # a local copy that agrees with the bucket
+    s = store(url)
+    man = s.manifest("sample", 1)
+    victim = s.object_path(man, "part-00003.parquet")
+    data = bytearray(s.fs.cat_file(victim))
+    data[len(data) // 2] ^= 0xFF  # same size: only the ETag can tell
+    s.fs.pipe_file(victim, bytes(data))
+    assert status(url, env)["1/sample"][0] == "done", "a size check cannot see it"
+    state, detail = status(url, env, "--verify")["1/sample"]
+    assert state == "corrupt" and "part-00003.parquet" in detail
+
+    out = ok(run(url, env))
+    assert "part-00003.parquet is corrupt" in out.stderr
+    assert "round 1 sample   done" in out.stderr
+    after = outcomes(url, env)
+    assert after["1/sample"] == "done"
+    assert {after[f"1/{s}"] for s in ROUND_STAGES[1:]} == {"cached"}, "same rows, same keys"
+    assert status(url, env, "--verify")["1/sample"][0] == "done"
+    assert sample_rows(url, env) == sample_rows(clean, env)
+
+
+def test_a_second_writer_is_refused_by_the_lease(clean: str, tmp_path: Path) -> None:
+    """Machine A holds the workspace (its lease is live); machine B's run is refused in one
+    line naming A, before Prefect starts, and changes nothing."""
+    url = f"s3://{BUCKET}/busy"
+    copy_workspace(clean, url)
+    local_a = tmp_path / "copy-a"
+    local_a.mkdir()
+    attach(local_a, url)
+    before = {(m.round, m.stage): m.objects for m in store(url).committed()}
+    with WorkspaceLock(local_a, command="mpd run (machine A)"):
+        out = run(url, machine(tmp_path, "b"))
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("mpd: error:")]
+    assert len(errors) == 1 and f"workspace {url} is in use by pid {os.getpid()}" in errors[0]
+    assert "machine A" in errors[0] and "Traceback" not in out.stderr
+    assert {(m.round, m.stage): m.objects for m in store(url).committed()} == before
+    assert not store(url).fs.exists(store(url).path(".lock")), "A released its lease"
+
+
+# -- the protocol's parts ------------------------------------------------------------------
+def test_only_one_of_two_simultaneous_writers_gets_the_lease(s3: dict[str, str]) -> None:
+    s = store(f"s3://{BUCKET}/lease-race")
+    first = ObjectLease(s, {"pid": 1, "host": "elsewhere", "command": "first"}).acquire()
+    try:
+        with pytest.raises(WorkspaceBusyError, match="first"):
+            ObjectLease(s, {"pid": 2, "host": "elsewhere", "command": "second"}).acquire()
+    finally:
+        first.release()
+    assert not s.fs.exists(s.path(".lock"))
+
+
+def test_an_expired_lease_is_taken_over_once(s3: dict[str, str]) -> None:
+    s = store(f"s3://{BUCKET}/lease-expired")
+    s.fs.pipe_file(
+        s.path(".lock"),
+        json.dumps(
+            {"pid": 7, "host": "gone", "command": "old", "expires": time.time() - 1}
+        ).encode(),
+    )
+    taker = ObjectLease(s, {"pid": 8, "host": "here", "command": "new"}).acquire()
+    try:
+        assert taker.stale is not None and taker.stale["command"] == "old"
+        with pytest.raises(WorkspaceBusyError, match="new"):  # the takeover is now live
+            ObjectLease(s, {"pid": 9, "host": "here", "command": "third"}).acquire()
+    finally:
+        taker.release()
+
+
+def test_a_live_lease_is_renewed_and_never_deleted_by_a_loser(s3: dict[str, str]) -> None:
+    s = store(f"s3://{BUCKET}/lease-renew")
+    lease = ObjectLease(s, {"pid": 1, "host": "elsewhere", "command": "holder"}, ttl=0.9)
+    lease.acquire()
+    try:
+        first = json.loads(s.fs.cat_file(s.path(".lock")))["expires"]
+        time.sleep(0.8)  # past two renewals (every ttl / 3)
+        renewed = json.loads(s.fs.cat_file(s.path(".lock")))["expires"]
+        assert renewed > first
+        assert renewed > time.time(), "renewed before it expired"
+        loser = ObjectLease(s, {"pid": 2, "host": "elsewhere", "command": "loser"})
+        with pytest.raises(WorkspaceBusyError):
+            loser.acquire()
+        loser.release()  # a lease it never held: nothing to delete
+        assert s.fs.exists(s.path(".lock"))
+    finally:
+        lease.release()
+
+
+def test_the_manifest_is_uploaded_last_and_readers_follow_it(
+    s3: dict[str, str], tmp_path: Path
+) -> None:
+    """A publication that fails half-way leaves the previous commit readable as it was; the
+    new objects it did upload are under their own prefix, named by no manifest."""
+    s = store(f"s3://{BUCKET}/protocol")
+    local = tmp_path / "round"
+    local.mkdir()
+    pq.write_table(pa.table({"x": [1, 2]}), local / "part-00000.parquet")
+    entry = FileEntry("part-00000.parquet", (local / "part-00000.parquet").stat().st_size, "", 2)
+    man = Manifest("sample", 1, "a" * 64, [entry], 2, 0.0, 0.0, 0.0, "test")
+    first = s.publish(man, local)
+    assert s.manifest("sample", 1).objects == first.objects
+    broken = Manifest.from_dict(
+        {
+            **man.to_dict(),
+            "key": "b" * 64,
+            "files": [
+                *man.to_dict()["files"],
+                {"path": "part-00001.parquet", "bytes": 1, "sha256": "", "rows": 1},
+            ],
+        }
+    )
+    with pytest.raises(FileNotFoundError):
+        s.publish(broken, local)  # its second file is missing locally: the upload stops
+    assert s.manifest("sample", 1).objects == first.objects
+    assert not s.validate("sample", 1, deep=True)
+    orphans = [p for p in s.fs.ls(s.round_path("sample", 1)) if p.rsplit("/", 1)[1].startswith("b")]
+    assert orphans, "the failed publication's objects are under their own prefix"
+    assert s.retract("sample", 1) and s.manifest("sample", 1) is None
+    assert not s.fs.exists(s.round_path("sample", 1) + "/" + first.objects)
