@@ -8,10 +8,10 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-fast lint format bench benchmarks clean help vllm-env prefect-postgres prefect-postgres-stop
+.PHONY: run test test-fast lint format bench benchmarks clean help vllm-env prefect-postgres prefect-postgres-stop s3-server s3-server-stop
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -91,3 +91,9 @@ prefect-postgres: $(STAMP)  ## start PostgreSQL, a Prefect server on it, pool `m
 
 prefect-postgres-stop:  ## stop the worker, the Prefect server and PostgreSQL started by prefect-postgres
 	bash scripts/prefect-postgres.sh stop
+
+s3-server: $(STAMP)  ## start a local S3-compatible server (moto, 127.0.0.1:9000) with bucket `mpd`
+	bash scripts/s3-server.sh start mpd
+
+s3-server-stop:  ## stop the server started by s3-server (its objects are in memory: they go too)
+	bash scripts/s3-server.sh stop

@@ -7,7 +7,8 @@ Every stage table is one view over all its rounds::
 
 ``stage_runs`` is one row per committed stage run, from the manifests (stage,
 round, key, rows, duration_s, finished_at, shared_from: the workspace a shared
-stage was adopted from, NULL when computed here).
+stage was adopted from, NULL when computed here; peak_rss_mb: the process's peak resident
+memory while the stage computed, wherever it computed; NULL where /proc could not say).
 
 A *bench root* (``mpd bench``'s output directory, marked by ``bench.json``)
 holds one workspace per (method, seed). Its tables are the members' tables
@@ -116,6 +117,7 @@ STAGE_RUNS: tuple[tuple[str, str], ...] = (
     ("duration_s", "DOUBLE"),
     ("finished_at", "DOUBLE"),
     ("shared_from", "VARCHAR"),
+    ("peak_rss_mb", "DOUBLE"),
 )
 
 # Applied after the views exist; lock_configuration last, so that nothing run on
@@ -263,7 +265,16 @@ def _stage_runs_select(workspace: Path | ObjectStore) -> str:
     names = ", ".join(n for n, _ in STAGE_RUNS)
     cast = ", ".join(f"CAST({name} AS {kind}) AS {name}" for name, kind in STAGE_RUNS)
     rows = [
-        (m.stage, m.round, m.key, m.rows, m.duration_s, m.finished_at, m.extra.get("shared_from"))
+        (
+            m.stage,
+            m.round,
+            m.key,
+            m.rows,
+            m.duration_s,
+            m.finished_at,
+            m.extra.get("shared_from"),
+            m.extra.get("peak_rss_mb"),
+        )
         for m in (
             workspace if isinstance(workspace, ObjectStore) else StageStore(workspace)
         ).committed()

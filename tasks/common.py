@@ -8,8 +8,8 @@ path), never datasets.
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,9 +59,12 @@ def run_stage(
             stage,
             len(writer.resumed),
         )
-    _reset_peak_rss()
-    extra = compute(writer) or {}
-    if (peak := _peak_rss_mb()) is not None:
+    rss = _PeakRss()
+    try:
+        extra = compute(writer) or {}
+    finally:
+        peak = rss.stop()
+    if peak is not None:
         extra = {**extra, "peak_rss_mb": peak}
     man = writer.commit(extra)
     seconds = time.monotonic() - started
@@ -73,25 +76,45 @@ def run_stage(
     )
 
 
-def _reset_peak_rss() -> None:
-    """Restart the process's peak-RSS counter, so the stage's own peak can be read after it.
+class _PeakRss:
+    """A stage's peak resident memory, in MB (None where ``/proc`` cannot say).
 
-    Linux keeps one high-water mark per process (VmHWM); writing 5 to ``clear_refs`` resets it
-    to the current RSS. Elsewhere (or where /proc is read-only) the stage records no peak.
+    Linux keeps one high-water mark per process (VmHWM). When the stage raises it, the new
+    mark is the stage's peak, exactly. Otherwise the stage peaked below an earlier stage, and
+    a sampler thread (every 50 ms) gives its peak to within what it could miss between two
+    samples. The mark is never reset (``clear_refs``), so ``/usr/bin/time``'s maximum RSS stays
+    the whole run's.
     """
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
+
+    def __init__(self) -> None:
+        self.before = _status_kb("VmHWM")
+        self.sampled = _status_kb("VmRSS") or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="mpd-rss", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.sampled = max(self.sampled, _status_kb("VmRSS") or 0)
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        after = _status_kb("VmHWM")
+        if after is None or self.before is None:
+            return None
+        peak = after if after > self.before else self.sampled
+        return round(peak / 1024, 1)
 
 
-def _peak_rss_mb() -> float | None:
-    """The process's peak RSS since the last reset, in MB; None where /proc cannot say."""
+def _status_kb(field: str) -> int | None:
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None
     for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
     return None
 
 

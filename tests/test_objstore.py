@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,7 +159,11 @@ def local_copy(url: str, env: dict[str, str]) -> Path:
 
 def outcomes(url: str, env: dict[str, str]) -> dict[str, str]:
     """What that machine's last run did per "round/stage": done (computed), cached, failed."""
-    stages = json.loads((local_copy(url, env) / ".mpd" / "last_run.json").read_text())["stages"]
+    return outcomes_at(local_copy(url, env))
+
+
+def outcomes_at(workspace: Path) -> dict[str, str]:
+    stages = json.loads((workspace / ".mpd" / "last_run.json").read_text())["stages"]
     return {where: o["state"] for where, o in stages.items()}
 
 
@@ -168,13 +173,20 @@ def copy_workspace(src: str, dst: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def clean(s3: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A one-round campaign committed to object storage by machine A; returns its URL."""
+def clean_run(
+    s3: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, dict[str, str]]:
+    """A one-round campaign committed to object storage by machine A: its URL and A."""
     url = f"s3://{BUCKET}/clean"
     env = machine(tmp_path_factory.mktemp("a"), "a")
     ok(run(url, env))
     assert {outcomes(url, env)[f"1/{s}"] for s in ROUND_STAGES} == {"done"}
-    return url
+    return url, env
+
+
+@pytest.fixture(scope="module")
+def clean(clean_run: tuple[str, dict[str, str]]) -> str:
+    return clean_run[0]
 
 
 def test_campaign_commits_every_stage_to_object_storage(clean: str) -> None:
@@ -390,3 +402,28 @@ def test_the_manifest_is_uploaded_last_and_readers_follow_it(
     assert orphans, "the failed publication's objects are under their own prefix"
     assert s.retract("sample", 1) and s.manifest("sample", 1) is None
     assert not s.fs.exists(s.round_path("sample", 1) + "/" + first.objects)
+
+
+def test_moving_a_local_workspace_to_object_storage(
+    clean_run: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """What the docs tell a user with a local workspace: run it once as the working copy of
+    the new URL. Every stage is found valid locally and published, nothing is recomputed, and
+    another machine then finds the whole campaign in the bucket."""
+    clean, machine_a = clean_run
+    local = tmp_path / "runs" / "tiny"
+    shutil.copytree(local_copy(clean, machine_a), local)
+    # Make it what a local run leaves: no object-storage marker, manifests without objects.
+    (local / REMOTE_FILE).unlink()
+    for path in local.glob("*/round=*/_manifest.json"):
+        man = json.loads(path.read_text())
+        man["objects"], man["files"] = "", [{**f, "etag": None} for f in man["files"]]
+        path.write_text(json.dumps(man))
+    url = f"s3://{BUCKET}/moved"
+    env = machine(tmp_path, "a")
+    ok(mpd(env, "run", "-w", url, "--set", f"storage.cache={local}", "--rounds", 1, *sets()))
+    assert set(outcomes_at(local).values()) == {"cached"}
+    rows = status(url, machine(tmp_path, "analyst"), "--verify")
+    assert {st for st, _ in rows.values()} == {"done"}
+    assert sample_rows(url, env) == sample_rows(clean, env)
+    assert json.loads((local / REMOTE_FILE).read_text())["url"] == url
