@@ -178,7 +178,11 @@ class ObjectLease:
     # -- internals ----------------------------------------------------------
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
-            etag = self._put(if_match=self._etag)
+            try:
+                etag = self._put(if_match=self._etag)
+            except StorageError as exc:  # the store did not answer: try again next beat
+                _log().warning("could not renew the lease on %s: %s", self.store.url, exc)
+                continue
             if etag is None:
                 holder = describe_holder(self._read()[0] or {})
                 _log().error("lost the lease on %s to %s", self.store.url, holder)

@@ -113,14 +113,14 @@ class StageStore:
         remote = self.remote.manifest(stage, round_)
         if remote is not None and remote.key == key:
             if problems := self.remote.validate(stage, round_, deep=deep):
-                log.warning("%s in %s; recomputing it", problems[0], self.remote.url)
+                _warn_once(f"{problems[0]} in {self.remote.url}; recomputing it")
                 return None
             if local is not None and local.objects == remote.objects:
                 return local
             try:
                 self.remote.download(remote, self.stage_dir(stage, round_))
             except ValueError as exc:
-                log.warning("%s in %s; recomputing it", exc, self.remote.url)
+                _warn_once(f"{exc} in {self.remote.url}; recomputing it")
                 return None
             return remote
         return None if local is None else self.publish(local)
@@ -357,6 +357,17 @@ class StageWriter:
             for other in parent.iterdir():
                 if other.name != self.dir.name:
                     shutil.rmtree(other, ignore_errors=True)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A damaged remote commit is looked up twice per stage (Prefect's cache check, then the
+    stage): one warning is enough."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
 
 
 def _move_to_trash(workspace: Path, target: Path, label: str) -> None:

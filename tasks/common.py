@@ -8,10 +8,11 @@ path), never datasets.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,31 @@ class StageResult:
     cached: bool
     seconds: float
     path: str
+
+
+_COMPUTE_LOCK = threading.Lock()
+_COMPUTE_S = [0.0]
+
+
+@contextlib.contextmanager
+def computing() -> Iterator[None]:
+    """Count the block as compute: an engine call or optimizer steps (the stage's floor).
+
+    Each stage records its compute seconds (``compute_s`` in its manifest's extra) beside its
+    wall time, so a round's orchestration overhead (model loads, Prefect, Parquet, DuckDB,
+    Python joins) is wall - compute, from the same run (benchmarks/bench_overhead.py). Shards
+    computed on a Dask cluster are timed there and not counted here.
+    """
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        add_compute(time.perf_counter() - started)
+
+
+def add_compute(seconds: float) -> None:
+    with _COMPUTE_LOCK:
+        _COMPUTE_S[0] += seconds
 
 
 def run_stage(
@@ -59,13 +85,14 @@ def run_stage(
             stage,
             len(writer.resumed),
         )
-    rss = _PeakRss()
+    rss, compute_before = _PeakRss(), _COMPUTE_S[0]
     try:
         extra = compute(writer) or {}
     finally:
         peak = rss.stop()
+    extra = {**extra, "compute_s": round(_COMPUTE_S[0] - compute_before, 3)}
     if peak is not None:
-        extra = {**extra, "peak_rss_mb": peak}
+        extra["peak_rss_mb"] = peak
     man = writer.commit(extra)
     seconds = time.monotonic() - started
     log.info(

@@ -20,7 +20,7 @@ from data.errors import UserError
 from data.schemas import DECISIONS, SAMPLES, SchemaError, conform
 from data.store import StageWriter
 from data.tables import Table
-from tasks.common import StageResult, read_stage
+from tasks.common import StageResult, read_stage, stage_files
 from tasks.context import Context, Round
 from tasks.stage import Stage
 
@@ -55,24 +55,27 @@ def filter_sql(cfg: FilterConfig) -> str:
 
 
 def run_filter(
-    rewrites: pa.Table,
+    rewrites: pa.Table | list[Path],
     sql: str,
     *,
     ratio: float,
     round_: int,
     out: Path,
-    samples: pa.Table | None = None,
+    samples: pa.Table | list[Path] | None = None,
     faithful: bool = False,
 ) -> pa.Table:
     """Run the filter SQL over one round's rewrites (and the samples they rewrite) with
     DuckDB, ``COPY`` its result to ``out`` (inside staging), and return it checked against
-    the decisions schema."""
+    the decisions schema.
+
+    ``rewrites`` and ``samples`` are the committed Parquet files (what the stage passes: DuckDB
+    reads them itself, only the columns the rule needs, and the table never exists in Python)
+    or Arrow tables (tests, small inputs).
+    """
     con = duckdb.connect()
     try:
-        con.register("rewrites_arrow", rewrites)
-        con.execute("CREATE VIEW rewrites AS SELECT * FROM rewrites_arrow")
-        con.register("samples_arrow", samples if samples is not None else SAMPLES.empty_table())
-        con.execute("CREATE VIEW samples AS SELECT * FROM samples_arrow")
+        _view(con, "rewrites", rewrites)
+        _view(con, "samples", samples if samples is not None else SAMPLES.empty_table())
         con.execute(f"SET VARIABLE ratio = {float(ratio)!r}")
         con.execute(f"SET VARIABLE faithful = {bool(faithful)}")
         con.execute(f"SET VARIABLE round = {int(round_)}")
@@ -93,12 +96,23 @@ def run_filter(
         raise FilterError(str(exc)) from None
 
 
+def _view(con: duckdb.DuckDBPyConnection, name: str, source: pa.Table | list[Path]) -> None:
+    if isinstance(source, pa.Table):
+        con.register(f"{name}_arrow", source)
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM {name}_arrow")
+        return
+    files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in source)
+    con.execute(
+        f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{files}], hive_partitioning = false)"
+    )
+
+
 def filter_body(
     writer: StageWriter,
     cfg: FilterConfig,
     *,
-    rewrites: pa.Table,
-    samples: pa.Table | None,
+    rewrites: pa.Table | list[Path],
+    samples: pa.Table | list[Path] | None,
     round_: int,
 ) -> dict:
     decisions = run_filter(
@@ -153,9 +167,9 @@ def run(ctx: Context, rnd: Round) -> StageResult:
         lambda w: filter_body(
             w,
             cfg,
-            rewrites=read_stage(ctx.store, "rewrite", r),
+            rewrites=stage_files(ctx.store, "rewrite", r),
             # what the rewrites were made from (an input of the rewrite's key already)
-            samples=read_stage(ctx.store, "sample", r),
+            samples=stage_files(ctx.store, "sample", r),
             round_=r,
         ),
     )

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from data.errors import UserError
 from data.store import StageWriter
+from tasks.common import computing
 
 
 def grader_of(cfg: Any) -> Callable[[str | None, str], bool]:
@@ -71,10 +72,12 @@ def generate_traces(
     """Generate and grade; one trace row per (record, sample). ``extra`` adds columns."""
     from data.traces import think_close_id, trace_rows
 
+    with computing():
+        completions = engine.generate(prompts, params)
     return trace_rows(
         records,
         prompts,
-        engine.generate(prompts, params),
+        completions,
         round_=round_,
         think_close_id=think_close_id(engine.tokenizer),
         model=model,

@@ -17,7 +17,7 @@ from data.prompts import CONCISE_CUE
 from data.schemas import SCORES, quantize_logprobs
 from data.store import StageWriter
 from data.tables import Table
-from tasks.common import StageResult, read_stage
+from tasks.common import StageResult, computing, read_stage
 from tasks.context import Context, Round
 from tasks.engines import stage_engine
 from tasks.generation import chat_prompt
@@ -99,7 +99,8 @@ def score_body(
                 trace = samples[(r["problem_id"], r["sample_idx"])]["completion"]
                 question = rewrite_template.format(problem=question, trace=trace)
             prompts.append(chat_prompt(tok, question))
-        scored = engine.score(prompts, [r["token_ids"] for r in chosen], cfg.top_k)
+        with computing():
+            scored = engine.score(prompts, [r["token_ids"] for r in chosen], cfg.top_k)
         return [
             {
                 "round": round_,

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from data.schemas import TRAIN_LOG, dequantize_logprobs
 from data.store import StageWriter
 from data.tables import Table
-from tasks.common import StageResult, stage_files
+from tasks.common import StageResult, add_compute, stage_files
 from tasks.context import Context, ModelRef, Round
 from tasks.generation import chat_prompt
 from tasks.stage import Stage
@@ -230,6 +230,7 @@ def train_body(
         seed=seed,
         round_idx=round_,
     )
+    add_compute(result.step_seconds)  # the optimizer steps: this stage's compute floor
     shutil.rmtree(writer.dir / "checkpoints", ignore_errors=True)
     writer.write_table("log.parquet", pa.Table.from_pylist(result.log), TRAIN_LOG)
     return {

@@ -86,6 +86,7 @@ class TrainResult:
     model_dir: Path | None  # out_dir/model, None without out_dir
     dropped_examples: int = 0  # prompt alone ≥ cfg.max_length
     truncated_examples: int = 0  # target cut to fit cfg.max_length
+    step_seconds: float = 0.0  # inside train_step this run (the compute floor; no checkpoints)
 
 
 class Dist:
@@ -213,8 +214,11 @@ def train(
         _resume(run, out, seed) if out is not None else (0, [], 0.0, None)
     )
     t0 = time.perf_counter()
+    step_seconds = 0.0
     for step in range(start + 1, cfg.steps + 1):
+        t_step = time.perf_counter()
         row = {"round": round_idx, "step": step, **train_step(run, step)}
+        step_seconds += time.perf_counter() - t_step
         row["elapsed_s"] = elapsed + time.perf_counter() - t0
         log.append(row)
         if log_fn is not None and run.dist.is_main:
@@ -223,7 +227,9 @@ def train(
             _save_checkpoint(run, out, step, log, seed)
     final, model_dir = _finish(run, out, tokenizer)
     skipped = sum(row["skipped"] for row in log)
-    return TrainResult(final, log, skipped, resumed, model_dir, run.dropped, run.truncated)
+    return TrainResult(
+        final, log, skipped, resumed, model_dir, run.dropped, run.truncated, step_seconds
+    )
 
 
 def _check_inputs(examples: list[Example], cfg: TrainConfig, model: Any, teacher: Any) -> None:

@@ -31,6 +31,8 @@ WITH equations AS (
         )) AS faithful_lines
     FROM rewrites AS r
     JOIN samples AS s USING (problem_id, sample_idx)
+    -- a constant: with faithful off, DuckDB never reads the traces' text at all
+    WHERE getvariable('faithful')
 ),
 judged AS (
     SELECT
