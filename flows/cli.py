@@ -475,7 +475,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     if cfg.storage.url:  # read where it is: an analyst's machine has no local copy
-        print_status(_object_store(cfg), cfg.rounds, round_stages(cfg), deep=args.verify)
+        store = _object_store(cfg)
+        if not store.fs.exists(store.root):
+            from flows.errors import UserError
+
+            raise UserError(f"workspace {store.url} holds nothing (nothing has run there yet?)")
+        print_status(store, cfg.rounds, round_stages(cfg), deep=args.verify)
         return 0
     if not Path(cfg.workspace).is_dir():
         from flows.errors import UserError

@@ -427,3 +427,20 @@ def test_moving_a_local_workspace_to_object_storage(
     assert {st for st, _ in rows.values()} == {"done"}
     assert sample_rows(url, env) == sample_rows(clean, env)
     assert json.loads((local / REMOTE_FILE).read_text())["url"] == url
+
+
+def test_a_missing_bucket_or_an_empty_prefix_is_one_line(
+    s3: dict[str, str], tmp_path: Path
+) -> None:
+    env = machine(tmp_path, "a")
+    for args in (
+        ("run", "-w", "s3://no-such-bucket/ws", "--rounds", 0),
+        ("status", "-w", "s3://no-such-bucket/ws"),
+        ("sql", "-w", "s3://no-such-bucket/ws", "select 1"),
+        ("status", "-w", f"s3://{BUCKET}/never-written"),
+    ):
+        out = mpd(env, *args)
+        assert out.returncode == 2, (args, out.stderr[-2000:])
+        errors = [ln for ln in out.stderr.splitlines() if ln.startswith("mpd: error:")]
+        assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert "no-such-bucket' does not exist" in errors[0] or "holds nothing" in errors[0]
