@@ -52,7 +52,7 @@ def write_round(root: Path, rows: int, tokens: int, k: int) -> dict[str, list[Pa
             koff, pa.array(rng.integers(0, 150000, n * tokens * k, np.int32))
         )
         lps = pa.ListArray.from_arrays(
-            koff, pa.array(rng.integers(-20000, 0, n * tokens * k).astype(np.int16))
+            koff, pa.array(rng.integers(0, 2000, n * tokens * k).astype(np.int16))
         )
         kept = pa.array(np.arange(start, start + n) % 2 == 0)
         tables = {
@@ -65,7 +65,7 @@ def write_round(root: Path, rows: int, tokens: int, k: int) -> dict[str, list[Pa
                     "k": pa.array(np.full(n, k, np.int32)),
                     "num_tokens": pa.array(np.full(n, tokens, np.int32)),
                     "topk_ids": ids,
-                    "topk_logprobs_q": lps,
+                    "topk_logprob_gaps": lps,
                 }
             ),
         }

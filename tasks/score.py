@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from data.configbase import StrictModel
 from data.prompts import CONCISE_CUE
-from data.schemas import SCORES, quantize_logprobs
+from data.schemas import SCORES, encode_topk_logprobs
 from data.store import StageWriter
 from data.tables import Table
 from tasks.common import StageResult, computing, read_stage
@@ -109,7 +109,7 @@ def score_body(
                 "k": int(s.topk_ids.shape[1]),
                 "num_tokens": int(s.topk_ids.shape[0]),
                 "topk_ids": s.topk_ids.reshape(-1).tolist(),
-                "topk_logprobs_q": quantize_logprobs(s.topk_logprobs).reshape(-1).tolist(),
+                "topk_logprob_gaps": encode_topk_logprobs(s.topk_logprobs).reshape(-1).tolist(),
                 "context": context,
                 "model": model,
             }

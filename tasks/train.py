@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.schemas import TRAIN_LOG, dequantize_logprobs
+from data.schemas import TRAIN_LOG, logprobs_from_gaps
 from data.store import StageWriter
 from data.tables import Table
 from tasks.common import StageResult, add_compute, stage_files
@@ -117,7 +117,7 @@ def _payload_batches(
         yield from part.combine_chunks().to_batches(max_chunksize=batch_rows)
 
 
-SCORE_COLUMNS = ["num_tokens", "k", "topk_ids", "topk_logprobs_q"]
+SCORE_COLUMNS = ["num_tokens", "k", "topk_ids", "topk_logprob_gaps"]
 
 
 def _runs(values: np.ndarray) -> list[np.ndarray]:
@@ -161,7 +161,7 @@ def build_examples(
             ks = batch.column("k").to_numpy(zero_copy_only=False)
             unscored = batch.column("k").is_null().to_numpy(zero_copy_only=False)
             ids_off, ids = _flat(batch.column("topk_ids"))
-            lp_off, lps = _flat(batch.column("topk_logprobs_q"))
+            lp_off, lps = _flat(batch.column("topk_logprob_gaps"))
         for i, pid in enumerate(pids):
             target = tok[tok_off[i] : tok_off[i + 1]]
             topk_ids = topk_lp = None
@@ -170,7 +170,7 @@ def build_examples(
                     raise ValueError(f"{pid} sample {batch.column('sample_idx')[i]}: no score")
                 shape = (len(target), int(ks[i]))
                 topk_ids = ids[ids_off[i] : ids_off[i + 1]].astype(np.int64).reshape(shape)
-                topk_lp = dequantize_logprobs(lps[lp_off[i] : lp_off[i + 1]]).reshape(shape)
+                topk_lp = logprobs_from_gaps(lps[lp_off[i] : lp_off[i + 1]], shape[1])
             student, teacher = prompt(pid)
             yield Example(
                 prompt_ids=student,

@@ -125,7 +125,7 @@ def test_empty_workspace_has_every_view_typed_and_empty(ws: Path) -> None:
     assert count(con, "kept") == 0
     assert count(con, "round_summary") == 0
     scores = {r[0]: r[1] for r in con.sql("DESCRIBE scores").fetchall()}
-    assert scores["topk_ids"] == "INTEGER[]" and scores["topk_logprobs_q"] == "SMALLINT[]"
+    assert scores["topk_ids"] == "INTEGER[]" and scores["topk_logprob_gaps"] == "SMALLINT[]"
 
 
 def test_committed_views_have_the_schema_types(ws: Path) -> None:

@@ -35,7 +35,7 @@ import torch
 
 from data.answers import format_prompt
 from data.prompts import rewrite_prompt
-from data.schemas import LOGPROB_MIN, LOGPROB_SCALE
+from data.schemas import LOGPROB_MIN, LOGPROB_SCALE, logprob_gaps
 from data.world import TRAIN_FAMILIES, Problem, generate, render_verbose
 from engines.base import GenerationParams
 from engines.hf import HFEngine
@@ -100,7 +100,7 @@ def with_topk_scores(engine: HFEngine, examples: list[Example]) -> list[Example]
     out = []
     for e, s in zip(examples, engine.score(prompts, targets, TOP_K), strict=True):
         q = np.round(np.clip(s.topk_logprobs, LOGPROB_MIN, 0.0) / LOGPROB_SCALE).astype(np.int16)
-        flat_ids, flat_q = s.topk_ids.reshape(-1).tolist(), q.reshape(-1).tolist()
+        flat_ids, flat_q = s.topk_ids.reshape(-1).tolist(), logprob_gaps(q).reshape(-1).tolist()
         out.append(example_from_scores(e.prompt_ids, e.target_ids, flat_ids, flat_q, TOP_K))
     return out
 

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from data.schemas import DECISIONS, TRACE_FIELDS, SchemaError, conform
+from data.schemas import (
+    DECISIONS,
+    TRACE_FIELDS,
+    SchemaError,
+    conform,
+    dequantize_logprobs,
+    encode_topk_logprobs,
+    logprob_gaps,
+    logprobs_from_gaps,
+    quantize_logprobs,
+)
 from data.store import StageStore
 from data.tables import tables
 from tests.test_store import decisions
@@ -73,3 +84,27 @@ def test_store_refuses_a_bad_shard_and_writes_nothing(tmp_path: Path) -> None:
         w.write_shard(0, decisions(1, 0, 3).drop_columns(["ratio"]), DECISIONS)
     assert w.done_shards() == set()
     assert not list(w.dir.glob("*.parquet"))
+
+
+@pytest.mark.parametrize("sort", [True, False])
+def test_logprob_gaps_are_lossless(sort: bool) -> None:
+    """The stored rank-order gaps decode to exactly the quantised logprobs (in rank order or
+    not, extremes included): the trainer sees what it saw before the gaps."""
+    rng = np.random.default_rng(0)
+    lp = np.log(rng.dirichlet(np.full(64, 0.1), size=50)).astype(np.float32)[:, :32]
+    if sort:
+        lp = -np.sort(-lp, axis=1)
+    lp[0, 0], lp[1, -1], lp[2] = 0.0, -40.0, -32.0  # 0, below the clip, all at the clip
+    stored = encode_topk_logprobs(lp)
+    assert stored.dtype == np.int16 and stored.shape == lp.shape
+    np.testing.assert_array_equal(
+        logprobs_from_gaps(stored.reshape(-1), 32), dequantize_logprobs(quantize_logprobs(lp))
+    )
+    if sort:
+        assert (stored >= 0).all(), "rank order gives non-negative gaps"
+
+
+def test_logprob_gaps_naive_reference() -> None:
+    q = np.array([[-5, -2000, -2001], [0, -32000, -100]], np.int16)
+    want = [[5 - 0, -5 - -2000, -2000 - -2001], [0, 32000, -32000 - -100]]
+    assert logprob_gaps(q).tolist() == want

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from data.answers import format_prompt
-from data.schemas import LOGPROB_MIN, LOGPROB_SCALE, TRAIN_LOG, conform
+from data.schemas import LOGPROB_MIN, LOGPROB_SCALE, TRAIN_LOG, conform, logprob_gaps
 from data.world import build_problems, corpus_texts, problem_from_record, render_concise
 from data.world.tokenizer import IM_END, train_tokenizer
 from train.batching import (
@@ -101,7 +101,7 @@ def score_topk(teacher, examples: list[Example], k: int, vocab: int) -> list[Exa
         logits = teacher(ids).logits[0, start : start + len(ex.target_ids), :vocab]
         top = torch.log_softmax(logits.float(), -1).topk(k)
         q = (top.values / LOGPROB_SCALE).round().clamp_min(LOGPROB_MIN / LOGPROB_SCALE)
-        flat_q = q.to(torch.int16).flatten().tolist()
+        flat_q = logprob_gaps(q.to(torch.int16).numpy()).flatten().tolist()
         out.append(
             example_from_scores(
                 ex.prompt_ids, ex.target_ids, top.indices.flatten().tolist(), flat_q, k
@@ -186,7 +186,8 @@ def test_fit_examples_cuts_targets_and_drops_overlong_prompts() -> None:
 
 
 def test_scores_are_dequantised_with_logprob_scale() -> None:
-    ex = example_from_scores([1], [7, 8], [7, 3, 8, 4], [-5, -2000, 0, -32000], k=2)
+    """Stored as rank-order gaps: [5, 1995] is [-5, -2000], [0, 32000] is [0, -32000]."""
+    ex = example_from_scores([1], [7, 8], [7, 3, 8, 4], [5, 1995, 0, 32000], k=2)
     assert ex.topk_ids.tolist() == [[7, 3], [8, 4]]
     np.testing.assert_allclose(ex.topk_logprobs, [[-0.005, -2.0], [0.0, -32.0]], rtol=1e-6)
 

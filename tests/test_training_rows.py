@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.schemas import dequantize_logprobs
+from data.schemas import logprob_gaps, logprobs_from_gaps
 from tasks.train import build_examples, training_rows
 from tests.conftest import REPO
 
@@ -46,7 +46,11 @@ def _write(tmp: Path, rng: np.random.Generator) -> tuple[list[Path], list[Path],
                     "k": K,
                     "num_tokens": n,
                     "topk_ids": rng.integers(0, 500, n * K).tolist(),
-                    "topk_logprobs_q": rng.integers(-32000, 0, n * K).astype(np.int16).tolist(),
+                    "topk_logprob_gaps": logprob_gaps(
+                        rng.integers(-32000, 0, (n, K)).astype(np.int16)
+                    )
+                    .reshape(-1)
+                    .tolist(),
                 }
             )
         for name, table, out in (("t", rows, targets), ("d", dec, decisions), ("s", sc, scores)):
@@ -81,7 +85,7 @@ def _naive(targets, decisions, scores, problems, tok):
                     chat_prompt(tok, problems[t["problem_id"]]["prompt"]),
                     t["token_ids"],
                     np.asarray(s["topk_ids"]).reshape(shape),
-                    dequantize_logprobs(np.asarray(s["topk_logprobs_q"], np.int16)).reshape(shape),
+                    logprobs_from_gaps(s["topk_logprob_gaps"], s["k"]),
                 )
             )
     return out  # fmt: skip

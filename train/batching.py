@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data.schemas import dequantize_logprobs
+from data.schemas import logprobs_from_gaps
 from train.losses import target_mask
 
 # Global batches per length-sorting pool: enough that batches hold similar lengths (little
@@ -67,16 +67,17 @@ def example_from_scores(
     prompt_ids: Sequence[int],
     target_ids: Sequence[int],
     topk_ids: Sequence[int],
-    topk_logprobs_q: Sequence[int],
+    topk_logprob_gaps: Sequence[int],
     k: int,
 ) -> Example:
-    """An offline-teacher example from one `scores` row (flat row-major arrays, t·k + j)."""
+    """An offline-teacher example from one `scores` row (flat row-major arrays, t·k + j;
+    the logprobs as the table stores them, rank-order gaps: data.schemas.logprob_gaps)."""
     n = len(target_ids)
-    if len(topk_ids) != n * k or len(topk_logprobs_q) != n * k:
+    if len(topk_ids) != n * k or len(topk_logprob_gaps) != n * k:
         raise ValueError(f"scores hold {len(topk_ids)} entries, expected {n} targets × k={k}")
     ids = np.asarray(topk_ids, dtype=np.int64).reshape(n, k)
     return Example(
-        list(prompt_ids), list(target_ids), ids, dequantize_logprobs(topk_logprobs_q).reshape(n, k)
+        list(prompt_ids), list(target_ids), ids, logprobs_from_gaps(topk_logprob_gaps, k)
     )
 
 
