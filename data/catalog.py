@@ -8,7 +8,8 @@ Every stage table is one view over all its rounds::
 ``stage_runs`` is one row per committed stage run, from the manifests (stage,
 round, key, rows, duration_s, finished_at, shared_from: the workspace a shared
 stage was adopted from, NULL when computed here; peak_rss_mb: the process's peak resident
-memory while the stage computed, wherever it computed; NULL where /proc could not say).
+memory while the stage computed, wherever it computed, NULL where /proc could not say;
+compute_s: its seconds inside engine calls and optimizer steps).
 
 A *bench root* (``mpd bench``'s output directory, marked by ``bench.json``)
 holds one workspace per (method, seed). Its tables are the members' tables
@@ -118,6 +119,7 @@ STAGE_RUNS: tuple[tuple[str, str], ...] = (
     ("finished_at", "DOUBLE"),
     ("shared_from", "VARCHAR"),
     ("peak_rss_mb", "DOUBLE"),
+    ("compute_s", "DOUBLE"),
 )
 
 # Applied after the views exist; lock_configuration last, so that nothing run on
@@ -274,6 +276,7 @@ def _stage_runs_select(workspace: Path | ObjectStore) -> str:
             m.finished_at,
             m.extra.get("shared_from"),
             m.extra.get("peak_rss_mb"),
+            m.extra.get("compute_s"),
         )
         for m in (
             workspace if isinstance(workspace, ObjectStore) else StageStore(workspace)
