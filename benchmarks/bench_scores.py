@@ -94,7 +94,7 @@ def world_scores(store, problems: int, n: int) -> None:
         "t" * 64,
         lambda w: score_body(
             w,
-            ScoreConfig(top_k=32, context="problem", shard_size=32),
+            ScoreConfig(top_k=32, context="problem"),  # the default shards: 64 traces
             engine=teacher.get(),
             rewrites=samples,
             samples={(s["problem_id"], s["sample_idx"]): s for s in samples},
