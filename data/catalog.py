@@ -71,9 +71,9 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from data.manifest import MANIFEST, Manifest
 from data.objstore import ObjectStore
 from data.sql_guard import ReadOnlyError, SqlError, check_read_only, one_line
-from data.store import MANIFEST
 from data.tables import tables
 
 log = logging.getLogger("mpd.catalog")
@@ -188,16 +188,23 @@ def committed_files(
             continue  # a commit that did not finish: not a stage run yet
         r = int(round_text)
         man = store.manifest(stage, r)
-        problems = store.validate(stage, r, deep=False) if man is not None else ["unreadable"]
+        problems = store.validate(stage, r, deep=False, man=man) if man else ["unreadable"]
         if man is None or problems:
             if left_out is not None:
                 left_out.append(left_out_line(stage, r, problems[0]))
             continue
-        for entry in man.files:
-            name = entry.path
-            if "/" not in name and fnmatch(name, file_glob) and not name.startswith((".", "_")):
-                found.append((r, name, round_dir / name))
+        found += [(r, name, round_dir / name) for name in _table_files(man, file_glob)]
     return [path for _, _, path in sorted(found)]
+
+
+def _table_files(man: Manifest, file_glob: str) -> list[str]:
+    """The files of a committed run that belong to a table: top-level, matching its glob, not
+    hidden (``.``) or internal (``_``)."""
+    return [
+        e.path
+        for e in man.files
+        if "/" not in e.path and fnmatch(e.path, file_glob) and not e.path.startswith((".", "_"))
+    ]
 
 
 def _committed_objects(store: ObjectStore, table: str, left_out: list[str] | None) -> list[str]:
@@ -206,14 +213,11 @@ def _committed_objects(store: ObjectStore, table: str, left_out: list[str] | Non
     for man in store.committed():
         if man.stage != spec.stage:
             continue
-        if problems := store.validate(man.stage, man.round, deep=False):
+        if problems := store.validate(man.stage, man.round, deep=False, man=man):
             if left_out is not None:
                 left_out.append(left_out_line(man.stage, man.round, problems[0]))
             continue
-        for entry in man.files:
-            name = entry.path
-            if "/" not in name and fnmatch(name, spec.files) and not name.startswith((".", "_")):
-                found.append((man.round, name, store.object_url(man, name)))
+        found += [(man.round, n, store.object_url(man, n)) for n in _table_files(man, spec.files)]
     return [url for _, _, url in sorted(found)]
 
 
@@ -296,9 +300,9 @@ def _table_paths(
     workspace: Path | ObjectStore, table: str, root: Path, relative: bool, left_out: list[str]
 ) -> list[str]:
     files = committed_files(workspace, table, left_out)
-    if isinstance(workspace, ObjectStore):
+    if not relative:  # absolute paths, or an object store's URLs
         return [str(f) for f in files]
-    return [f.relative_to(root).as_posix() if relative else str(f) for f in files]  # type: ignore[union-attr]
+    return [Path(f).relative_to(root).as_posix() for f in files]
 
 
 def bench_members(root: Path) -> list[dict[str, Any]]:

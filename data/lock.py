@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
@@ -31,6 +32,7 @@ from typing import Any
 from data.errors import UserError
 from data.objstore import ObjectStore, StorageError, attached
 
+log = logging.getLogger("mpd.lock")
 LEASE_S = 120.0  # a lease's lifetime; renewed every third of it ($MPD_LEASE_S overrides)
 
 
@@ -181,11 +183,11 @@ class ObjectLease:
             try:
                 etag = self._put(if_match=self._etag)
             except StorageError as exc:  # the store did not answer: try again next beat
-                _log().warning("could not renew the lease on %s: %s", self.store.url, exc)
+                log.warning("could not renew the lease on %s: %s", self.store.url, exc)
                 continue
             if etag is None:
                 holder = describe_holder(self._read()[0] or {})
-                _log().error("lost the lease on %s to %s", self.store.url, holder)
+                log.error("lost the lease on %s to %s", self.store.url, holder)
                 return
             self._etag = etag
 
@@ -252,12 +254,6 @@ def _lease_stale(holder: dict[str, Any]) -> bool:
         except (PermissionError, ValueError):
             return False
     return False
-
-
-def _log() -> Any:
-    import logging
-
-    return logging.getLogger("mpd.lock")
 
 
 def _read_holder(fd: int) -> dict[str, Any]:

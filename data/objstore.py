@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -40,8 +39,6 @@ from typing import Any
 from data.errors import UserError
 from data.fsutil import atomic_write_json, fsync_dir, sha256_file
 from data.manifest import MANIFEST, SHARD_MARKERS, STAGING, Manifest
-
-log = logging.getLogger("mpd.objstore")
 
 REMOTE_FILE = ".remote.json"  # in a local working copy: {"url": ..., "options": {...}}
 
@@ -120,9 +117,7 @@ class ObjectStore:
         try:
             raw = self._call(self.fs.cat_file, f"{self.round_path(stage, round_)}/{MANIFEST}")
             return Manifest.from_dict(json.loads(raw))
-        except FileNotFoundError:
-            return None
-        except (ValueError, TypeError, KeyError):
+        except (FileNotFoundError, ValueError, TypeError, KeyError):
             return None
 
     def committed(self) -> list[Manifest]:
@@ -137,15 +132,18 @@ class ObjectStore:
                 out.append(man)
         return sorted(out, key=lambda m: (m.round, m.stage))
 
-    def validate(self, stage: str, round_: int, *, deep: bool = True) -> list[str]:
+    def validate(
+        self, stage: str, round_: int, *, deep: bool = True, man: Manifest | None = None
+    ) -> list[str]:
         """Problems with the committed objects; empty means valid.
 
         One listing of the commit's prefix gives every object's size and ETag: a size that
         differs is a truncated or replaced object, and (``deep``) an ETag that differs from
         the one recorded at publication is an object overwritten in place. A store without
-        ETags has its objects downloaded and re-hashed instead (``deep`` only).
+        ETags has its objects downloaded and re-hashed instead (``deep`` only). ``man``: the
+        manifest when the caller has just read it (one request fewer).
         """
-        man = self.manifest(stage, round_)
+        man = man or self.manifest(stage, round_)
         if man is None:
             return [f"{stage} round {round_}: no readable manifest"]
         listed = self._listing(man)
@@ -162,20 +160,16 @@ class ObjectStore:
 
     def partial_runs(self) -> list[tuple[str, int, str, int, int]]:
         """(stage, round, key16, finished shards, their rows) of every run left in staging."""
-        out = []
+        runs: dict[tuple[str, int, str], list[int]] = {}
         for marker in self._call(
             self.fs.glob, self.path(STAGING, "*", "round=*", "*", SHARD_MARKERS, "*.json")
         ):
-            parts = marker.split("/")
-            stage, rdir, key16 = parts[-5], parts[-4], parts[-3]
+            stage, rdir, key16 = marker.split("/")[-5:-2]
             try:
                 rows = int(json.loads(self._call(self.fs.cat_file, marker)).get("rows", 0))
             except (FileNotFoundError, ValueError):
                 continue
-            out.append((stage, int(rdir.removeprefix("round=")), key16, rows))
-        runs: dict[tuple[str, int, str], list[int]] = {}
-        for stage, r, key16, rows in out:
-            runs.setdefault((stage, r, key16), []).append(rows)
+            runs.setdefault((stage, int(rdir.removeprefix("round=")), key16), []).append(rows)
         return [(s, r, k, len(v), sum(v)) for (s, r, k), v in sorted(runs.items())]
 
     # -- writing ------------------------------------------------------------
@@ -185,7 +179,6 @@ class ObjectStore:
         Returns the manifest as published (``objects`` and each file's ETag filled in); the
         older commit's objects and the run's staging are deleted after the manifest is up.
         """
-        previous = self.manifest(man.stage, man.round)
         objects = f"{man.key[:16]}-{time.time_ns():x}"
         published = Manifest.from_dict({**man.to_dict(), "objects": objects})
         for entry in published.files:
@@ -199,11 +192,7 @@ class ObjectStore:
             entry.etag = _etag(listed.get(entry.path, {}))
         body = (json.dumps(published.to_dict(), indent=2, sort_keys=True) + "\n").encode()
         self._call(self.fs.pipe_file, f"{self.round_path(man.stage, man.round)}/{MANIFEST}", body)
-        self._drop_other_objects(man.stage, man.round, keep=objects)
-        if previous is not None and previous.objects and previous.objects != objects:
-            log.debug(
-                "deleted %s round %d's older objects %s", man.stage, man.round, previous.objects
-            )
+        self._drop_dirs(self.round_path(man.stage, man.round), keep=objects)
         self.drop_staging(man.stage, man.round)
         return published
 
@@ -231,7 +220,7 @@ class ObjectStore:
         if not self._call(self.fs.exists, manifest):
             return False
         self._call(self.fs.rm_file, manifest)
-        self._drop_other_objects(stage, round_, keep=None)
+        self._drop_dirs(self.round_path(stage, round_), keep=None)
         return True
 
     # -- staging ------------------------------------------------------------
@@ -268,10 +257,7 @@ class ObjectStore:
 
     def drop_staging(self, stage: str, round_: int, *, keep: str | None = None) -> None:
         """Delete the staging of ``(stage, round_)`` (all keys, or all but ``keep``)."""
-        base = self.staging_path(stage, round_)
-        for entry in self._ls_dirs(base):
-            if keep is None or entry.rsplit("/", 1)[1] != keep:
-                self._call(self.fs.rm, entry, recursive=True)
+        self._drop_dirs(self.staging_path(stage, round_), keep=keep)
 
     # -- internals ----------------------------------------------------------
     def _listing(self, man: Manifest) -> dict[str, dict[str, Any]]:
@@ -288,17 +274,16 @@ class ObjectStore:
         data = self._call(self.fs.cat_file, self.object_path(man, entry.path))
         return hashlib.sha256(data).hexdigest() == entry.sha256
 
-    def _drop_other_objects(self, stage: str, round_: int, *, keep: str | None) -> None:
-        for entry in self._ls_dirs(self.round_path(stage, round_)):
-            if keep is None or entry.rsplit("/", 1)[1] != keep:
-                self._call(self.fs.rm, entry, recursive=True)
-
-    def _ls_dirs(self, path: str) -> list[str]:
+    def _drop_dirs(self, path: str, *, keep: str | None) -> None:
+        """Delete every directory directly under ``path`` except ``keep`` (None: all)."""
         try:
             entries = self._call(self.fs.ls, path, detail=True, refresh=True)
         except FileNotFoundError:
-            return []
-        return [e["name"].rstrip("/") for e in entries if e.get("type") == "directory"]
+            return
+        for entry in entries:
+            name = entry["name"].rstrip("/")
+            if entry.get("type") == "directory" and name.rsplit("/", 1)[1] != keep:
+                self._call(self.fs.rm, name, recursive=True)
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """One filesystem call; a connection or permission failure becomes one line."""

@@ -72,13 +72,16 @@ class StageStore:
         except (FileNotFoundError, ValueError, TypeError, KeyError):
             return None
 
-    def validate(self, stage: str, round_: int, *, deep: bool = True) -> list[str]:
+    def validate(
+        self, stage: str, round_: int, *, deep: bool = True, man: Manifest | None = None
+    ) -> list[str]:
         """Problems with the committed output; empty means valid.
 
         ``deep`` re-hashes every file: slower, but it is what catches a shard
-        overwritten in place or truncated to the same size.
+        overwritten in place or truncated to the same size. ``man``: the manifest when the
+        caller has just read it (not read again).
         """
-        man = self.manifest(stage, round_)
+        man = man or self.manifest(stage, round_)
         if man is None:
             return [f"{stage} round {round_}: no readable manifest"]
         base = self.stage_dir(stage, round_)
@@ -102,7 +105,7 @@ class StageStore:
         between its local commit and the upload).
         """
         man = self.manifest(stage, round_)
-        if man is None or man.key != key or self.validate(stage, round_, deep=deep):
+        if man is None or man.key != key or self.validate(stage, round_, deep=deep, man=man):
             man = None
         return man if self.remote is None else self._follow_remote(stage, round_, key, man, deep)
 
@@ -112,7 +115,7 @@ class StageStore:
         assert self.remote is not None
         remote = self.remote.manifest(stage, round_)
         if remote is not None and remote.key == key:
-            if problems := self.remote.validate(stage, round_, deep=deep):
+            if problems := self.remote.validate(stage, round_, deep=deep, man=remote):
                 _warn_once(f"{problems[0]} in {self.remote.url}; recomputing it")
                 return None
             if local is not None and local.objects == remote.objects:
@@ -199,7 +202,7 @@ class StageStore:
         """(stage, round, key16, finished shards, their rows) of every run left in staging."""
         staging = self.workspace / STAGING
         out = []
-        for keydir in sorted(staging.glob("*/round=*/*")) if staging.is_dir() else []:
+        for keydir in sorted(staging.glob("*/round=*/*")):
             if not keydir.is_dir():
                 continue
             rows = []

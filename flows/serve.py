@@ -53,8 +53,8 @@ def committed_rounds(workspace: Path | str) -> int:
     local = StageStore(workspace)
     store = local.remote or local  # object storage, when the workspace is a copy of one
     r = 0
-    while store.manifest(LAST_STAGE, r + 1) is not None and not store.validate(
-        LAST_STAGE, r + 1, deep=False
+    while (man := store.manifest(LAST_STAGE, r + 1)) is not None and not store.validate(
+        LAST_STAGE, r + 1, deep=False, man=man
     ):
         r += 1
     return r

@@ -80,7 +80,7 @@ def collect(
     store = workspace if isinstance(workspace, ObjectStore) else StageStore(workspace)
     states: dict[tuple[int, str], StageState] = {}
     for man in store.committed():
-        problems = store.validate(man.stage, man.round, deep=deep)
+        problems = store.validate(man.stage, man.round, deep=deep, man=man)
         states[(man.round, man.stage)] = StageState(
             man.round,
             man.stage,
