@@ -36,31 +36,20 @@ from data.manifest import MANIFEST, FileEntry, Manifest
 from data.objstore import REMOTE_FILE, ObjectStore, attach, default_cache
 from tests.conftest import free_port
 
+# The campaign tests' tiny budgets and helpers: the same one-round campaign, on a bucket.
+from tests.test_campaign import (
+    ENV,
+    REPO,
+    ROUND_STAGES,
+    SAMPLE_SHARDS,
+    command,
+    ok,
+    sets,
+)
+
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
-REPO = Path(__file__).resolve().parents[1]
 BUCKET = "mpd-tests"
-KEEP_FIRST = REPO / "tests" / "fixtures" / "keep_first_filter.sql"
-SAMPLE_SHARDS = 8
-TINY: dict[str, object] = {
-    "problems.n_train": 40,
-    "problems.n_test": 10,
-    "problems.n_heldout": 5,
-    "sample.problems_per_round": SAMPLE_SHARDS,
-    "sample.n": 1,
-    "sample.shard_size": 1,
-    "sample.max_tokens": 48,
-    "rewrite.max_tokens": 48,
-    "score.context": "rewrite",
-    "filter.ratio": 10,
-    "filter.sql": KEEP_FIRST,
-    "train.steps": 3,
-    "train.batch_size": 2,
-    "train.checkpoint_every": 1,
-    "evaluate.limit": 2,
-    "evaluate.max_tokens": 16,
-}
-ROUND_STAGES = ["sample", "rewrite", "score", "filter", "train", "eval"]
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +70,12 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     exports = dict(
         item.split("=", 1) for item in out.stdout.strip().removeprefix("export ").split()
     )
-    saved = {k: os.environ.get(k) for k in exports}
-    os.environ.update(exports)  # for this process's own ObjectStore calls
     try:
-        yield exports
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in exports.items():  # for this process's own ObjectStore calls
+                patch.setenv(key, value)
+            yield exports
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         subprocess.run(["bash", script, "stop"], env=env, timeout=60)
         status = subprocess.run(["bash", script, "status"], env=env, capture_output=True)
         assert status.returncode == 3, "the S3 server is still running after stop"
@@ -101,27 +86,14 @@ def machine(tmp_path: Path, name: str) -> dict[str, str]:
     return {"MPD_CACHE_DIR": str(tmp_path / f"machine-{name}")}
 
 
-def command(*args: object) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", *map(str, args)]
-
-
-def sets() -> list[str]:
-    return [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
-
-
 def environ(env: dict[str, str]) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "250", **env}
+    return {**os.environ, **ENV, **env}
 
 
 def mpd(env: dict[str, str], *args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         command(*args), capture_output=True, text=True, cwd=REPO, env=environ(env), timeout=600
     )
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 def run(url: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
