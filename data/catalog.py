@@ -62,7 +62,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fnmatch import fnmatch
 from importlib import resources
 from pathlib import Path
@@ -456,9 +456,17 @@ class QueryTimeoutError(SqlError):
     """The query ran past its time limit and was interrupted (one line: how to allow more)."""
 
 
+# Rows per record batch handed to a sink: a few hundred MB at most for full-width trace rows.
+SINK_BATCH_ROWS = 65_536
+
+
 def run_query(
-    workspace: Path | str | ObjectStore, query: str, *, timeout_s: float | None = None
-) -> pa.Table:
+    workspace: Path | str | ObjectStore,
+    query: str,
+    *,
+    timeout_s: float | None = None,
+    sink: Callable[[pa.RecordBatchReader], Any] | None = None,
+) -> Any:
     """Check ``query`` with the read-only guard, run it over the views, return the result.
 
     With several statements (all read-only), the last one's result is returned. DuckDB errors
@@ -466,18 +474,27 @@ def run_query(
     thread so that the caller stays responsive: Ctrl-C (``KeyboardInterrupt``) and
     ``timeout_s`` interrupt DuckDB itself (``interrupt()``), which DuckDB otherwise lets run
     to the end with the signal pending.
+
+    With ``sink``, the result is never collected: the sink gets DuckDB's record batches as they
+    are produced (in the worker thread, so an interrupt stops both) and its return value is
+    returned. ``mpd sql --out`` streams into a Parquet writer this way: a result of a million
+    full-width traces never sits whole in memory, and DuckDB's scan runs while the writer
+    compresses.
     """
     check_read_only(query)
     con = connect(workspace)
     try:
-        return _run_interruptible(con, query, timeout_s)
+        return _run_interruptible(con, query, timeout_s, sink)
     finally:
         con.close()
 
 
 def _run_interruptible(
-    con: duckdb.DuckDBPyConnection, query: str, timeout_s: float | None
-) -> pa.Table:
+    con: duckdb.DuckDBPyConnection,
+    query: str,
+    timeout_s: float | None,
+    sink: Callable[[pa.RecordBatchReader], Any] | None = None,
+) -> Any:
     outcome: dict[str, Any] = {}
     # The worker's end is an Event, not Thread.join: a KeyboardInterrupt landing inside join()
     # can leave the thread marked stopped while it still runs, and close() then finds the
@@ -487,7 +504,17 @@ def _run_interruptible(
     def work() -> None:
         try:
             relation = con.sql(query)
-            outcome["table"] = relation.to_arrow_table() if relation is not None else pa.table({})
+            if sink is None:
+                outcome["table"] = (
+                    relation.to_arrow_table() if relation is not None else pa.table({})
+                )
+            else:
+                reader = (
+                    relation.to_arrow_reader(SINK_BATCH_ROWS)
+                    if relation is not None
+                    else pa.table({}).to_reader()
+                )
+                outcome["table"] = sink(reader)
         except BaseException as exc:  # handed to the caller's thread below
             outcome["error"] = exc
         finally:

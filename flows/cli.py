@@ -508,16 +508,22 @@ def cmd_sql(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_out_path(args.out, workspace)  # before a long query, not after it
     source = _object_store(cfg) if cfg.storage.url else workspace
+    out = args.out
     try:
-        table = run_query(source, args.query, timeout_s=args.timeout or None)
+        result = run_query(
+            source,
+            args.query,
+            timeout_s=args.timeout or None,
+            # streamed into the file as DuckDB produces it, never whole in memory
+            sink=None if out is None else lambda reader: write_parquet_atomic(reader, out),
+        )
     except KeyboardInterrupt:
         print("mpd: query interrupted; nothing was written", file=sys.stderr)
         return 130
-    if args.out is not None:
-        write_parquet_atomic(table, args.out)
-        print(f"wrote {table.num_rows} rows to {args.out}", file=sys.stderr)
+    if out is not None:
+        print(f"wrote {result} rows to {out}", file=sys.stderr)
     else:
-        sys.stdout.write(format_table(table, args.format).rstrip("\n") + "\n")
+        sys.stdout.write(format_table(result, args.format).rstrip("\n") + "\n")
     return 0
 
 

@@ -185,20 +185,28 @@ def check_out_path(path: Path | str, workspace: Path | str | None = None) -> Pat
     return path
 
 
-def write_parquet_atomic(table: pa.Table, path: Path | str) -> Path:
-    """Write ``table`` to ``path`` (must end in .parquet) via a temp file and a rename.
+def write_parquet_atomic(data: pa.Table | pa.RecordBatchReader, path: Path | str) -> int:
+    """Write ``data`` to ``path`` (must end in .parquet) via a temp file and a rename; return
+    the number of rows written.
 
-    A reader (or a crash) never sees half a file; a failed write leaves no
-    temporary behind. Parent directories are created.
+    A reader's batches are written as they arrive (``mpd sql --out`` passes DuckDB's stream),
+    so the result is never whole in memory. A reader of the file (or a crash) never sees half
+    of it; a failed or interrupted write leaves no temporary behind. Parent directories are
+    created.
     """
     path = check_out_path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    reader = data.to_reader() if isinstance(data, pa.Table) else data
+    rows = 0
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, tmp, compression="zstd")
+        with pq.ParquetWriter(tmp, reader.schema, compression="zstd") as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+                rows += batch.num_rows
         os.replace(tmp, path)
     except OSError as exc:
         raise SqlError(f"cannot write --out {path}: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+    return rows

@@ -537,9 +537,35 @@ def test_text_table_is_aligned_and_shortened() -> None:
 
 def test_write_parquet_atomic(tmp_path: Path) -> None:
     table = _sample_result()
-    out = write_parquet_atomic(table, tmp_path / "sub" / "result.parquet")
+    out = tmp_path / "sub" / "result.parquet"
+    assert write_parquet_atomic(table, out) == table.num_rows
     assert pq.read_table(out).equals(table)
     assert os.listdir(out.parent) == ["result.parquet"]
     with pytest.raises(SqlError, match=r"\.parquet"):
         write_parquet_atomic(table, tmp_path / "result.csv")
     assert not (tmp_path / "result.csv").exists()
+
+
+def test_write_parquet_atomic_streams_a_reader_and_a_broken_stream_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    """``mpd sql --out`` hands the writer DuckDB's batches as they come: each is written as it
+    arrives, and a stream that fails half-way (an interrupt, a DuckDB error) leaves neither the
+    file nor a temporary."""
+    table = _sample_result()
+    batches = table.to_batches(max_chunksize=1)
+    assert len(batches) > 1
+    out = tmp_path / "streamed.parquet"
+    reader = pa.RecordBatchReader.from_batches(table.schema, batches)
+    assert write_parquet_atomic(reader, out) == table.num_rows
+    assert pq.read_table(out).equals(table)
+
+    def broken():
+        yield batches[0]
+        raise ValueError("the query was interrupted")
+
+    with pytest.raises(ValueError, match="interrupted"):
+        write_parquet_atomic(
+            pa.RecordBatchReader.from_batches(table.schema, broken()), tmp_path / "half.parquet"
+        )
+    assert os.listdir(tmp_path) == ["streamed.parquet"]
