@@ -83,6 +83,10 @@ TRUNCATIONS = REWRITES
 # 60 -> 52 bytes per target token on the world's default 64-trace shards, 86 -> 72 on
 # 32 traces, 118 -> 100 on SmolLM2's 49,152-token vocabulary; benchmarks/bench_scores.py).
 # Lossless: decoding gives the same int16.
+# With score.mass < 1 a position keeps only its leading candidates whose probability reaches
+# that mass (topk_counts records how many): the rest join the losses' tail bucket. SmolLM2's
+# 64 traces at mass 0.999: 102 -> 79 bytes per target token, the per-token loss moved no more
+# than int16 quantisation moves it (docs/floors.md).
 LOGPROB_SCALE = 1e-3
 LOGPROB_MIN = -32.0
 
@@ -123,6 +127,68 @@ def encode_topk_logprobs(logprobs: np.ndarray) -> np.ndarray:
     return logprob_gaps(quantize_logprobs(logprobs))
 
 
+def kept_counts(logprobs: np.ndarray, mass: float) -> np.ndarray:
+    """[T, k] logprobs -> [T] candidates to keep per position: the fewest leading ones whose
+    probability reaches ``mass`` (all k when it never does; ``mass >= 1`` keeps all k).
+
+    A prefix in the engine's order (rank order from every engine here): the loss accepts any
+    subset of candidates, so an out-of-order engine costs bytes, never correctness.
+    """
+    lp = np.asarray(logprobs, dtype=np.float64)
+    t, k = lp.shape
+    if mass >= 1.0:
+        return np.full(t, k, dtype=np.int64)
+    reached = np.cumsum(np.exp(lp), axis=1) >= mass
+    return np.where(reached.any(axis=1), reached.argmax(axis=1) + 1, k)
+
+
+def encode_topk(
+    ids: np.ndarray, logprobs: np.ndarray, mass: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """[T, k] ids and float logprobs -> the scores row's flat ``topk_ids``, ``topk_logprob_gaps``
+    and ``topk_counts`` (None when every position keeps all k): per position, the leading
+    candidates :func:`kept_counts` keeps, positions one after another."""
+    ids = np.asarray(ids)
+    gaps = encode_topk_logprobs(logprobs)
+    counts = kept_counts(logprobs, mass)
+    if (counts == ids.shape[1]).all():
+        return ids.reshape(-1), gaps.reshape(-1), None
+    kept = np.arange(ids.shape[1])[None, :] < counts[:, None]
+    return ids[kept], gaps[kept], counts
+
+
+def decode_topk(
+    topk_ids: np.ndarray | list[int],
+    topk_logprob_gaps: np.ndarray | list[int],
+    k: int,
+    counts: np.ndarray | list[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One scores row -> ([T, k] int64 ids, [T, k] float32 logprobs): the one decoder.
+
+    A candidate a position did not keep (``counts``) has id 0 and logprob NaN ("not stored"):
+    the top-k losses leave it out of both sides' buckets (its mass joins the tail bucket).
+    """
+    ids = np.asarray(topk_ids, dtype=np.int64)
+    gaps = np.asarray(topk_logprob_gaps, dtype=np.int32)
+    if counts is None:
+        if len(ids) % k or len(gaps) != len(ids):
+            raise ValueError(f"scores hold {len(ids)} ids and {len(gaps)} logprobs, not T x k={k}")
+        return ids.reshape(-1, k), logprobs_from_gaps(gaps, k)
+    counts = np.asarray(counts, dtype=np.int64)
+    if len(ids) != counts.sum() or len(gaps) != len(ids) or ((counts < 1) | (counts > k)).any():
+        raise ValueError(
+            f"scores hold {len(ids)} ids and {len(gaps)} logprobs; their counts sum to "
+            f"{counts.sum()} (each must be 1..k={k})"
+        )
+    kept = np.arange(k)[None, :] < counts[:, None]
+    full_ids = np.zeros((len(counts), k), dtype=np.int64)
+    full_gaps = np.zeros((len(counts), k), dtype=np.int32)
+    full_ids[kept], full_gaps[kept] = ids, gaps
+    logprobs = logprobs_from_gaps(full_gaps, k)
+    logprobs[~kept] = np.nan
+    return full_ids, logprobs
+
+
 SCORES = pa.schema(
     [
         pa.field("round", pa.int32(), nullable=False),
@@ -132,6 +198,9 @@ SCORES = pa.schema(
         pa.field("num_tokens", pa.int32(), nullable=False),
         pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("topk_logprob_gaps", pa.list_(pa.int16()), nullable=False),
+        # candidates kept at each target position (score.mass < 1): position t's entries follow
+        # positions 0..t-1's; null when every position keeps all k (then entry t*k + j)
+        pa.field("topk_counts", pa.list_(pa.int16())),
         pa.field("context", pa.string(), nullable=False),  # "problem" | "rewrite" | "concise"
         pa.field("model", pa.string(), nullable=False),
     ]

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.schemas import TRAIN_LOG, logprobs_from_gaps
+from data.schemas import SCORES, TRAIN_LOG, decode_topk
 from data.store import StageWriter
 from data.tables import Table
 from tasks.common import StageResult, add_compute, stage_files
@@ -109,7 +109,7 @@ def _payload_batches(
                 file = int(sf_np[g[0]])
                 if file not in score_file:
                     score_file.clear()
-                    score_file[file] = pq.read_table(scores[file], columns=SCORE_COLUMNS)
+                    score_file[file] = _score_columns(scores[file])
                 pieces.append(score_file[file].take(pa.array(sr_np[g])))
             payload = pa.concat_tables(pieces)
             for name in SCORE_COLUMNS:
@@ -117,7 +117,18 @@ def _payload_batches(
         yield from part.combine_chunks().to_batches(max_chunksize=batch_rows)
 
 
-SCORE_COLUMNS = ["num_tokens", "k", "topk_ids", "topk_logprob_gaps"]
+SCORE_COLUMNS = ["num_tokens", "k", "topk_ids", "topk_logprob_gaps", "topk_counts"]
+
+
+def _score_columns(path: Path) -> pa.Table:
+    """The columns training reads from a scores file; one written before ``topk_counts``
+    existed kept all k at every position (its counts are null)."""
+    names = set(pq.read_schema(path).names)
+    table = pq.read_table(path, columns=[c for c in SCORE_COLUMNS if c in names])
+    if "topk_counts" not in names:
+        counts = pa.nulls(table.num_rows, SCORES.field("topk_counts").type)
+        table = table.append_column("topk_counts", counts)
+    return table.select(SCORE_COLUMNS).cast(pa.schema([SCORES.field(c) for c in SCORE_COLUMNS]))
 
 
 def _runs(values: np.ndarray) -> list[np.ndarray]:
@@ -162,15 +173,26 @@ def build_examples(
             unscored = batch.column("k").is_null().to_numpy(zero_copy_only=False)
             ids_off, ids = _flat(batch.column("topk_ids"))
             lp_off, lps = _flat(batch.column("topk_logprob_gaps"))
+            counts = batch.column("topk_counts")
+            fixed_k = counts.is_null().to_numpy(zero_copy_only=False)
+            n_off, ns = _flat(counts)
         for i, pid in enumerate(pids):
             target = tok[tok_off[i] : tok_off[i + 1]]
             topk_ids = topk_lp = None
             if scored:
                 if unscored[i]:
                     raise ValueError(f"{pid} sample {batch.column('sample_idx')[i]}: no score")
-                shape = (len(target), int(ks[i]))
-                topk_ids = ids[ids_off[i] : ids_off[i + 1]].astype(np.int64).reshape(shape)
-                topk_lp = logprobs_from_gaps(lps[lp_off[i] : lp_off[i + 1]], shape[1])
+                topk_ids, topk_lp = decode_topk(
+                    ids[ids_off[i] : ids_off[i + 1]],
+                    lps[lp_off[i] : lp_off[i + 1]],
+                    int(ks[i]),
+                    None if fixed_k[i] else ns[n_off[i] : n_off[i + 1]],
+                )
+                if len(topk_ids) != len(target):
+                    raise ValueError(
+                        f"{pid} sample {batch.column('sample_idx')[i]}: scores cover "
+                        f"{len(topk_ids)} tokens, the target has {len(target)}"
+                    )
             student, teacher = prompt(pid)
             yield Example(
                 prompt_ids=student,

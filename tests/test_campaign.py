@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -288,6 +289,28 @@ def test_editing_code_a_stage_imports_recomputes_that_stage_only(
     # train's own code changed; eval's did not (it recomputes because it reads a new student).
     assert after["1/train"]["code_version"] != before["1/train"]["code_version"]
     assert after["1/eval"]["code_version"] == before["1/eval"]["code_version"]
+
+
+def test_score_mass_stores_fewer_candidates_and_trains_on_them(base: Path, tmp_path: Path) -> None:
+    """``score.mass`` keeps per token only the candidates whose probability reaches it: the
+    score stage recomputes (its config changed) and stores fewer ids with their counts, the
+    filter stays cached, and training reads the shorter rows to a finite loss."""
+    ws = copy(base, tmp_path / "ws")
+    ok(run(ws, changes={"score.mass": 0.9}))
+    assert outcomes(ws) == {
+        **dict.fromkeys(["0/eval", "1/sample", "1/rewrite", "1/filter"], "cached"),
+        **dict.fromkeys(["1/score", "1/train", "1/eval"], "done"),
+    }
+    (row,) = sql(
+        ws,
+        "select sum(len(topk_ids)) as stored, sum(num_tokens * k) as full_k, "
+        "sum(len(topk_counts)) as positions, sum(num_tokens) as tokens, "
+        "sum(list_sum(topk_counts)) as counted from scores",
+    )
+    assert 0 < row["stored"] < row["full_k"] and row["counted"] == row["stored"]
+    assert row["positions"] == row["tokens"]
+    losses = [r["loss"] for r in sql(ws, "select loss from train_log where round = 1")]
+    assert losses and all(math.isfinite(x) for x in losses)
 
 
 def test_rerun_from_filter_recomputes_only_downstream(two_rounds: Path, tmp_path: Path) -> None:

@@ -416,3 +416,31 @@ def test_teacher_minus_inf_counts_as_zero_probability() -> None:
     got = topk_forward_kl(s, ids, lp, MASK, tail=True, temperature=0.8)
     close(got, ref_topk(s, ids, lp.clamp_min(-1e4), MASK, "forward_kl", tau=0.8, tail=True))
     assert torch.isfinite(grad(got, s)).all()
+
+
+@pytest.mark.parametrize("kind,beta", FULL_CASES)
+@pytest.mark.parametrize("tail,tau", [(False, 1.0), (True, 1.0), (True, 0.7)])
+def test_topk_candidates_not_stored_are_left_out_of_both_sides(
+    kind: str, beta: float, tail: bool, tau: float
+) -> None:
+    """Scores kept with a per-position k (score.mass < 1) decode the candidates a position did
+    not keep as NaN: the loss is then the naive one over the kept candidates alone (their mass
+    in the tail bucket), with finite gradients."""
+    s = logits(0)
+    ids, lp = topk_teacher(1, k=5)
+    counts = torch.tensor([[5, 1, 3, 2], [4, 2, 1, 5]])
+    stored = torch.where(torch.arange(5) < counts[..., None], lp, torch.nan)
+    got = topk_per_token_divergence(
+        s, ids, stored, MASK, kind=kind, beta=beta, temperature=tau, tail=tail
+    )
+
+    def one(b: int, i: int) -> torch.Tensor:
+        c = int(counts[b, i])
+        buckets = ref_buckets(s[b, i], ids[b, i, :c], lp[b, i, :c], tau, tail)
+        return ref_div(*buckets, kind, beta)
+
+    want = ref_per_position(one, MASK)
+    close(got, want)
+    g = grad(got, s)
+    assert torch.isfinite(g).all()
+    close(g, grad(want, s))

@@ -13,8 +13,11 @@ from data.schemas import (
     TRACE_FIELDS,
     SchemaError,
     conform,
+    decode_topk,
     dequantize_logprobs,
+    encode_topk,
     encode_topk_logprobs,
+    kept_counts,
     logprob_gaps,
     logprobs_from_gaps,
     quantize_logprobs,
@@ -108,3 +111,44 @@ def test_logprob_gaps_naive_reference() -> None:
     q = np.array([[-5, -2000, -2001], [0, -32000, -100]], np.int16)
     want = [[5 - 0, -5 - -2000, -2000 - -2001], [0, 32000, -32000 - -100]]
     assert logprob_gaps(q).tolist() == want
+
+
+@pytest.mark.parametrize("mass", [0.5, 0.9, 0.999, 1.0])
+def test_per_position_k_against_a_naive_reference(mass: float) -> None:
+    """score.mass: each position keeps its fewest leading candidates whose probability reaches
+    the mass (all k if they never do); decoding gives the kept (id, quantised logprob) pairs in
+    place and NaN for the rest. mass = 1 stores the fixed layout, counts null."""
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.full(200, 0.01), size=40)
+    probs[0] = 1 / 200  # flat: 32 candidates never reach the mass, all are kept
+    ids = np.argsort(-probs, axis=1)[:, :32]
+    lp = np.log(np.take_along_axis(probs, ids, axis=1)).astype(np.float32)
+    want_counts = []
+    for row in lp:  # naive: add probabilities until the mass is reached
+        total, count = 0.0, 32
+        for j, value in enumerate(row):
+            total += float(np.exp(np.float64(value)))
+            if mass < 1 and total >= mass:  # mass 1 keeps all k, whatever rounding sums to
+                count = j + 1
+                break
+        want_counts.append(count)
+    assert kept_counts(lp, mass).tolist() == want_counts
+    flat_ids, gaps, counts = encode_topk(ids, lp, mass)
+    if mass == 1.0:
+        assert counts is None and flat_ids.tolist() == ids.reshape(-1).tolist()
+    else:
+        assert counts.tolist() == want_counts and len(flat_ids) == len(gaps) == sum(want_counts)
+        assert min(want_counts) < 32  # the mass cut something
+    got_ids, got_lp = decode_topk(flat_ids, gaps, 32, counts)
+    quantised = dequantize_logprobs(quantize_logprobs(lp))
+    for t, c in enumerate(want_counts):
+        assert got_ids[t, :c].tolist() == ids[t, :c].tolist()
+        assert got_lp[t, :c].tolist() == quantised[t, :c].tolist()
+        assert np.isnan(got_lp[t, c:]).all()
+
+
+def test_per_position_k_refuses_counts_that_do_not_fit() -> None:
+    with pytest.raises(ValueError, match="counts sum"):
+        decode_topk([1, 2, 3], [0, 5, 5], 2, [2, 2])
+    with pytest.raises(ValueError, match=r"1\.\.k"):
+        decode_topk([1, 2, 3], [0, 5, 5], 2, [3, 0])

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.schemas import logprob_gaps, logprobs_from_gaps
+from data.schemas import LOGPROB_SCALE, logprob_gaps
 from tasks.train import build_examples, training_rows
 from tests.conftest import REPO
 
@@ -39,20 +39,27 @@ def _write(tmp: Path, rng: np.random.Generator) -> tuple[list[Path], list[Path],
                 }
             )
             dec.append({"problem_id": pid, "sample_idx": idx, "kept": bool(rng.random() < 0.6)})
-            sc.append(
-                {
-                    "problem_id": pid,
-                    "sample_idx": idx,
-                    "k": K,
-                    "num_tokens": n,
-                    "topk_ids": rng.integers(0, 500, n * K).tolist(),
-                    "topk_logprob_gaps": logprob_gaps(
-                        rng.integers(-32000, 0, (n, K)).astype(np.int16)
-                    )
-                    .reshape(-1)
-                    .tolist(),
-                }
-            )
+            row = {
+                "problem_id": pid,
+                "sample_idx": idx,
+                "k": K,
+                "num_tokens": n,
+                "topk_ids": rng.integers(0, 500, n * K).tolist(),
+                "topk_logprob_gaps": logprob_gaps(rng.integers(-32000, 0, (n, K)).astype(np.int16))
+                .reshape(-1)
+                .tolist(),
+            }
+            # shard 0: written before topk_counts existed; 1: a per-position k (score.mass),
+            # except its first row; 2: all k, counts null
+            if shard == 1:
+                counts = rng.integers(1, K + 1, n).tolist() if j else None
+                if counts is not None:
+                    row["topk_ids"] = rng.integers(0, 500, sum(counts)).tolist()
+                    row["topk_logprob_gaps"] = rng.integers(0, 900, sum(counts)).tolist()
+                row["topk_counts"] = counts
+            elif shard == 2:
+                row["topk_counts"] = None
+            sc.append(row)
         for name, table, out in (("t", rows, targets), ("d", dec, decisions), ("s", sc, scores)):
             path = tmp / f"{name}-{shard:05d}.parquet"
             pq.write_table(pa.Table.from_pylist(table), path)
@@ -79,15 +86,17 @@ def _naive(targets, decisions, scores, problems, tok):
             if (t["problem_id"], t["sample_idx"]) not in kept:
                 continue
             s = by_key[(t["problem_id"], t["sample_idx"])]
-            shape = (s["num_tokens"], s["k"])
-            out.append(
-                (
-                    chat_prompt(tok, problems[t["problem_id"]]["prompt"]),
-                    t["token_ids"],
-                    np.asarray(s["topk_ids"]).reshape(shape),
-                    logprobs_from_gaps(s["topk_logprob_gaps"], s["k"]),
-                )
-            )
+            k, counts = s["k"], s.get("topk_counts") or [s["k"]] * s["num_tokens"]
+            ids = np.zeros((s["num_tokens"], k), np.int64)
+            lps = np.full((s["num_tokens"], k), np.nan, np.float32)
+            start = 0
+            for pos, c in enumerate(counts):  # each position's kept candidates, one after another
+                ids[pos, :c] = s["topk_ids"][start : start + c]
+                gaps = np.asarray(s["topk_logprob_gaps"][start : start + c])
+                lps[pos, :c] = -np.cumsum(gaps) * np.float32(LOGPROB_SCALE)
+                start += c
+            prompt = chat_prompt(tok, problems[t["problem_id"]]["prompt"])
+            out.append((prompt, t["token_ids"], ids, lps))
     return out  # fmt: skip
 
 
@@ -106,7 +115,9 @@ def test_join_matches_a_naive_python_join(tmp_path: Path, batch_rows: int, tok) 
     assert 0 < len(got) == len(want) < 15  # the filter dropped some, in the targets' order
     for ex, (prompt, target, ids, lps) in zip(got, want, strict=True):
         assert ex.prompt_ids == prompt and ex.target_ids == target
-        assert np.array_equal(ex.topk_ids, ids) and np.array_equal(ex.topk_logprobs, lps)
+        assert np.array_equal(ex.topk_ids, ids)
+        np.testing.assert_allclose(ex.topk_logprobs, lps, rtol=1e-6)  # NaN: not stored
+    assert any(np.isnan(ex.topk_logprobs).any() for ex in got)  # per-position k decoded
 
 
 def test_without_filter_or_scores_every_target_in_order(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ A training example (one kept rewrite with the teacher's stored top-k for its tar
     Example(prompt_ids=[1, 88, 412, ...],          # chat-formatted problem, ends "assistant\\n"
             target_ids=[5, 17, 230, ..., 2],       # the completion INCLUDING its final EOS
             topk_ids=array([[17, 3, ...], ...]),   # [len(target), k] int, offline teacher only
-            topk_logprobs=array([[-0.02, -4.1, ...], ...]))  # [len(target), k] nats (dequantised)
+            topk_logprobs=array([[-0.02, -4.1, ...], ...]))  # [len(target), k] nats (dequantised;
+                                                   # NaN: a candidate the scores did not keep)
 
 Token t of the concatenated sequence is predicted by position t − 1, so target token j is
 predicted by position len(prompt) + j − 1; row j of the top-k arrays describes that position.
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data.schemas import logprobs_from_gaps
+from data.schemas import decode_topk
 from train.losses import target_mask
 
 # Global batches per length-sorting pool: enough that batches hold similar lengths (little
@@ -69,16 +70,16 @@ def example_from_scores(
     topk_ids: Sequence[int],
     topk_logprob_gaps: Sequence[int],
     k: int,
+    topk_counts: Sequence[int] | None = None,
 ) -> Example:
-    """An offline-teacher example from one `scores` row (flat row-major arrays, t·k + j;
-    the logprobs as the table stores them, rank-order gaps: data.schemas.logprob_gaps)."""
+    """An offline-teacher example from one `scores` row (flat arrays, positions one after
+    another; the logprobs as the table stores them, rank-order gaps; `topk_counts` when the
+    positions keep fewer than k: see data.schemas.decode_topk)."""
     n = len(target_ids)
-    if len(topk_ids) != n * k or len(topk_logprob_gaps) != n * k:
+    if (len(topk_counts) if topk_counts is not None else len(topk_ids) // k) != n:
         raise ValueError(f"scores hold {len(topk_ids)} entries, expected {n} targets × k={k}")
-    ids = np.asarray(topk_ids, dtype=np.int64).reshape(n, k)
-    return Example(
-        list(prompt_ids), list(target_ids), ids, logprobs_from_gaps(topk_logprob_gaps, k)
-    )
+    ids, logprobs = decode_topk(topk_ids, topk_logprob_gaps, k, topk_counts)
+    return Example(list(prompt_ids), list(target_ids), ids, logprobs)
 
 
 def fit_examples(examples: Sequence[Example], max_length: int) -> tuple[list[Example], int, int]:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from train.chunked import vocab_rows
-from train.losses import KINDS, Kind, _divergence, _float, _kl, _log_probs, _log_rest
+from train.losses import KINDS, Kind, _divergence, _kl, topk_buckets
 
 _FORWARD_KL, _REVERSE_KL = "forward_kl", "reverse_kl"
 
@@ -154,13 +154,7 @@ def _topk_rule(
 
     def buckets(log_s: Tensor, rows: slice) -> Tensor:
         """The per-token divergence from the gathered student log-probs [n, k]."""
-        log_t = _float(logprobs[rows]).to(log_s.dtype)
-        if log_s.shape != log_t.shape:
-            raise ValueError(f"top-k ids {tuple(log_s.shape)} != logprobs {tuple(log_t.shape)}")
-        if tail:
-            log_s = torch.cat([log_s, _log_rest(log_s)], dim=-1)
-            log_t = torch.cat([log_t, _log_rest(log_t)], dim=-1)
-        log_s, log_t = _log_probs(log_s, temperature), _log_probs(log_t, temperature)
+        log_s, log_t = topk_buckets(log_s, logprobs[rows], temperature=temperature, tail=tail)
         return _divergence(log_s, log_t, kind, beta)
 
     def rule(logits: Tensor, rows: slice, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
