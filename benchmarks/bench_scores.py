@@ -73,7 +73,9 @@ def main() -> None:
         report(f"{other} (rounds {rounds})", files)
         models = sorted(p for p in (other / "models").glob("*") if p.is_dir())
         if models and 1 in {m.round for m in store.committed() if m.stage == "sample"}:
-            problems = {r["problem_id"]: r["prompt"] for r in read_stage(store, "problems", 0)}
+            problems = {
+                r["problem_id"]: r["prompt"] for r in read_stage(store, "problems", 0).to_pylist()
+            }
             samples = read_stage(store, "sample", 1).to_pylist()
             per_position_k(
                 f"{other}: {models[0].name}, the teacher told to be concise",
