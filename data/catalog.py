@@ -508,13 +508,13 @@ def _run_interruptible(
                 outcome["table"] = (
                     relation.to_arrow_table() if relation is not None else pa.table({})
                 )
+            elif relation is None:
+                outcome["table"] = sink(pa.table({}).to_reader())
             else:
-                reader = (
-                    relation.to_arrow_reader(SINK_BATCH_ROWS)
-                    if relation is not None
-                    else pa.table({}).to_reader()
+                stream = relation.to_arrow_reader(SINK_BATCH_ROWS)
+                outcome["table"] = sink(
+                    pa.RecordBatchReader.from_batches(stream.schema, _batches(stream))
                 )
-                outcome["table"] = sink(reader)
         except BaseException as exc:  # handed to the caller's thread below
             outcome["error"] = exc
         finally:
@@ -539,6 +539,20 @@ def _run_interruptible(
             raise SqlError(one_line(exc)) from None
         raise exc
     return outcome["table"]
+
+
+def _batches(stream: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
+    """A DuckDB result stream's batches; an error DuckDB meets half-way (a failed cast in row
+    300,000) arrives through Arrow as a bare OSError: it becomes the query's SqlError, so that
+    no sink takes it for its own write failing."""
+    while True:
+        try:
+            batch = stream.read_next_batch()
+        except StopIteration:
+            return
+        except (OSError, pa.ArrowException) as exc:
+            raise SqlError(one_line(exc)) from None
+        yield batch
 
 
 def _stop(con: duckdb.DuckDBPyConnection, done: threading.Event) -> None:

@@ -104,6 +104,17 @@ def test_sql_syntax_error_is_one_line(tmp_path: Path) -> None:
     assert out.stderr.count("\n") == 1
 
 
+def test_sql_out_failing_half_way_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    """--out streams the result into the file: a query DuckDB fails in its 300,000th row, after
+    batches were written, is the query's error in one line, and no file or temporary remains."""
+    query = "select case when i > 300000 then cast('x' as int) else i end from range(1000000) t(i)"
+    out_file = tmp_path / "out" / "result.parquet"
+    out = mpd("sql", "-w", str(tmp_path), "--out", str(out_file), query)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.count("\n") == 1 and "Conversion Error" in out.stderr, out.stderr
+    assert not out_file.exists() and not list(out_file.parent.glob("*"))
+
+
 SLOW_QUERY = "select sum(a.range * b.range) from range(1000000) a, range(1000000) b"
 
 
