@@ -165,8 +165,10 @@ def decode_topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One scores row -> ([T, k] int64 ids, [T, k] float32 logprobs): the one decoder.
 
-    A candidate a position did not keep (``counts``) has id 0 and logprob NaN ("not stored"):
-    the top-k losses leave it out of both sides' buckets (its mass joins the tail bucket).
+    A candidate a position did not keep (``counts``) has id 0 and logprob +inf, which no real
+    logprob is ("not stored"; NaN stays a broken value the trainer skips, −inf a candidate of
+    zero probability): the top-k losses leave it out of both sides' buckets, its mass in the
+    tail bucket.
     """
     ids = np.asarray(topk_ids, dtype=np.int64)
     gaps = np.asarray(topk_logprob_gaps, dtype=np.int32)
@@ -185,7 +187,7 @@ def decode_topk(
     full_gaps = np.zeros((len(counts), k), dtype=np.int32)
     full_ids[kept], full_gaps[kept] = ids, gaps
     logprobs = logprobs_from_gaps(full_gaps, k)
-    logprobs[~kept] = np.nan
+    logprobs[~kept] = np.inf
     return full_ids, logprobs
 
 

@@ -199,13 +199,13 @@ def test_fused_topk_equals_unfused(kind: str, beta: float, tail: bool) -> None:
 
 @pytest.mark.parametrize("kind,beta", CASES)
 def test_fused_topk_with_candidates_not_stored_equals_unfused(kind: str, beta: float) -> None:
-    """Scores with a per-position k: a NaN logprob (a candidate not stored) is left out of both
+    """Scores with a per-position k: a +inf logprob (a candidate not stored) is left out of both
     sides by the fused gradient exactly as by autograd through the unfused loss."""
     h, w, th, tw, mask = setup()
     ids = (th @ tw.T)[..., : V - 2].topk(K, dim=-1).indices
     lp = torch.log_softmax(th @ tw.T, -1).gather(-1, ids)
     counts = torch.randint(1, K + 1, lp.shape[:-1], generator=torch.Generator().manual_seed(3))
-    lp = torch.where(torch.arange(K) < counts[..., None], lp, torch.nan)
+    lp = torch.where(torch.arange(K) < counts[..., None], lp, torch.inf)
     kw = {"kind": kind, "beta": beta, "temperature": 0.8, "tail": True, "vocab_limit": V - 2}
     wt, n = step_weight(mask)
     got = chunked_topk_divergence_loss(h, w, ids, lp, mask, wt, chunk_size=2, **kw)

@@ -424,12 +424,12 @@ def test_topk_candidates_not_stored_are_left_out_of_both_sides(
     kind: str, beta: float, tail: bool, tau: float
 ) -> None:
     """Scores kept with a per-position k (score.mass < 1) decode the candidates a position did
-    not keep as NaN: the loss is then the naive one over the kept candidates alone (their mass
+    not keep as +inf: the loss is then the naive one over the kept candidates alone (their mass
     in the tail bucket), with finite gradients."""
     s = logits(0)
     ids, lp = topk_teacher(1, k=5)
     counts = torch.tensor([[5, 1, 3, 2], [4, 2, 1, 5]])
-    stored = torch.where(torch.arange(5) < counts[..., None], lp, torch.nan)
+    stored = torch.where(torch.arange(5) < counts[..., None], lp, torch.inf)
     got = topk_per_token_divergence(
         s, ids, stored, MASK, kind=kind, beta=beta, temperature=tau, tail=tail
     )

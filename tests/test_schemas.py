@@ -117,7 +117,7 @@ def test_logprob_gaps_naive_reference() -> None:
 def test_per_position_k_against_a_naive_reference(mass: float) -> None:
     """score.mass: each position keeps its fewest leading candidates whose probability reaches
     the mass (all k if they never do); decoding gives the kept (id, quantised logprob) pairs in
-    place and NaN for the rest. mass = 1 stores the fixed layout, counts null."""
+    place and +inf (not stored) for the rest. mass = 1 stores the fixed layout, counts null."""
     rng = np.random.default_rng(1)
     probs = rng.dirichlet(np.full(200, 0.01), size=40)
     probs[0] = 1 / 200  # flat: 32 candidates never reach the mass, all are kept
@@ -144,7 +144,7 @@ def test_per_position_k_against_a_naive_reference(mass: float) -> None:
     for t, c in enumerate(want_counts):
         assert got_ids[t, :c].tolist() == ids[t, :c].tolist()
         assert got_lp[t, :c].tolist() == quantised[t, :c].tolist()
-        assert np.isnan(got_lp[t, c:]).all()
+        assert np.isposinf(got_lp[t, c:]).all()
 
 
 def test_per_position_k_refuses_counts_that_do_not_fit() -> None:

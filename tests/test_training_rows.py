@@ -88,7 +88,7 @@ def _naive(targets, decisions, scores, problems, tok):
             s = by_key[(t["problem_id"], t["sample_idx"])]
             k, counts = s["k"], s.get("topk_counts") or [s["k"]] * s["num_tokens"]
             ids = np.zeros((s["num_tokens"], k), np.int64)
-            lps = np.full((s["num_tokens"], k), np.nan, np.float32)
+            lps = np.full((s["num_tokens"], k), np.inf, np.float32)
             start = 0
             for pos, c in enumerate(counts):  # each position's kept candidates, one after another
                 ids[pos, :c] = s["topk_ids"][start : start + c]
@@ -116,8 +116,8 @@ def test_join_matches_a_naive_python_join(tmp_path: Path, batch_rows: int, tok) 
     for ex, (prompt, target, ids, lps) in zip(got, want, strict=True):
         assert ex.prompt_ids == prompt and ex.target_ids == target
         assert np.array_equal(ex.topk_ids, ids)
-        np.testing.assert_allclose(ex.topk_logprobs, lps, rtol=1e-6)  # NaN: not stored
-    assert any(np.isnan(ex.topk_logprobs).any() for ex in got)  # per-position k decoded
+        np.testing.assert_allclose(ex.topk_logprobs, lps, rtol=1e-6)  # +inf: not stored
+    assert any(np.isposinf(ex.topk_logprobs).any() for ex in got)  # per-position k decoded
 
 
 def test_without_filter_or_scores_every_target_in_order(tmp_path: Path) -> None:

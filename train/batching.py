@@ -6,7 +6,7 @@ A training example (one kept rewrite with the teacher's stored top-k for its tar
             target_ids=[5, 17, 230, ..., 2],       # the completion INCLUDING its final EOS
             topk_ids=array([[17, 3, ...], ...]),   # [len(target), k] int, offline teacher only
             topk_logprobs=array([[-0.02, -4.1, ...], ...]))  # [len(target), k] nats (dequantised;
-                                                   # NaN: a candidate the scores did not keep)
+                                                   # +inf: a candidate the scores did not keep)
 
 Token t of the concatenated sequence is predicted by position t − 1, so target token j is
 predicted by position len(prompt) + j − 1; row j of the top-k arrays describes that position.

@@ -294,8 +294,9 @@ def topk_log_probs(
     return topk_buckets(log_s, teacher_topk_logprobs, temperature=temperature, tail=tail)
 
 
-# A candidate the scores did not keep (teacher logprob NaN, "not stored": data.schemas.decode_topk;
-# −inf keeps its meaning, a candidate the teacher gives zero probability) gets this on both sides:
+# A candidate the scores did not keep (teacher logprob +inf, "not stored": data.schemas.decode_topk;
+# −inf keeps its meaning, a candidate of zero probability, and NaN stays a broken value that makes
+# the trainer skip the step) gets this on both sides:
 # exp() of it is exactly 0 in float32, so it holds no mass and gets no gradient, where −inf would
 # make 0·(−inf − −inf) a NaN in the divergence and its backward.
 DROPPED_LOGPROB = -1e4
@@ -305,12 +306,12 @@ def topk_buckets(
     log_s: Tensor, teacher_topk_logprobs: Tensor, *, temperature: float, tail: bool
 ) -> tuple[Tensor, Tensor]:
     """The buckets of `topk_log_probs` from the student's τ = 1 log-probs gathered at the
-    teacher's ids: candidates the teacher's scores did not keep (logprob NaN) are left out of
+    teacher's ids: candidates the teacher's scores did not keep (logprob +inf) are left out of
     both sides, so their mass joins the tail bucket."""
     log_t = _float(teacher_topk_logprobs.detach()).to(log_s.dtype)
     if log_s.shape != log_t.shape:
         raise ValueError(f"top-k ids {tuple(log_s.shape)} != logprobs {tuple(log_t.shape)}")
-    kept = ~torch.isnan(log_t)
+    kept = log_t != math.inf  # NaN compares unequal: it stays, and the step is skipped
     log_s = torch.where(kept, log_s, DROPPED_LOGPROB)
     log_t = torch.where(kept, log_t, DROPPED_LOGPROB)
     if tail:
