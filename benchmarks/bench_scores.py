@@ -7,7 +7,8 @@ score stage's own body, committed through the stage store), then reports the com
 bytes per target token (logprobs stored as rank-order gaps, data/schemas.py) against the same
 values stored as absolute int16 (the layout before), side by side; the two decode to each other
 exactly. ``--workspace WS`` adds the committed score stages of other workspaces (e.g.
-``runs/smollm2-gsm8k``: a 49,152-token vocabulary).
+``runs/smollm2-gsm8k``: a 49,152-token vocabulary; ``runs/qwen-vocab-gsm8k``: Qwen3's 151,936,
+made by ``scripts/qwen_vocab_model.py`` and ``configs/qwen-vocab-gsm8k.yaml``).
 
 Per-position k: for the same traces, the teacher's float top-32 and the student's full
 logits are computed once; the scores are stored at each ``score.mass`` (1.0 keeps all 32) and
@@ -15,9 +16,9 @@ read back as the trainer reads them, and the table prints bytes per token, the m
 how far each top-k loss (forward KL, reverse KL, JSD; tail bucket on, as trained) moves per
 token from the float top-32 loss. At mass 1.0 that is int16 quantisation's own error: the
 tolerance the stored scores already accept. The world's pair is the shipped student and teacher;
-a workspace's pair (``WS/models/<model>``, its round-1 samples) is its model as the student and
-the same model told to be concise as the teacher (self-distillation's teacher: with one model in
-both roles and the same context, every loss is 0).
+a workspace's pair (the teacher its ``run.yaml`` names, its round-1 samples) is that model as the
+student and the same model told to be concise as the teacher (self-distillation's teacher: with
+one model in both roles and the same context, every loss is 0).
 
     python benchmarks/bench_scores.py [--problems 64] [--n 4] [--workspace runs/smollm2-gsm8k]
 """
@@ -71,19 +72,33 @@ def main() -> None:
         rounds = sorted({m.round for m in store.committed() if m.stage == "score"})
         files = [f for r in rounds for f in stage_files(store, "score", r)]
         report(f"{other} (rounds {rounds})", files)
-        models = sorted(p for p in (other / "models").glob("*") if p.is_dir())
-        if models and 1 in {m.round for m in store.committed() if m.stage == "sample"}:
+        model = workspace_teacher(other)
+        if model is not None and 1 in {m.round for m in store.committed() if m.stage == "sample"}:
             problems = {
                 r["problem_id"]: r["prompt"] for r in read_stage(store, "problems", 0).to_pylist()
             }
             samples = read_stage(store, "sample", 1).to_pylist()
             per_position_k(
-                f"{other}: {models[0].name}, the teacher told to be concise",
-                models[0],
-                models[0],
+                f"{other}: {model.name if model.name != 'model' else model.parent.name}, "
+                "the teacher told to be concise",
+                model,
+                model,
                 [(problems[r["problem_id"]], r["token_ids"]) for r in samples],
                 teacher_context=CONCISE_CUE,
             )
+
+
+def workspace_teacher(ws: Path) -> Path | None:
+    """The teacher a workspace's run used (its ``run.yaml``), as a model directory."""
+    import yaml
+
+    from tasks.context import resolve_model
+
+    saved = ws / "run.yaml"
+    if not saved.is_file():
+        return None
+    name = (yaml.safe_load(saved.read_text()).get("models") or {}).get("teacher")
+    return resolve_model(name, ws) if name else None
 
 
 def world_scores(store, problems: int, n: int) -> dict[str, str]:
