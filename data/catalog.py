@@ -33,9 +33,9 @@ Two ways in:
 
 - :func:`connect` builds the views in an in-memory connection with *absolute*
   paths of the workspace where it is now (so a moved or copied workspace just
-  works), then hardens it (no extension install/autoload, configuration
-  locked). :func:`run_query` checks a query with :mod:`data.sql_guard` and runs
-  it there.
+  works), sandboxed by DuckDB itself (:mod:`data.sandbox`: it can read exactly
+  the committed files, nothing else, configuration locked). :func:`run_query`
+  checks a query with :mod:`data.sql_guard` and runs it there.
 - :func:`write_catalog` persists the same views to ``<ws>/catalog.duckdb`` with
   paths *relative* to the workspace, for the duckdb CLI::
 
@@ -60,10 +60,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
-import time
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
+from functools import reduce
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ import pyarrow as pa
 
 from data.manifest import MANIFEST, Manifest
 from data.objstore import ObjectStore
+from data.sandbox import SINK_BATCH_ROWS, QueryTimeoutError, open_sandbox, run_query_on
 from data.sql_guard import ReadOnlyError, SqlError, check_read_only, one_line
 from data.tables import tables
 
@@ -80,6 +82,7 @@ log = logging.getLogger("mpd.catalog")
 
 __all__ = [
     "CATALOG_FILE",
+    "SINK_BATCH_ROWS",
     "QueryTimeoutError",
     "ReadOnlyError",
     "SqlError",
@@ -120,17 +123,6 @@ STAGE_RUNS: tuple[tuple[str, str], ...] = (
     ("shared_from", "VARCHAR"),
     ("peak_rss_mb", "DOUBLE"),
     ("compute_s", "DOUBLE"),
-)
-
-# Applied after the views exist; lock_configuration last, so that nothing run on
-# the connection afterwards can undo the others. External access stays on: the
-# views read Parquet through it.
-_HARDENING = (
-    "SET autoinstall_known_extensions = false",
-    "SET autoload_known_extensions = false",
-    "SET allow_community_extensions = false",
-    "SET python_enable_replacements = false",  # no Python variables as tables
-    "SET lock_configuration = true",
 )
 
 _SCALAR_TYPES: dict[pa.DataType, str] = {
@@ -234,24 +226,11 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _table_select(table: str, paths: list[str]) -> str:
-    """The SELECT behind a table view: its schema's columns, in schema order."""
+def empty_select(table: str) -> str:
+    """A typed empty SELECT with a table's columns (a table nothing has committed yet)."""
     schema = tables()[table].schema
-    if not paths:
-        typed_nulls = ", ".join(
-            f"CAST(NULL AS {duckdb_type(f.type)}) AS {_ident(f.name)}" for f in schema
-        )
-        return f"SELECT {typed_nulls} WHERE false"
-    columns = ", ".join(_ident(f.name) for f in schema)
-    files = ", ".join(_quote(p) for p in paths)
-    return (
-        f"SELECT {columns} FROM read_parquet([{files}], "
-        "hive_partitioning = false, union_by_name = true)"
-    )
+    typed_nulls = ", ".join(f'CAST(NULL AS {duckdb_type(f.type)}) AS "{f.name}"' for f in schema)
+    return f"SELECT {typed_nulls} WHERE false"
 
 
 def round_summary_sql() -> str:
@@ -260,16 +239,11 @@ def round_summary_sql() -> str:
     return text.strip().rstrip(";")
 
 
-def _stage_runs_select(workspace: Path | ObjectStore) -> str:
-    """The stage_runs view: the manifests as an inline table (a snapshot, like the views).
-
-    Values go in as text and are cast to the column types, so an empty workspace
-    and a full one describe the same columns.
-    """
+def _stage_runs_table(workspace: Path | ObjectStore) -> pa.Table:
+    """The stage_runs rows: the committed manifests, one row each (a snapshot, like the views)."""
     from data.store import StageStore
 
-    names = ", ".join(n for n, _ in STAGE_RUNS)
-    cast = ", ".join(f"CAST({name} AS {kind}) AS {name}" for name, kind in STAGE_RUNS)
+    store = workspace if isinstance(workspace, ObjectStore) else StageStore(workspace)
     rows = [
         (
             m.stage,
@@ -282,27 +256,43 @@ def _stage_runs_select(workspace: Path | ObjectStore) -> str:
             m.extra.get("peak_rss_mb"),
             m.extra.get("compute_s"),
         )
-        for m in (
-            workspace if isinstance(workspace, ObjectStore) else StageStore(workspace)
-        ).committed()
+        for m in store.committed()
     ]
-    if not rows:
-        rows, where = [(None,) * len(STAGE_RUNS)], " WHERE false"
-    else:
-        where = ""
-    values = ", ".join(
-        "(" + ", ".join("NULL" if v is None else _quote(str(v)) for v in row) + ")" for row in rows
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(STAGE_RUNS)
+    return pa.table(
+        {
+            name: pa.array([_cell(v, kind) for v in values], _ARROW_OF[kind])
+            for (name, kind), values in zip(STAGE_RUNS, columns, strict=True)
+        }
     )
+
+
+_ARROW_OF = {
+    "VARCHAR": pa.string(),
+    "INTEGER": pa.int32(),
+    "BIGINT": pa.int64(),
+    "DOUBLE": pa.float64(),
+}
+
+
+def _cell(value: Any, kind: str) -> Any:
+    if value is None:
+        return None
+    return str(value) if kind == "VARCHAR" else float(value) if kind == "DOUBLE" else int(value)
+
+
+def _values_select(table: pa.Table) -> str:
+    """An Arrow table as a typed VALUES query: the persisted catalog cannot hold a registered
+    table, so stage_runs is stored as text there (values quoted, never bare)."""
+    cast = ", ".join(f"CAST({name} AS {kind}) AS {name}" for name, kind in STAGE_RUNS)
+    names = ", ".join(name for name, _ in STAGE_RUNS)
+    rows = table.to_pylist() or [dict.fromkeys(table.column_names)]
+    values = ", ".join(
+        "(" + ", ".join("NULL" if v is None else _quote(str(v)) for v in row.values()) + ")"
+        for row in rows
+    )
+    where = "" if table.num_rows else " WHERE false"
     return f"SELECT {cast} FROM (VALUES {values}) AS t({names}){where}"
-
-
-def _table_paths(
-    workspace: Path | ObjectStore, table: str, root: Path, relative: bool, left_out: list[str]
-) -> list[str]:
-    files = committed_files(workspace, table, left_out)
-    if not relative:  # absolute paths, or an object store's URLs
-        return [str(f) for f in files]
-    return [Path(f).relative_to(root).as_posix() for f in files]
 
 
 def bench_members(root: Path) -> list[dict[str, Any]]:
@@ -313,70 +303,130 @@ def bench_members(root: Path) -> list[dict[str, Any]]:
         return []
 
 
-def _view_definitions(
-    workspace: Path | ObjectStore, *, relative: bool, left_out: list[str]
-) -> Iterator[tuple[str, str]]:
-    """(view name, SELECT) in dependency order; paths absolute or workspace-relative (URLs
-    on object storage)."""
-    if not isinstance(workspace, ObjectStore) and (members := bench_members(workspace)):
-        yield from _bench_view_definitions(workspace, members, relative=relative, left_out=left_out)
-        return
-    for table in tables():
-        root = Path() if isinstance(workspace, ObjectStore) else workspace
-        paths = _table_paths(workspace, table, root, relative, left_out)
-        yield table, _table_select(table, paths)
-    yield "kept", "SELECT * FROM decisions WHERE kept"
-    yield "stage_runs", _stage_runs_select(workspace)
-    yield "round_summary", round_summary_sql()
+@dataclass(frozen=True)
+class _Part:
+    """One workspace's share of a view: the workspace itself, or a bench member (with the
+    method and seed its rows are tagged with)."""
+
+    source: Path | ObjectStore
+    method: str | None = None
+    seed: int | None = None
 
 
-def _bench_view_definitions(
-    root: Path, members: list[dict[str, Any]], *, relative: bool, left_out: list[str]
-) -> Iterator[tuple[str, str]]:
-    """A bench root: each member's table with its method and seed, stacked; then ``bench``."""
+@dataclass
+class _Plan:
+    """Every view of a workspace, worked out before a connection exists: the files each table
+    reads (so that the sandbox can allow exactly those), the manifests' rows, the SQL views."""
 
-    def stacked(select_of: Any) -> str:
-        parts = [
-            f"SELECT {_quote(str(m['method']))} AS method, CAST({int(m['seed'])} AS INTEGER) "
-            f"AS seed, * FROM ({select_of(root / m['path'])})"
-            for m in members
+    files: dict[str, list[list[str]]] = field(default_factory=dict)  # table -> per-part paths
+    parts: list[_Part] = field(default_factory=list)
+    stage_runs: pa.Table | None = None
+    derived: list[tuple[str, str]] = field(default_factory=list)  # (view, SQL) in order
+    left_out: list[str] = field(default_factory=list)
+
+    def readable(self) -> list[str]:
+        return [p for per_part in self.files.values() for paths in per_part for p in paths]
+
+
+def _plan(workspace: Path | ObjectStore, *, root: Path | None) -> _Plan:
+    """The views of ``workspace``; with ``root``, paths relative to it (the persisted catalog).
+
+    A stage run that does not validate is left out, with one warning line each."""
+    plan = _Plan()
+    members = [] if isinstance(workspace, ObjectStore) else bench_members(workspace)
+    if members:
+        plan.parts = [
+            _Part(Path(workspace) / m["path"], str(m["method"]), int(m["seed"])) for m in members
         ]
-        return " UNION ALL ".join(parts)
-
+    else:
+        plan.parts = [_Part(workspace)]
     for table in tables():
-        yield (
-            table,
-            stacked(
-                lambda ws, t=table: _table_select(t, _table_paths(ws, t, root, relative, left_out))
-            ),
-        )
-    yield "kept", "SELECT * FROM decisions WHERE kept"
-    yield "stage_runs", stacked(_stage_runs_select)
-    text = resources.files("data").joinpath("sql", "bench.sql").read_text()
-    yield "bench", text.strip().rstrip(";")
+        plan.files[table] = [_paths(part.source, table, root, plan.left_out) for part in plan.parts]
+    runs = [_stage_runs_table(part.source) for part in plan.parts]
+    plan.stage_runs = pa.concat_tables(
+        [_tagged(t, p) for t, p in zip(runs, plan.parts, strict=True)]
+    )
+    plan.derived = [("kept", "SELECT * FROM decisions WHERE kept")]
+    if members:
+        text = resources.files("data").joinpath("sql", "bench.sql").read_text()
+        plan.derived.append(("bench", text.strip().rstrip(";")))
+    else:
+        plan.derived.append(("round_summary", round_summary_sql()))
+    return plan
 
 
-def _create_views(
-    con: duckdb.DuckDBPyConnection, workspace: Path | ObjectStore, *, relative: bool
-) -> None:
-    """Every view; a stage run that does not validate is left out, with one warning line each.
+def _paths(
+    source: Path | ObjectStore, table: str, root: Path | None, left_out: list[str]
+) -> list[str]:
+    files = committed_files(source, table, left_out)
+    if root is None:  # absolute paths, or an object store's URLs
+        return [str(f) for f in files]
+    return [Path(f).relative_to(root).as_posix() for f in files]
+
+
+def _tagged(table: pa.Table, part: _Part) -> pa.Table:
+    """A bench member's rows with its method and seed as the first columns."""
+    if part.method is None:
+        return table
+    n = table.num_rows
+    return pa.table(
+        {
+            "method": pa.array([part.method] * n, pa.string()),
+            "seed": pa.array([part.seed] * n, pa.int32()),
+            **{name: table.column(name) for name in table.column_names},
+        }
+    )
+
+
+def _relation(
+    con: duckdb.DuckDBPyConnection, table: str, paths: list[str], part: _Part
+) -> duckdb.DuckDBPyRelation:
+    """One part's rows of ``table``: its committed files (names passed as values, never as SQL
+    text), or a typed empty SELECT when there are none; tagged with method and seed in a bench."""
+    columns = [f'"{f.name}"' for f in tables()[table].schema]
+    if paths:
+        relation = con.read_parquet(paths, hive_partitioning=False, union_by_name=True)
+        relation = relation.select(*columns)
+    else:
+        relation = con.sql(empty_select(table))
+    if part.method is None:
+        return relation
+    return relation.select(
+        duckdb.ConstantExpression(part.method).alias("method"),
+        duckdb.ConstantExpression(part.seed).cast(duckdb.sqltypes.INTEGER).alias("seed"),
+        duckdb.StarExpression(),
+    )
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, plan: _Plan, *, persisted: bool) -> None:
+    """Every view of ``plan`` on ``con``.
 
     A table whose files DuckDB cannot read (a shard damaged at its recorded size) becomes an
     empty view with a warning, so the other tables keep working.
     """
-    left_out: list[str] = []
-    for name, select in _view_definitions(workspace, relative=relative, left_out=left_out):
+    for table, per_part in plan.files.items():
         try:
-            con.execute(f"CREATE OR REPLACE VIEW {_ident(name)} AS {select}")
+            relations = [
+                _relation(con, table, paths, part)
+                for paths, part in zip(per_part, plan.parts, strict=True)
+            ]
         except duckdb.Error as exc:  # e.g. a committed file that is not valid Parquet
-            if name not in tables():
-                raise SqlError(f"cannot build view {name}: {one_line(exc)}") from None
-            left_out.append(
-                f"mpd: warning: table {name} is empty here: {one_line(exc)}; "
+            plan.left_out.append(
+                f"mpd: warning: table {table} is empty here: {one_line(exc)}; "
                 "`mpd status --verify` names the damaged stage and `mpd run` recomputes it"
             )
-            con.execute(f"CREATE OR REPLACE VIEW {_ident(name)} AS {_table_select(name, [])}")
-    for line in dict.fromkeys(left_out):
+            relations = [_relation(con, table, [], part) for part in plan.parts]
+        reduce(lambda a, b: a.union(b), relations).create_view(table, replace=True)
+    if persisted:
+        con.execute(f"CREATE OR REPLACE VIEW stage_runs AS {_values_select(plan.stage_runs)}")
+    else:
+        con.register("stage_runs", plan.stage_runs)
+    for name, select in plan.derived:
+        try:
+            con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {select}')
+        except duckdb.Error as exc:
+            raise SqlError(f"cannot build view {name}: {one_line(exc)}") from None
+    for line in dict.fromkeys(plan.left_out):
         log.warning("%s", line)
 
 
@@ -387,30 +437,27 @@ def _workspace(workspace: Path | str) -> Path:
     return path
 
 
-def connect(workspace: Path | str | ObjectStore) -> duckdb.DuckDBPyConnection:
-    """An in-memory, hardened connection with every view over the workspace as it is now.
+def connect(
+    workspace: Path | str | ObjectStore, *, scratch: Path | None = None
+) -> duckdb.DuckDBPyConnection:
+    """A sandboxed in-memory connection with every view over the workspace as it is now.
 
-    The views name absolute paths of the committed files found now: a
-    connection does not see later commits (open a new one; it takes
-    milliseconds). After the views are made, extension install/autoload are
-    off and ``lock_configuration`` is on, so no later statement can change a
-    setting; reading files stays possible because the views need it.
+    The views name absolute paths of the committed files found now: a connection does not see
+    later commits (open a new one; it takes milliseconds). The connection can read exactly those
+    files and nothing else, with its configuration locked (:mod:`data.sandbox`): the SQL run on
+    it may be a user's.
 
     An :class:`ObjectStore` workspace is read in place: its fsspec filesystem is registered
     with DuckDB (no extension is downloaded) and the views name the committed objects' URLs.
     """
     ws = workspace if isinstance(workspace, ObjectStore) else _workspace(workspace)
-    con = duckdb.connect(":memory:")
-    try:
-        if isinstance(ws, ObjectStore):
-            con.register_filesystem(ws.fs)
-        _create_views(con, ws, relative=False)
-        for statement in _HARDENING:
-            con.execute(statement)
-    except BaseException:
-        con.close()
-        raise
-    return con
+    plan = _plan(ws, root=None)
+    return open_sandbox(
+        plan.readable(),
+        setup=lambda con: _create_views(con, plan, persisted=False),
+        filesystem=ws.fs if isinstance(ws, ObjectStore) else None,
+        scratch=scratch,
+    )
 
 
 def write_catalog(workspace: Path | str) -> Path:
@@ -439,8 +486,8 @@ def write_catalog(workspace: Path | str) -> Path:
         con = duckdb.connect(str(tmp))
         try:
             # Views are bound when created, so relative paths must resolve now.
-            con.execute(f"SET file_search_path = {_quote(str(ws))}")
-            _create_views(con, ws, relative=True)
+            con.execute("SET file_search_path = ?", [str(ws)])
+            _create_views(con, _plan(ws, root=ws), persisted=True)
         finally:
             con.close()
         # A WAL left beside an older catalog must not be replayed onto this one.
@@ -452,14 +499,6 @@ def write_catalog(workspace: Path | str) -> Path:
     return target
 
 
-class QueryTimeoutError(SqlError):
-    """The query ran past its time limit and was interrupted (one line: how to allow more)."""
-
-
-# Rows per record batch handed to a sink: a few hundred MB at most for full-width trace rows.
-SINK_BATCH_ROWS = 65_536
-
-
 def run_query(
     workspace: Path | str | ObjectStore,
     query: str,
@@ -467,104 +506,28 @@ def run_query(
     timeout_s: float | None = None,
     sink: Callable[[pa.RecordBatchReader], Any] | None = None,
 ) -> Any:
-    """Check ``query`` with the read-only guard, run it over the views, return the result.
+    """Check ``query`` with the read-only guard, run it in the sandbox over the views, return
+    the result (an Arrow table, or what ``sink`` returns when given the record batches).
 
-    With several statements (all read-only), the last one's result is returned. DuckDB errors
-    become :class:`SqlError` with DuckDB's first message line. The query runs in a worker
-    thread so that the caller stays responsive: Ctrl-C (``KeyboardInterrupt``) and
-    ``timeout_s`` interrupt DuckDB itself (``interrupt()``), which DuckDB otherwise lets run
-    to the end with the signal pending.
+    The guard comes first (one statement, a query: nothing that writes); the sandbox then keeps
+    the reads to the workspace's committed files. DuckDB errors become one-line
+    :class:`SqlError`; ``timeout_s`` and Ctrl-C interrupt DuckDB itself. DuckDB may spill to a
+    private directory that is removed afterwards.
 
-    With ``sink``, the result is never collected: the sink gets DuckDB's record batches as they
-    are produced (in the worker thread, so an interrupt stops both) and its return value is
-    returned. ``mpd sql --out`` streams into a Parquet writer this way: a result of a million
-    full-width traces never sits whole in memory, and DuckDB's scan runs while the writer
-    compresses.
+    With ``sink``, the result is never collected: ``mpd sql --out`` streams into a Parquet
+    writer, so a million full-width traces never sit whole in memory.
     """
     check_read_only(query)
-    con = connect(workspace)
-    try:
-        return _run_interruptible(con, query, timeout_s, sink)
-    finally:
-        con.close()
-
-
-def _run_interruptible(
-    con: duckdb.DuckDBPyConnection,
-    query: str,
-    timeout_s: float | None,
-    sink: Callable[[pa.RecordBatchReader], Any] | None = None,
-) -> Any:
-    outcome: dict[str, Any] = {}
-    # The worker's end is an Event, not Thread.join: a KeyboardInterrupt landing inside join()
-    # can leave the thread marked stopped while it still runs, and close() then finds the
-    # connection busy.
-    done = threading.Event()
-
-    def work() -> None:
+    with tempfile.TemporaryDirectory(prefix="mpd-sql-") as scratch:
+        con = connect(workspace, scratch=Path(scratch))
         try:
-            relation = con.sql(query)
-            if sink is None:
-                outcome["table"] = (
-                    relation.to_arrow_table() if relation is not None else pa.table({})
-                )
-            elif relation is None:
-                outcome["table"] = sink(pa.table({}).to_reader())
-            else:
-                stream = relation.to_arrow_reader(SINK_BATCH_ROWS)
-                outcome["table"] = sink(
-                    pa.RecordBatchReader.from_batches(stream.schema, _batches(stream))
-                )
-        except BaseException as exc:  # handed to the caller's thread below
-            outcome["error"] = exc
+            return run_query_on(con, query, timeout_s=timeout_s, sink=sink)
         finally:
-            done.set()
-
-    threading.Thread(target=work, name="mpd-sql", daemon=True).start()
-    deadline = None if not timeout_s else time.monotonic() + timeout_s
-    try:
-        while not done.wait(0.05):
-            if deadline is not None and time.monotonic() > deadline:
-                _stop(con, done)
-                raise QueryTimeoutError(
-                    f"the query ran past {timeout_s:g} s and was stopped "
-                    "(raise --timeout, or --timeout 0 for no limit)"
-                )
-    except KeyboardInterrupt:
-        _stop(con, done)
-        raise
-    if "error" in outcome:
-        exc = outcome["error"]
-        if isinstance(exc, duckdb.Error):
-            raise SqlError(one_line(exc)) from None
-        raise exc
-    return outcome["table"]
-
-
-def _batches(stream: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
-    """A DuckDB result stream's batches; an error DuckDB meets half-way (a failed cast in row
-    300,000) arrives through Arrow as a bare OSError: it becomes the query's SqlError, so that
-    no sink takes it for its own write failing."""
-    while True:
-        try:
-            batch = stream.read_next_batch()
-        except StopIteration:
-            return
-        except (OSError, pa.ArrowException) as exc:
-            raise SqlError(one_line(exc)) from None
-        yield batch
-
-
-def _stop(con: duckdb.DuckDBPyConnection, done: threading.Event) -> None:
-    """Interrupt the worker's query until it ends: an interrupt that lands before DuckDB starts
-    executing (while it parses or binds) is forgotten, so it is repeated."""
-    while not done.is_set():
-        con.interrupt()
-        done.wait(0.1)
+            con.close()
 
 
 def internal_queries(workspace: Path | str, *queries: str) -> list[pa.Table]:
-    """mpd's own read-only SQL (summaries, artifacts) over one connection, unguarded.
+    """mpd's own read-only SQL (summaries, artifacts) over one connection, without the guard.
 
     Never pass user text here: :func:`run_query` is the guarded entry point.
     One connection for several queries matters on a fully cached re-run, where

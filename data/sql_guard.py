@@ -1,29 +1,26 @@
-"""The read-only guard in front of ``mpd sql``: one SELECT-like query in, or a clear refusal.
+"""The guard in front of every SQL text a user supplies (``mpd sql``, ``filter.sql``): exactly
+one query in, or a clear refusal.
 
-Why a guard and not just a read-only database: the views live in an in-memory
-connection that must be allowed to read files, and DuckDB has no setting that
-allows reading files while forbidding writing them. So the query text itself is
-checked, with DuckDB's own parser (never with regexes over SQL), before it runs:
+It is one of two lines. The boundary for *reads* is DuckDB's own sandbox
+(:mod:`data.sandbox`: the connection can read the workspace's committed files and nothing
+else, configuration locked), never a list of function names. But DuckDB lets a sandboxed
+connection *write* the files it may read (``COPY ... TO`` an allowed file), so the query text
+itself is checked, with DuckDB's own parser (never with regexes over SQL), before it runs:
 
-1. ``duckdb.extract_statements`` splits the query and gives each statement's type.
-   Only SELECT-type statements pass (plain SELECT, FROM-first, WITH ... SELECT,
-   VALUES, DESCRIBE, SHOW, SUMMARIZE, PIVOT with an IN list, UNPIVOT), and
-   EXPLAIN [ANALYZE] of one of those. Every other type is refused by name.
+1. ``duckdb.extract_statements`` splits the query: exactly one statement, of a
+   SELECT type (plain SELECT, FROM-first, WITH ... SELECT, VALUES, DESCRIBE, SHOW,
+   SUMMARIZE, PIVOT with an IN list, UNPIVOT), or EXPLAIN [ANALYZE] of one of those.
+   Every other type is refused by name.
 2. A statement that DuckDB calls SELECT can still write: DuckDB 2.0 accepts
    data-modifying CTEs, so ``WITH x AS (COPY t TO 'f.csv') SELECT 1`` is a
    "SELECT" that writes ``f.csv`` (INSERT/UPDATE/DELETE work the same way). And
    some table/scalar functions change state (``checkpoint()``,
    ``truncate_duckdb_logs()``) or run SQL built at run time (``query(...)``).
-   So each SELECT is also serialised to its syntax tree with
+   So the SELECT is also serialised to its syntax tree with
    ``json_serialize_sql`` and walked: every query node must be a SELECT/set
    operation/recursive CTE node, and no function may be in
    :data:`DENIED_FUNCTIONS`. Anything the serialiser cannot handle is refused
    (fail closed).
-
-The connection that runs the query (:func:`data.catalog.connect`) is hardened as
-a second line: extensions cannot be installed or autoloaded and the
-configuration is locked, so even a statement that slipped through could not
-change a setting.
 
 Example::
 
@@ -148,46 +145,61 @@ _EXPLAIN_PREFIX = re.compile(
 )
 
 
-def check_read_only(query: str) -> None:
-    """Return if ``query`` only reads; raise :class:`ReadOnlyError` or :class:`SqlError`.
+def check_read_only(query: str, *, who: str = "mpd sql") -> str:
+    """Return the one statement of ``query`` if it only reads; else raise :class:`ReadOnlyError`
+    or :class:`SqlError` naming ``who`` (``mpd sql``, ``filter.sql``) in the message.
 
-    Several statements are allowed when all of them read (the last one's result
-    is what a caller sees). Nothing is executed: parsing and serialising the
-    syntax tree happen on a private in-memory connection.
+    Exactly one statement (a trailing ``;`` is fine): a second one is where injected text
+    would hide, and a user's query needs only one. Nothing is executed: parsing and
+    serialising the syntax tree happen on a private in-memory connection.
     """
-    statements = _parse(query)
+    statements = _parse(query, who)
     if not statements:
-        raise SqlError("empty query: nothing to run (write e.g. SELECT * FROM round_summary)")
-    for statement in statements:
-        _check_statement(statement)
+        example = EXAMPLE if who == "mpd sql" else "data/sql/filter.sql"
+        raise SqlError(f"{who}: empty query, nothing to run (write one SELECT, e.g. {example})")
+    if len(statements) > 1:
+        raise ReadOnlyError(
+            f"refused: {len(statements)} statements; {who} runs exactly one query "
+            "(remove all but one, and any ';' inside it)"
+        )
+    _check_statement(statements[0], who)
+    return statements[0].query
 
 
-def _parse(query: str) -> list[duckdb.Statement]:
+EXAMPLE = "SELECT * FROM round_summary"
+
+
+def _parse(query: str, who: str = "mpd sql") -> list[duckdb.Statement]:
     try:
         return duckdb.extract_statements(query)
     except duckdb.Error as exc:
-        raise SqlError(one_line(exc)) from None
+        prefix = "" if who == "mpd sql" else f"{who}: "
+        raise SqlError(prefix + one_line(exc)) from None
 
 
-def _check_statement(statement: duckdb.Statement) -> None:
+def _check_statement(statement: duckdb.Statement, who: str) -> None:
     text = statement.query
     try:
         type_name = statement.type.name
     except ValueError:  # a statement type newer than the Python enum knows
         type_name = "UNKNOWN"
     if type_name == "SELECT":
-        _check_tree(text)
+        _check_tree(text, who)
         return
     if type_name == "EXPLAIN":
-        _check_explain(text)
+        _check_explain(text, who)
         return
-    _refuse(_kind_of(text, type_name))
+    _refuse(_kind_of(text, type_name), who)
 
 
-def _refuse(kind: str, where: str = "") -> NoReturn:
+def _refuse(kind: str, who: str, where: str = "") -> NoReturn:
     reason = REFUSED_KINDS.get(kind, "is not a read-only statement")
-    hint = f" ({SAVE_HINT})" if kind in ("COPY", "EXPORT", "EXPORT DATABASE") else ""
-    raise ReadOnlyError(f"refused: {kind}{where} {reason}; {READ_ONLY}{hint}")
+    if who == "mpd sql":
+        hint = f" ({SAVE_HINT})" if kind in ("COPY", "EXPORT", "EXPORT DATABASE") else ""
+        raise ReadOnlyError(f"refused: {kind}{where} {reason}; {READ_ONLY}{hint}")
+    raise ReadOnlyError(
+        f"refused: {kind}{where} {reason}; {who} must be one SELECT whose rows mpd writes"
+    )
 
 
 def _kind_of(text: str, type_name: str) -> str:
@@ -200,9 +212,9 @@ def _kind_of(text: str, type_name: str) -> str:
     return _TYPE_KINDS.get(type_name, type_name.replace("_", " "))
 
 
-def _check_explain(text: str) -> None:
+def _check_explain(text: str, who: str) -> None:
     """EXPLAIN [ANALYZE] runs (ANALYZE) or plans its statement: check that statement."""
-    unclear = ReadOnlyError(f"refused: EXPLAIN of this form cannot be checked; {READ_ONLY}")
+    unclear = ReadOnlyError(f"refused: EXPLAIN of this form cannot be checked; {who} is read-only")
     match = _EXPLAIN_PREFIX.match(text)
     if match is None:
         raise unclear
@@ -212,22 +224,30 @@ def _check_explain(text: str) -> None:
         raise unclear from None
     if len(inner) != 1:
         raise unclear
-    _check_statement(inner[0])
+    _check_statement(inner[0], who)
 
 
-def _check_tree(text: str) -> None:
+def _check_tree(text: str, who: str) -> None:
     """Walk a SELECT's syntax tree for data-modifying CTEs and denied functions."""
     con = duckdb.connect(":memory:")
     try:
         (serialized,) = con.execute("SELECT json_serialize_sql(?)", [text]).fetchone() or ("",)
     except duckdb.Error as exc:
-        raise SqlError(one_line(exc)) from None
+        raise SqlError(f"{who}: {one_line(exc)}") from None
     finally:
         con.close()
-    tree = json.loads(serialized) if serialized else {"error": True}
+    try:
+        tree = json.loads(serialized) if serialized else {"error": True}
+    except RecursionError:  # Python's json parser recurses once per nesting level
+        raise SqlError(
+            f"{who}: the query nests deeper than can be checked (hundreds of levels of "
+            "subqueries or parentheses); flatten it, e.g. with WITH clauses"
+        ) from None
     if tree.get("error"):
         message = tree.get("error_message", "it cannot be serialised")
-        raise ReadOnlyError(f"refused: this SELECT cannot be checked ({message}); {READ_ONLY}")
+        raise ReadOnlyError(
+            f"refused: this SELECT cannot be checked ({message}); {who} is read-only"
+        )
     for node in _dicts(tree):
         node_type = node.get("type")
         if (
@@ -236,11 +256,11 @@ def _check_tree(text: str) -> None:
             and node_type not in _ALLOWED_NODES
         ):
             kind = node_type.removesuffix("_NODE").removesuffix("_QUERY").replace("_", " ")
-            _refuse(kind, " inside WITH")
+            _refuse(kind, who, " inside WITH")
         name = node.get("function_name")
         if isinstance(name, str) and name.lower() in DENIED_FUNCTIONS:
             reason = DENIED_FUNCTIONS[name.lower()]
-            raise ReadOnlyError(f"refused: function {name.lower()}() {reason}; {READ_ONLY}")
+            raise ReadOnlyError(f"refused: function {name.lower()}() {reason}; {who} is read-only")
 
 
 def _dicts(value: Any) -> list[dict[str, Any]]:
@@ -267,4 +287,9 @@ def one_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     hint = next((line for line in lines[1:] if line.startswith(("Candidate", "Did you"))), "")
-    return f"{lines[0]} {hint}".strip()
+    # DuckDB's advice to raise a limit with SET: the sandbox's settings are locked.
+    first = _SET_ADVICE.sub("; the limit is fixed here: simplify the query", lines[0])
+    return f"{first} {hint}".strip()
+
+
+_SET_ADVICE = re.compile(r"\.?\s*Use \"?SET [^\"]*\"? to [^.]*\.?", re.IGNORECASE)

@@ -7,17 +7,19 @@ keeps nothing ends the round with one line: training on nothing is no round.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from data.configbase import StrictModel
 from data.errors import UserError
-from data.schemas import DECISIONS, SAMPLES, SchemaError, conform
+from data.sandbox import QueryTimeoutError, arrow_view, open_sandbox, parquet_view, run_query_on
+from data.schemas import DECISIONS, REWRITES, SAMPLES, SchemaError, conform
+from data.sql_guard import SqlError, check_read_only, one_line
 from data.store import StageWriter
 from data.tables import Table
 from tasks.common import StageResult, read_stage, stage_files
@@ -38,9 +40,20 @@ class FilterConfig(StrictModel):
     sql: Path | None = Field(
         None, description="Your own filter SQL file; None uses the built-in data/sql/filter.sql."
     )
+    timeout_s: float = Field(
+        600.0,
+        gt=0,
+        le=86_400,
+        description="Stop the filter query after this many seconds (one line, exit 2): a "
+        "runaway query (an unbounded recursive CTE, a cross join) must not hold a nightly run. "
+        "Not part of the stage key: it does not change the rows.",
+    )
 
 
 DEFAULT_SQL = Path(__file__).resolve().parents[1] / "data" / "sql" / "filter.sql"
+KEY = ("problem_id", "sample_idx")
+# A query that takes longer than this on *empty* tables will not finish on real ones either.
+DRY_RUN_TIMEOUT_S = 10.0
 
 
 class FilterError(UserError, ValueError):
@@ -48,10 +61,30 @@ class FilterError(UserError, ValueError):
 
 
 def filter_sql(cfg: FilterConfig) -> str:
-    path = cfg.sql or DEFAULT_SQL
-    if not Path(path).is_file():
-        raise FilterError(f"filter SQL file not found: {path}")
-    return Path(path).read_text()
+    """The filter's SQL text: the user's file (read as UTF-8) or the built-in one."""
+    path = Path(cfg.sql).expanduser() if cfg.sql is not None else DEFAULT_SQL
+    if not path.is_file():
+        raise FilterError(f"filter.sql: file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FilterError(f"filter.sql: cannot read {path}: {exc}") from None
+
+
+def check_filter_sql(cfg: FilterConfig) -> None:
+    """The filter file, checked before anything runs (``mpd run``'s preflight, well under a
+    second): one SELECT that the guard accepts, that binds against the round's tables and
+    returns the decisions columns. It runs on empty tables, in the sandbox, with a time limit,
+    so a typo in a column name or a missing column ends the run before Prefect starts."""
+    run_filter(
+        REWRITES.empty_table(),
+        filter_sql(cfg),
+        ratio=cfg.ratio,
+        round_=1,
+        samples=SAMPLES.empty_table(),
+        faithful=cfg.faithful,
+        timeout_s=min(cfg.timeout_s, DRY_RUN_TIMEOUT_S),
+    )
 
 
 def run_filter(
@@ -60,51 +93,122 @@ def run_filter(
     *,
     ratio: float,
     round_: int,
-    out: Path,
     samples: pa.Table | list[Path] | None = None,
     faithful: bool = False,
+    timeout_s: float | None = None,
+    scratch: Path | None = None,
 ) -> pa.Table:
-    """Run the filter SQL over one round's rewrites (and the samples they rewrite) with
-    DuckDB, ``COPY`` its result to ``out`` (inside staging), and return it checked against
-    the decisions schema.
+    """Run the filter SQL over one round's rewrites (and the samples they rewrite) and return
+    its rows, checked: the decisions schema, and one row per candidate of the round.
+
+    The SQL is hostile input (a deployment's overrides can name any file): it must be one
+    SELECT (:func:`data.sql_guard.check_read_only`), and it runs in DuckDB's sandbox
+    (:mod:`data.sandbox`), which can read the round's rewrite and sample files and nothing
+    else; its result comes back as Arrow and mpd writes it. Nothing of the user's text is ever
+    pasted into a statement of mpd's, and the knobs are bound variables.
 
     ``rewrites`` and ``samples`` are the committed Parquet files (what the stage passes: DuckDB
-    reads them itself, only the columns the rule needs, and the table never exists in Python)
-    or Arrow tables (tests, small inputs).
+    reads them itself, only the columns the rule needs) or Arrow tables (tests, the dry run).
     """
-    con = duckdb.connect()
     try:
-        _view(con, "rewrites", rewrites)
-        _view(con, "samples", samples if samples is not None else SAMPLES.empty_table())
-        con.execute(f"SET VARIABLE ratio = {float(ratio)!r}")
-        con.execute(f"SET VARIABLE faithful = {bool(faithful)}")
-        con.execute(f"SET VARIABLE round = {int(round_)}")
-        body = sql.strip().rstrip(";")
-        con.execute(f"COPY ({body}) TO '{out}' (FORMAT parquet)")
+        query = check_read_only(sql, who="filter.sql")
+    except SqlError as exc:
+        raise FilterError(str(exc)) from None
+    sources = {
+        "rewrites": (rewrites, REWRITES),
+        "samples": (samples if samples is not None else [], SAMPLES),
+    }
+
+    def setup(con: duckdb.DuckDBPyConnection) -> None:
+        for name, (source, schema) in sources.items():
+            if isinstance(source, pa.Table):
+                arrow_view(con, name, source)
+            elif source:
+                parquet_view(con, name, source)
+            else:  # no committed file: a typed empty table
+                arrow_view(con, name, schema.empty_table())
+        con.execute("SET VARIABLE ratio = ?", [float(ratio)])
+        con.execute("SET VARIABLE faithful = ?", [bool(faithful)])
+        con.execute("SET VARIABLE round = ?", [int(round_)])
+
+    readable = [p for s, _ in sources.values() if isinstance(s, list) for p in s]
+    try:
+        con = open_sandbox(readable, setup=setup, scratch=scratch)
     except duckdb.Error as exc:
-        raise FilterError(f"filter SQL failed: {str(exc).splitlines()[0]}") from None
+        raise FilterError(f"filter inputs cannot be read: {one_line(exc)}") from None
+    try:
+        table = run_query_on(con, query, timeout_s=timeout_s, timeout_hint="raise filter.timeout_s")
+        candidates = con.sql("SELECT problem_id, sample_idx FROM rewrites").to_arrow_table()
+    except QueryTimeoutError as exc:
+        raise FilterError(f"filter.sql: {exc}") from None
+    except SqlError as exc:
+        raise FilterError(f"filter SQL failed: {exc}") from None
     finally:
         con.close()
         # A FilterError's traceback keeps this frame alive (Prefect holds the failed
         # state until exit): without the del, nanobind reports the connection leaked.
         del con
-    table = pq.read_table(out)
-    out.unlink()
     try:
-        return conform(table, DECISIONS, name="filter output")
+        decisions = conform(table, DECISIONS, name="filter output")
     except SchemaError as exc:
         raise FilterError(str(exc)) from None
+    check_decisions(decisions, candidates, round_)
+    return decisions
 
 
-def _view(con: duckdb.DuckDBPyConnection, name: str, source: pa.Table | list[Path]) -> None:
-    if isinstance(source, pa.Table):
-        con.register(f"{name}_arrow", source)
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM {name}_arrow")
-        return
-    files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in source)
-    con.execute(
-        f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{files}], hive_partitioning = false)"
+def check_decisions(decisions: pa.Table, candidates: pa.Table, round_: int) -> None:
+    """One row per candidate of the round, and only those: else one line naming the first
+    offending key (sorted), as :class:`FilterError`.
+
+    Why: a filter that returns a candidate twice silently doubles its weight in training; one
+    that makes up a key surfaces much later as "no example fits"; one that forgets a candidate
+    loses its reason. None of that may be committed.
+    """
+    rounds = pc.unique(decisions.column("round")).to_pylist()
+    if any(r != round_ for r in rounds):
+        other = next(r for r in rounds if r != round_)
+        raise FilterError(
+            f"filter.sql returned rows of round {other}; every row must have round = "
+            f"{round_} (the round being filtered: getvariable('round'))"
+        )
+    counts = decisions.group_by(list(KEY)).aggregate([([], "count_all")])
+    doubled = counts.filter(pc.greater(counts.column("count_all"), 1))
+    if doubled.num_rows:
+        first = _first(doubled)
+        n = doubled.filter(_is(doubled, first)).column("count_all")[0].as_py()
+        raise FilterError(
+            f"filter.sql returned {n} rows for candidate {_name(first)} "
+            f"({doubled.num_rows} candidate(s) repeated): one row per candidate"
+        )
+    keys = decisions.select(list(KEY))
+    unknown = keys.join(candidates, list(KEY), join_type="left anti")
+    if unknown.num_rows:
+        raise FilterError(
+            f"filter.sql returned a row for {_name(_first(unknown))}, which is not a rewrite of "
+            f"round {round_} ({unknown.num_rows} such row(s))"
+        )
+    missing = candidates.join(keys, list(KEY), join_type="left anti")
+    if missing.num_rows:
+        raise FilterError(
+            f"filter.sql returned no row for candidate {_name(_first(missing))} of round "
+            f"{round_} ({missing.num_rows} of {candidates.num_rows} missing): every candidate "
+            "needs a row, kept or dropped with a reason"
+        )
+
+
+def _first(table: pa.Table) -> tuple[str, int]:
+    row = table.sort_by([(k, "ascending") for k in KEY]).slice(0, 1).to_pylist()[0]
+    return row["problem_id"], row["sample_idx"]
+
+
+def _is(table: pa.Table, key: tuple[str, int]) -> pa.ChunkedArray:
+    return pc.and_(
+        pc.equal(table.column("problem_id"), key[0]), pc.equal(table.column("sample_idx"), key[1])
     )
+
+
+def _name(key: tuple[str, int]) -> str:
+    return f"(problem_id={key[0]!r}, sample_idx={key[1]})"
 
 
 def filter_body(
@@ -115,15 +219,18 @@ def filter_body(
     samples: pa.Table | list[Path] | None,
     round_: int,
 ) -> dict:
-    decisions = run_filter(
-        rewrites,
-        filter_sql(cfg),
-        ratio=cfg.ratio,
-        round_=round_,
-        out=writer.path(".decisions.raw.parquet"),
-        samples=samples,
-        faithful=cfg.faithful,
-    )
+    # DuckDB may spill inside staging (the workspace's disk, removed before the commit).
+    with tempfile.TemporaryDirectory(prefix=".duckdb-", dir=writer.path(".")) as scratch:
+        decisions = run_filter(
+            rewrites,
+            filter_sql(cfg),
+            ratio=cfg.ratio,
+            round_=round_,
+            samples=samples,
+            faithful=cfg.faithful,
+            timeout_s=cfg.timeout_s,
+            scratch=Path(scratch),
+        )
     writer.write_table("decisions.parquet", decisions, DECISIONS)
     kept, reasons = kept_count(decisions)
     return {"kept": kept, "reasons": reasons}
@@ -156,7 +263,11 @@ def run(ctx: Context, rnd: Round) -> StageResult:
     key, code = ctx.key(
         "filter",
         __name__,
-        config={"filter": cfg, "sql": hashlib.sha256(sql.encode()).hexdigest()},
+        # the time limit does not change the rows
+        config={
+            "filter": cfg.model_dump(mode="json", exclude={"timeout_s"}),
+            "sql": hashlib.sha256(sql.encode()).hexdigest(),
+        },
         inputs={"rewrite": rewritten.key},
     )
     result = ctx.run(

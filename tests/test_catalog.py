@@ -19,6 +19,7 @@ import pytest
 
 from data.catalog import (
     CATALOG_FILE,
+    ReadOnlyError,
     SqlError,
     committed_files,
     connect,
@@ -339,7 +340,7 @@ def test_connection_is_hardened(ws: Path) -> None:
         "lock_configuration": "true",
         "autoload_known_extensions": "false",
         "autoinstall_known_extensions": "false",
-        "enable_external_access": "true",
+        "enable_external_access": "false",  # the sandbox: only the committed files
     }
     for statement in ("SET threads = 1", "SET lock_configuration = false", "RESET threads"):
         with pytest.raises(duckdb.Error, match="locked"):
@@ -476,8 +477,10 @@ def test_views_read_the_files_the_manifest_lists_not_the_files_present(ws: Path)
     assert run_query(ws, "SELECT problem_id FROM samples").to_pylist() == [{"problem_id": "a"}]
 
 
-def test_run_query_returns_the_last_statement(ws: Path) -> None:
-    assert run_query(ws, "SELECT 1 AS a; SELECT 2 AS b").to_pylist() == [{"b": 2}]
+def test_run_query_runs_exactly_one_statement(ws: Path) -> None:
+    assert run_query(ws, "SELECT 2 AS b;").to_pylist() == [{"b": 2}]
+    with pytest.raises(ReadOnlyError, match="2 statements"):
+        run_query(ws, "SELECT 1 AS a; SELECT 2 AS b")
 
 
 # -- output ------------------------------------------------------------------

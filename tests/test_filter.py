@@ -128,7 +128,6 @@ def test_default_filter_equals_naive_reference(
         DEFAULT_SQL.read_text(),
         ratio=ratio,
         round_=2,
-        out=tmp_path / "d.parquet",
         samples=conform(pa.Table.from_pylist(samples), SAMPLES),
         faithful=faithful,
     ).to_pylist()
@@ -153,7 +152,6 @@ def test_filter_that_keeps_nothing_still_returns_every_reason(tmp_path: Path) ->
         DEFAULT_SQL.read_text(),
         ratio=0.9,
         round_=2,
-        out=tmp_path / "d.parquet",
     )
     assert not any(got.column("kept").to_pylist())
     assert set(got.column("reason").to_pylist()) <= {"wrong", "truncated", "no_answer"}
@@ -174,5 +172,5 @@ def test_filter_that_keeps_nothing_still_returns_every_reason(tmp_path: Path) ->
 def test_broken_user_sql_fails_clearly(tmp_path: Path, sql: str, message: str) -> None:
     table = conform(pa.Table.from_pylist(rewrite_rows(5, 0)), REWRITES)
     with pytest.raises(FilterError) as err:
-        run_filter(table, sql, ratio=0.9, round_=1, out=tmp_path / "d.parquet")
+        run_filter(table, sql, ratio=0.9, round_=1)
     assert message in str(err.value) and "\n" not in str(err.value)

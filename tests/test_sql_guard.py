@@ -64,9 +64,6 @@ REFUSED = [
     ("EXECUTE p", "EXECUTE"),
     ("DEALLOCATE p", "DEALLOCATE"),
     ("PIVOT decisions ON reason USING count(*)", "PIVOT"),
-    # Several statements: one refused one refuses them all.
-    ("SELECT 1; COPY decisions TO 'out.csv'", "COPY"),
-    ("SELECT 1; ATTACH 'new.db'", "ATTACH"),
     # EXPLAIN ANALYZE executes its statement; plain EXPLAIN is checked the same way.
     ("EXPLAIN ANALYZE COPY (SELECT 1) TO 'out.csv'", "COPY"),
     ("EXPLAIN COPY decisions TO 'out.csv'", "COPY"),
@@ -119,7 +116,7 @@ ALLOWED = [
     "EXPLAIN ANALYZE SELECT count(*) FROM kept",
     "EXPLAIN (FORMAT json) SELECT 1",
     "-- a comment first\nSELECT 1 AS one;",
-    "SELECT 1 AS a; SELECT 2 AS b",
+    "SELECT 2 AS b;",
     "VALUES (1), (2)",
     "PIVOT decisions ON reason IN ('kept', 'wrong') USING count(*)",
     "UNPIVOT (SELECT 1 AS a, 2 AS b) ON a, b INTO NAME k VALUE v",
@@ -177,6 +174,23 @@ def test_refused_has_no_side_effect(ws: Path, tmp_path: Path, query: str, kind: 
     assert run_query(ws, "SELECT count(*) AS n FROM decisions").to_pylist() == [{"n": 2}]
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT 1; COPY decisions TO 'out.csv'",
+        "SELECT 1; ATTACH 'new.db'",
+        "SELECT 1 AS a; SELECT 2 AS b",
+        "SELECT 1; SELECT 2; SELECT 3",
+    ],
+)
+def test_exactly_one_statement(ws: Path, tmp_path: Path, query: str) -> None:
+    """A second statement is where injected text hides: refused whatever it is, nothing run."""
+    before = _snapshot(tmp_path)
+    with pytest.raises(ReadOnlyError, match=r"refused: \d statements; mpd sql runs exactly one"):
+        run_query(ws, query)
+    assert _snapshot(tmp_path) == before
+
+
 def test_copy_suggests_out(ws: Path) -> None:
     with pytest.raises(ReadOnlyError, match=r"use --out FILE\.parquet"):
         run_query(ws, "COPY decisions TO 'out.csv'")
@@ -216,7 +230,7 @@ def test_set_cannot_change_a_setting(ws: Path) -> None:
     with pytest.raises(duckdb.Error, match="locked"):
         con.execute("SET threads = 1")
     with pytest.raises(ReadOnlyError, match="SET"):
-        run_query(ws, "SET threads = 1; SELECT 1")
+        run_query(ws, "SET threads = 1")
     assert con.sql("SELECT current_setting('threads')").fetchall()[0] == (threads,)
 
 
