@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from data.errors import UserError
 from data.lock import WorkspaceLock
 from data.objstore import attach
+from flows.modes import MODES
 from tasks.context import check_model_dir
 from tasks.filter import check_filter_sql
 
@@ -57,7 +58,8 @@ def check_inputs(cfg: RunConfig) -> None:
     filter stage, after a round's sampling and rewriting."""
     if cfg.filter.sql is not None and not Path(cfg.filter.sql).expanduser().is_file():
         raise UserError(f"filter.sql: file not found: {cfg.filter.sql}")
-    check_filter_sql(cfg.filter)  # one SELECT that binds and has the decisions columns
+    if MODES[cfg.method].filtered:
+        check_filter_sql(cfg.filter)  # one SELECT that binds and has the decisions columns
     source = cfg.problems.file if cfg.problems.source == "file" else None
     if source is not None and not Path(source.path).expanduser().exists():
         raise UserError(f"problems.file.path: problem source not found: {source.path}")

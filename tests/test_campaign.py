@@ -502,23 +502,27 @@ def test_prefect_cache_hits_only_a_valid_output_of_this_workspace(tmp_path: Path
 def test_failed_stage_is_reported_and_the_next_run_resumes_there(
     base: Path, base_finished: dict[str, float], tmp_path: Path
 ) -> None:
-    """A filter SQL error fails the run with one line (exit 2, no traceback); ``mpd status``
-    names the failed stage and its error; once the file is fixed, the next run computes from
-    the filter on and reuses sample, rewrite, score."""
+    """A filter whose rows do not fit the round (here: every candidate twice, which would have
+    doubled the training data) fails the run with one line (exit 2, no traceback) and commits
+    nothing; ``mpd status`` names the failed stage and its error; once the file is fixed, the
+    next run computes from the filter on and reuses sample, rewrite, score. (A filter that does
+    not even parse or bind never gets this far: the preflight refuses it before Prefect.)"""
     ws = copy(base, tmp_path / "ws")
     user_sql = tmp_path / "my_filter.sql"
-    user_sql.write_text("SELECT problem_id, FROM rewrites WHERE\n")
+    body = KEEP_FIRST.read_text().replace("ORDER BY problem_id, sample_idx", "")
+    user_sql.write_text(f"{body} UNION ALL {body}")
     failed = run(ws, changes={"filter.sql": user_sql})
     assert failed.returncode == 2
     (line,) = error_lines(failed)
-    assert line.startswith("mpd: error: filter SQL failed: Parser Error")
+    assert line.startswith("mpd: error: filter.sql returned 2 rows for candidate"), line
+    assert not (ws / "filter" / "round=1").exists()
     assert "Traceback" not in failed.stderr and "leaked" not in failed.stderr
     assert outcomes(ws) == {
         **dict.fromkeys(["0/eval", "1/sample", "1/rewrite", "1/score"], "cached"),
         "1/filter": "failed",
     }
     shown = status(ws, 1)
-    assert shown["1/filter"][0] == "failed" and "filter SQL failed" in shown["1/filter"][1]
+    assert shown["1/filter"][0] == "failed" and "returned 2 rows" in shown["1/filter"][1]
     for where in ["0/eval", "1/sample", "1/rewrite", "1/score"]:
         assert shown[where][0] == "cached", where
 
