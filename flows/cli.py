@@ -206,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a read-only SQL query over the workspace's tables",
         description="Read-only DuckDB SQL over the views problems, samples, solutions, rewrites, "
         "truncations, scores, decisions, kept, train_log, evals, stage_runs, round_summary (in a "
-        "bench root: the same stacked with method and seed columns, and bench). Statements that "
-        "write files, attach databases, load extensions or change settings are refused. "
+        "bench root: the same stacked with method and seed columns, and bench). One statement, "
+        "run in DuckDB's sandbox: it reads the workspace's committed files and nothing else. "
+        "Statements that write files, attach databases, load extensions or change settings are "
+        "refused. "
         "A stage run whose files are missing or damaged is left out, with a warning naming it. "
         "Ctrl-C stops a running query (exit 130).",
     )

@@ -55,31 +55,29 @@ def training_rows(
     """
     import duckdb
 
-    def files(paths: list[Path]) -> str:
-        return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
-
-    def position(alias: str, paths: list[Path]) -> str:
-        return f"list_position({files(paths)}, {alias}.filename) - 1"
-
+    # The file lists are bound parameters ($targets, ...): a workspace path is data, never SQL.
+    params: dict[str, list[str]] = {"targets": [str(p) for p in targets]}
     opts = "filename = true, file_row_number = true"
-    score_cols = f", {position('s', scores)} AS sf, s.file_row_number AS sr" if scores else ""
+    score_cols = ", list_position($scores, s.filename) - 1 AS sf, s.file_row_number AS sr"
     query = (
-        f"SELECT {position('t', targets)} AS tf, t.file_row_number AS tr{score_cols} "
-        f"FROM read_parquet({files(targets)}, {opts}) t"
+        f"SELECT list_position($targets, t.filename) - 1 AS tf, t.file_row_number AS tr"
+        f"{score_cols if scores else ''} FROM read_parquet($targets, {opts}) t"
     )
     if scores is not None:
+        params["scores"] = [str(p) for p in scores]
         query += (
-            f" LEFT JOIN read_parquet({files(scores)}, {opts}) s "
+            f" LEFT JOIN read_parquet($scores, {opts}) s "
             "ON s.problem_id = t.problem_id AND s.sample_idx = t.sample_idx"
         )
     if decisions is not None:
+        params["decisions"] = [str(p) for p in decisions]
         query += (
-            f" WHERE EXISTS (SELECT 1 FROM read_parquet({files(decisions)}) d WHERE d.kept "
+            " WHERE EXISTS (SELECT 1 FROM read_parquet($decisions) d WHERE d.kept "
             "AND d.problem_id = t.problem_id AND d.sample_idx = t.sample_idx)"
         )
     con = duckdb.connect()
     try:
-        keys = con.sql(query + " ORDER BY tf, tr").to_arrow_table()
+        keys = con.sql(query + " ORDER BY tf, tr", params=params).to_arrow_table()
     finally:
         con.close()
     yield from _payload_batches(keys, targets, scores, batch_rows)

@@ -508,6 +508,7 @@ def test_failed_stage_is_reported_and_the_next_run_resumes_there(
     next run computes from the filter on and reuses sample, rewrite, score. (A filter that does
     not even parse or bind never gets this far: the preflight refuses it before Prefect.)"""
     ws = copy(base, tmp_path / "ws")
+    committed = (ws / "filter" / "round=1" / "_manifest.json").read_text()
     user_sql = tmp_path / "my_filter.sql"
     body = KEEP_FIRST.read_text().replace("ORDER BY problem_id, sample_idx", "")
     user_sql.write_text(f"{body} UNION ALL {body}")
@@ -515,7 +516,8 @@ def test_failed_stage_is_reported_and_the_next_run_resumes_there(
     assert failed.returncode == 2
     (line,) = error_lines(failed)
     assert line.startswith("mpd: error: filter.sql returned 2 rows for candidate"), line
-    assert not (ws / "filter" / "round=1").exists()
+    # the doubled decisions were not committed: round 1's filter is still the base run's
+    assert (ws / "filter" / "round=1" / "_manifest.json").read_text() == committed
     assert "Traceback" not in failed.stderr and "leaked" not in failed.stderr
     assert outcomes(ws) == {
         **dict.fromkeys(["0/eval", "1/sample", "1/rewrite", "1/score"], "cached"),
