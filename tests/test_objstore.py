@@ -191,6 +191,36 @@ def test_status_and_sql_read_the_bucket_without_a_local_copy(clean: str, tmp_pat
     assert not Path(env["MPD_CACHE_DIR"]).exists(), "reading made no local copy"
 
 
+SANDBOX_ATTEMPTS = [
+    ("SELECT content FROM read_text('s3://{bucket}/secret.txt')", "Permission Error"),
+    ("SELECT * FROM glob('s3://{bucket}/*')", "Permission Error"),
+    ("SELECT * FROM read_parquet('s3://{bucket}/clean/**/*.parquet')", "Permission Error"),
+    ("SELECT * FROM read_text('s3://{bucket}/clean/.lock')", "Permission Error"),
+    ("SELECT content FROM read_text('/etc/hostname')", "Permission Error"),
+    ("FROM 's3://{bucket}/secret.txt'", "does not exist"),  # not a file name any more
+    ("COPY (SELECT 1) TO 's3://{bucket}/pwned.csv'", "refused: COPY"),
+    ("WITH x AS (COPY (SELECT 1) TO 's3://{bucket}/pwned.csv') SELECT 1", "COPY inside WITH"),
+]
+
+
+@pytest.mark.parametrize(("query", "why"), SANDBOX_ATTEMPTS)
+def test_sql_on_object_storage_is_sandboxed(
+    clean: str, tmp_path: Path, query: str, why: str
+) -> None:
+    """``mpd sql`` on a bucket registers the bucket's filesystem with DuckDB: the sandbox still
+    lets it read the committed objects only (not another object of the bucket, not the lease, not
+    a local file), and nothing is written to the bucket."""
+    s = store(clean)
+    secret = "bucket-secret-5e1d"
+    s.fs.pipe(f"{BUCKET}/secret.txt", secret.encode())
+    before = sorted(s.fs.find(BUCKET))
+    out = mpd(machine(tmp_path, "analyst"), "sql", "-w", clean, query.format(bucket=BUCKET))
+    assert out.returncode == 2 and secret not in out.stdout + out.stderr, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert why in line and "Traceback" not in out.stderr, line
+    assert sorted(s.fs.find(BUCKET)) == before
+
+
 def test_another_machine_finds_every_stage_cached(clean: str, tmp_path: Path) -> None:
     """Machine B has never seen the workspace: every stage is a hit, downloaded from the
     bucket (its files sha256-checked), and nothing is recomputed or republished."""
