@@ -24,7 +24,7 @@ import pytest
 from data.errors import UserError
 from data.schemas import REWRITES, SAMPLES, conform
 from data.store import StageStore
-from tasks.common import run_stage, stage_files
+from tasks.common import StageResult, run_stage, stage_files
 from tasks.filter import FilterConfig, filter_body
 from tests.conftest import REPO
 from tests.test_filter import rewrite_rows, sample_rows
@@ -61,11 +61,10 @@ STAGE_CASES: list[tuple[str, str, str]] = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-def ws(tmp_path: Path) -> Path:
-    """A workspace holding round 1's committed rewrites and samples (12 candidates)."""
-    path = tmp_path / "ws"
-    store = StageStore(path)
+def commit_round(ws: Path) -> Path:
+    """Commit round 1's rewrites and samples (12 candidates) into ``ws``; return the rewrites'
+    committed file."""
+    store = StageStore(ws)
     rows = [{**row, "round": 1} for row in rewrite_rows(12, 3)]
     for stage, table, schema in (
         ("rewrite", pa.Table.from_pylist(rows), REWRITES),
@@ -74,7 +73,30 @@ def ws(tmp_path: Path) -> Path:
         writer = store.writer(stage, 1, "k" * 64)
         writer.write_table("part-00000.parquet", conform(table, schema), schema)
         writer.commit()
-    return path
+    return store.stage_dir("rewrite", 1) / "part-00000.parquet"
+
+
+def run_filter_stage(store: StageStore, cfg: FilterConfig, key: str = "f" * 64) -> StageResult:
+    """The filter stage of round 1 as the flow runs it: cached or computed, then committed."""
+    return run_stage(
+        store,
+        "filter",
+        1,
+        key,
+        lambda w: filter_body(
+            w,
+            cfg,
+            rewrites=stage_files(store, "rewrite", 1),
+            samples=stage_files(store, "sample", 1),
+            round_=1,
+        ),
+    )
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    commit_round(tmp_path / "ws")
+    return tmp_path / "ws"
 
 
 @pytest.mark.parametrize(
@@ -89,19 +111,7 @@ def test_filter_output_is_checked_before_commit(
     cfg = FilterConfig.model_validate({"sql": path, "timeout_s": 2})
     started = time.monotonic()
     with pytest.raises(UserError) as err:
-        run_stage(
-            store,
-            "filter",
-            1,
-            "f" * 64,
-            lambda w: filter_body(
-                w,
-                cfg,
-                rewrites=stage_files(store, "rewrite", 1),
-                samples=stage_files(store, "sample", 1),
-                round_=1,
-            ),
-        )
+        run_filter_stage(store, cfg)
     message = str(err.value)
     assert expected in message and "\n" not in message and len(message) < 300, message
     assert time.monotonic() - started < 20, "a time limit of 2 s must stop the query soon after"

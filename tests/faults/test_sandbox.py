@@ -40,13 +40,11 @@ import pytest
 
 import flows.prefect_env
 from data.errors import UserError
-from data.schemas import REWRITES, SAMPLES, conform
 from data.store import StageStore
 from flows.cli import main
-from tasks.common import run_stage, stage_files
-from tasks.filter import FilterConfig, filter_body
+from tasks.filter import FilterConfig
 from tests.conftest import REPO, free_port
-from tests.test_filter import rewrite_rows, sample_rows
+from tests.faults.test_filter_faults import commit_round, run_filter_stage
 
 SECRET = "mpd-sandbox-secret-7f3a9c"
 
@@ -82,13 +80,6 @@ class World:
         )
 
 
-def _commit(store: StageStore, stage: str, table: pa.Table, schema: pa.Schema) -> Path:
-    writer = store.writer(stage, 1, "k" * 64)
-    writer.write_table("part-00000.parquet", table, schema)
-    writer.commit()
-    return store.stage_dir(stage, 1) / "part-00000.parquet"
-
-
 class _Handler(http.server.BaseHTTPRequestHandler):
     hits: ClassVar[list[str]] = []
 
@@ -115,11 +106,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     (outside / "secret.csv").write_text(f"a,b\n{SECRET},1\n")
     (outside / "secret.json").write_text(f'{{"a": "{SECRET}"}}\n')
     pq.write_table(pa.table({"a": [SECRET]}), outside / "secret.parquet")
-    store = StageStore(ws)
-    rows = [{**row, "round": 1} for row in rewrite_rows(12, 3)]
-    committed = _commit(store, "rewrite", conform(pa.Table.from_pylist(rows), REWRITES), REWRITES)
-    samples = conform(pa.Table.from_pylist(sample_rows(rows, 3)), SAMPLES)
-    _commit(store, "sample", samples, SAMPLES)
+    committed = commit_round(ws)
     (ws / ".staging").mkdir(exist_ok=True)
     pq.write_table(pa.table({"a": [SECRET]}), ws / ".staging" / "stray.parquet")
     (ws / "link.parquet").symlink_to(outside / "secret.parquet")
@@ -277,21 +264,8 @@ def test_sandbox_filter_stage_refuses(
     sql = tmp_path / "filter.sql"
     sql.write_text(watch.fill(template))
     cfg = FilterConfig(sql=sql)
-    key = "f" * 64
     with pytest.raises(UserError) as err:
-        run_stage(
-            store,
-            "filter",
-            1,
-            key,
-            lambda w: filter_body(
-                w,
-                cfg,
-                rewrites=stage_files(store, "rewrite", 1),
-                samples=stage_files(store, "sample", 1),
-                round_=1,
-            ),
-        )
+        run_filter_stage(store, cfg)
     message = str(err.value)
     assert why in message and "\n" not in message and SECRET not in message, message
     assert store.manifest("filter", 1) is None
@@ -332,19 +306,7 @@ def test_sandbox_workspace_with_a_quote_runs_the_filter(world: World, tmp_path: 
     """Found: a workspace path holding ``'`` broke the filter (the output path was pasted into a
     COPY statement). Paths are bound now: the built-in filter runs over such a workspace."""
     store = StageStore(world.ws)
-    result = run_stage(
-        store,
-        "filter",
-        1,
-        "e" * 64,
-        lambda w: filter_body(
-            w,
-            FilterConfig(ratio=10),
-            rewrites=stage_files(store, "rewrite", 1),
-            samples=stage_files(store, "sample", 1),
-            round_=1,
-        ),
-    )
+    result = run_filter_stage(store, FilterConfig(ratio=10), "e" * 64)
     try:
         assert "'" in str(world.ws) and result.rows == 12
     finally:
