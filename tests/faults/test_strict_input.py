@@ -21,20 +21,17 @@ from tests.conftest import REPO
 
 TINY = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
 
-# (case id, argv after `mpd config show`, dotted key, the value it must resolve to)
-ACCEPTED: list[tuple[str, list[str], str, object]] = [
-    ("--set section merges: lr set", ["--set", "train={lr: 5}"], "train.lr", 5.0),
-    ("--set section merges: steps kept", ["--set", "train={lr: 5}"], "train.steps",
-     TINY["train"]["steps"]),
-    ("--set section merges: another key kept", ["--set", "score={top_k: 8}"], "score.context",
-     TINY["score"]["context"]),
+# (case id, argv after `mpd config show`, {dotted key: the value it must resolve to})
+ACCEPTED: list[tuple[str, list[str], dict[str, object]]] = [
+    ("--set section merges key by key", ["--set", "train={lr: 5}"],
+     {"train.lr": 5.0, "train.steps": TINY["train"]["steps"]}),
+    ("--set section merges, another section", ["--set", "score={top_k: 8}"],
+     {"score.top_k": 8, "score.context": TINY["score"]["context"]}),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("argv", "key", "value"), [c[1:] for c in ACCEPTED], ids=[c[0] for c in ACCEPTED]
-)
-def test_value_is_taken_as_meant(tmp_path: Path, argv: list[str], key: str, value: object) -> None:
+@pytest.mark.parametrize(("argv", "want"), [c[1:] for c in ACCEPTED], ids=[c[0] for c in ACCEPTED])
+def test_value_is_taken_as_meant(tmp_path: Path, argv: list[str], want: dict[str, object]) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "flows.cli", "config", "show", *argv],
         capture_output=True,
@@ -44,10 +41,12 @@ def test_value_is_taken_as_meant(tmp_path: Path, argv: list[str], key: str, valu
         timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    node = yaml.safe_load(out.stdout)
-    for part in key.split("."):
-        node = node[part]
-    assert node == value
+    shown = yaml.safe_load(out.stdout)
+    for key, value in want.items():
+        node = shown
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
 
 
 # (case id, campaign_flow parameters, text of the Failed state's one line)
