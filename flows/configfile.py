@@ -67,9 +67,7 @@ class Origins:
         """Who set the value at ``loc`` an error points to: the last override at or under it
         (a section's own check fails because of something set inside it), else the file line
         of ``loc`` or of the nearest section around it, else ``default``."""
-        under = [
-            o for p, o in self.by_path.items() if o.override and p[: len(loc)] == loc
-        ]  # fmt: skip
+        under = [o for p, o in self.by_path.items() if o.override and p[: len(loc)] == loc]
         if under:
             return max(under, key=lambda o: o.order).where
         for n in range(len(loc), 0, -1):
