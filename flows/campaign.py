@@ -26,9 +26,9 @@ from data.store import StageStore
 from flows import modes
 from flows.artifacts import publish_round
 from flows.bootstrap import check_tokenizers, ensure_bootstrap
-from flows.config import RunConfig, dump_config, load_config
+from flows.config import DEPLOYMENT, ConfigError, RunConfig, dump_config, load_config
 from flows.logs import setup_logging
-from flows.preflight import attach_storage
+from flows.preflight import attach_storage, check_inputs
 from flows.summary import print_summary
 from tasks import cluster
 from tasks.context import Context
@@ -67,16 +67,23 @@ def campaign_flow(
     plus that many instead, capped by ``rounds`` when both are given
     (``flows/serve.py``).
     """
-    if workspace is not None:  # as an override, so that a URL workspace sets storage.url
-        overrides = [*(overrides or []), f"workspace={workspace}"]
-    cfg = load_config(config, overrides)
-    if rounds_per_night is not None:
-        from flows.serve import rounds_to_reach
-
-        cfg.rounds = rounds_to_reach(cfg.workspace, rounds_per_night, cap=rounds)
-    elif rounds is not None:
-        cfg.rounds = rounds
     try:
+        # A deployment's parameters are anyone's to set: a mistake in them is one line that
+        # names the parameter, and the run ends Failed (not with a traceback).
+        cfg = load_config(config, overrides, workspace=workspace, labels=DEPLOYMENT)
+        for name, value, least in (
+            ("rounds", rounds, 0),
+            ("rounds_per_night", rounds_per_night, 1),
+        ):
+            if value is not None and value < least:
+                raise ConfigError(f"{name} parameter {value}: must be {least} or more")
+        if rounds_per_night is not None:
+            from flows.serve import rounds_to_reach
+
+            cfg.rounds = rounds_to_reach(cfg.workspace, rounds_per_night, cap=rounds)
+        elif rounds is not None:
+            cfg.rounds = rounds
+        check_inputs(cfg)  # a deployment's run, too, refuses a bad problem file before writing
         run_campaign(cfg)
     except Exception as exc:
         # A user mistake (or a transient failure that outlived its retries) ends the run as

@@ -293,10 +293,8 @@ def main(argv: list[str] | None = None) -> int:
 def _load(args: argparse.Namespace) -> RunConfig:
     from flows.config import load_config
 
-    overrides = list(args.overrides)
-    if getattr(args, "workspace", None) is not None:  # a URL workspace also sets storage.url
-        overrides.append(f"workspace={args.workspace}")
-    cfg = load_config(args.config, overrides)
+    # -w is a path taken literally (a URL workspace also sets storage.url), set after --set.
+    cfg = load_config(args.config, args.overrides, workspace=getattr(args, "workspace", None))
     if getattr(args, "rounds", None) is not None:
         cfg.rounds = args.rounds
     return cfg

@@ -3,22 +3,25 @@
 Every stage owns its config model next to its code (``tasks/sample.py`` has
 ``SampleConfig`` ...); this module only composes them, loads YAML, applies
 ``--set key=value`` overrides, and turns pydantic's errors into one line that
-names the key and, for a misspelling, the closest valid key.
+names the key, who set it (``file.yaml:LINE``, the ``--set``, the deployment's
+override) and, for a misspelling, the closest valid key. Reading the text
+strictly (duplicate keys, infinity, alias bombs) is ``flows/configfile.py``'s job.
 """
 
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from data.configbase import StrictModel
-from data.errors import UserError
 from data.objstore import default_cache, is_url
 from engines.config import EnginesConfig
+from flows.configfile import ConfigError, Origins, deep_merge, parse_yaml, read_yaml
 from tasks.cluster import RunnerConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.filter import FilterConfig
@@ -38,7 +41,7 @@ Method = Literal["mpd", "on_policy", "off_policy", "self_distill", "sft_compress
 class BenchConfig(StrictModel):
     """``mpd bench`` only: which seeds each method runs with."""
 
-    method_seeds: dict[Method, list[int]] = Field(
+    method_seeds: dict[Method, list[Annotated[int, Field(ge=0)]]] = Field(
         default_factory=dict,
         description="Seeds per method, e.g. {mpd: [0, 1, 2]}: the method of interest over "
         "several seeds (mean ± sd), the baselines once; a method not named runs with `seed`. "
@@ -90,7 +93,10 @@ class RunConfig(StrictModel):
         "matches (hard-linked, reported as cached): how methods share a sample stage.",
     )
     seed: int = Field(
-        0, description="Seeds sampling and training (and problems, unless problems.seed is set)."
+        0,
+        ge=0,
+        description="Seeds sampling and training (and problems, unless problems.seed is set). "
+        "0 or more: numpy refuses a negative seed, which surfaced only at the train stage.",
     )
     rounds: int = Field(3, ge=0, description="Rounds in the campaign (0 = evaluate only).")
     models: ModelsConfig = Field(default_factory=ModelsConfig)
@@ -128,80 +134,114 @@ class RunConfig(StrictModel):
         return data
 
 
-class ConfigError(UserError, ValueError):
-    """A user mistake in a config file or override; its message is one line."""
+@dataclass(frozen=True)
+class Labels:
+    """How messages name an override and the workspace: as the CLI spells them, or as the
+    parameters of a Prefect deployment (``flows/campaign.py``) that anyone may set."""
+
+    override: str = "--set"
+    workspace: str = "-w"
 
 
-def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read ``path`` (default ``configs/tiny.yaml``), apply overrides, validate."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    data = read_yaml(path)
-    for item in overrides or []:
-        apply_override(data, item)
-    return validate(data, source=str(path))
+CLI = Labels()
+DEPLOYMENT = Labels(override="overrides item", workspace="workspace parameter")
 
 
-def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A config file as a dict, its ``base:`` file (relative to it) merged underneath.
+def load_config(
+    path: Path | str | None = None,
+    overrides: list[str] | None = None,
+    workspace: Path | str | None = None,
+    labels: Labels = CLI,
+) -> RunConfig:
+    """Read ``path`` (default ``configs/tiny.yaml``), apply overrides, validate.
 
-    ``base:`` lets a method's config (``configs/on_policy.yaml``) say only how it
-    differs from the default recipe, so tuning ``tiny.yaml`` tunes every mode.
+    ``overrides`` are ``key=value`` strings (:func:`apply_override`); ``workspace``, when
+    given, is taken literally (a path is not YAML: ``runs/a #1`` must not become ``runs/a``)
+    and set last. An error names where the value came from: ``file.yaml:LINE``, the
+    override, or the workspace, as ``labels`` spell them.
     """
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: 'base:' files include each other")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({_first_line(exc)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: 'base' must be a file name, got {base!r}")
-    return deep_merge(read_yaml(path.parent / base, (*seen, path.resolve())), data)
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    data, origins = read_yaml(path)
+    for item in overrides or []:
+        apply_override(data, item, origins, labels.override)
+    if workspace is not None:
+        data["workspace"] = str(workspace)
+        origins.note(("workspace",), f"{labels.workspace} {workspace}", override=True)
+    return validate(data, source=str(path), origins=origins)
 
 
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``, section by section (a scalar or list in ``top`` replaces)."""
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def validate(data: dict[str, Any], source: str = "config") -> RunConfig:
+def validate(
+    data: dict[str, Any], source: str = "config", origins: Origins | None = None
+) -> RunConfig:
+    """``data`` as a RunConfig; the first error in one line, after who set the value."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {describe_error(exc)}") from None
+        loc = tuple(str(p) for p in exc.errors()[0]["loc"] if not isinstance(p, int))
+        where = origins.of(loc, source) if origins is not None else source
+        raise ConfigError(f"{where}: {describe_error(exc)}") from None
 
 
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply ``a.b.c=value`` to nested ``data``; the value is parsed as YAML."""
+def apply_override(
+    data: dict[str, Any], item: str, origins: Origins | None = None, label: str = "--set"
+) -> None:
+    """Apply ``a.b.c=value`` to nested ``data``; the value is parsed as YAML, as strictly as a
+    file (no duplicate keys, no infinity or NaN).
+
+    A mapping given for a section merges into it key by key, as a file merges over its
+    ``base:``: ``--set 'train={lr: 5}'`` changes ``train.lr`` and keeps the section's other
+    keys (replacing the whole section silently reset them to their defaults). A scalar or a
+    list replaces. A path through a key that is not a section is refused.
+    """
+    where = f"{label} {item}"
     key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set expects key=value, got {item!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
     parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise ConfigError(f"{label} expects key=value, got {item!r}")
+    try:
+        value, lines = parse_yaml(raw, where, prefix=tuple(parts)) if raw.strip() else (None, {})
+    except yaml.YAMLError:
+        value, lines = raw, {}  # not YAML: the text itself (a prompt with a colon, say)
+    _check_sections(parts, where)
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+            raise ConfigError(f"{where}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
-    node[parts[-1]] = value
+    last, path = parts[-1], tuple(parts)
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        node[last] = deep_merge(node[last], value)
+    else:
+        node[last] = value
+        if origins is not None:
+            origins.forget_below(path)
+    if origins is not None:
+        for noted in (path, *lines):
+            origins.note(noted, where, override=True)
+
+
+def _check_sections(parts: list[str], where: str) -> None:
+    """Every key on the way to the last one is a section of the schema (a model or a free
+    mapping such as ``storage.options``); an unknown key is left to pydantic's "did you
+    mean"."""
+    model: type[BaseModel] = RunConfig
+    for i, part in enumerate(parts[:-1]):
+        field = model.model_fields.get(part)
+        if field is None:
+            return
+        if _is_mapping(field.annotation):
+            return
+        inner = _model_of(field.annotation)
+        if inner is None:
+            raise ConfigError(f"{where}: {'.'.join(parts[: i + 1])} is not a section")
+        model = inner
+
+
+def _is_mapping(annotation: Any) -> bool:
+    return get_origin(annotation) is dict or any(
+        get_origin(arg) is dict for arg in get_args(annotation)
+    )
 
 
 def describe_error(exc: ValidationError) -> str:
@@ -241,10 +281,6 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
         if isinstance(arg, type) and issubclass(arg, BaseModel):
             return arg
     return None
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def dump_config(cfg: RunConfig) -> str:

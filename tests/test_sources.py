@@ -16,7 +16,12 @@ import pytest
 from pydantic import ValidationError
 
 from data.schemas import PROBLEMS
-from data.sources import ProblemSourceConfig, ProblemSourceError, load_problems
+from data.sources import (
+    ProblemSourceConfig,
+    ProblemSourceError,
+    check_problem_source,
+    load_problems,
+)
 
 ROWS = [{"question": f"What is {i} + {i}?", "solution": 2 * i, "uid": f"q{i}"} for i in range(40)]
 MAPPED = {"prompt_column": "question", "answer_column": "solution"}
@@ -229,11 +234,17 @@ def test_null_or_empty_values_counted(tmp_path: Path) -> None:
         {"prompt": None, "answer": "1"},
     ]
     msg = error(write_jsonl(tmp_path / "p.jsonl", rows))
-    assert "3 of 4 row(s) have a null or empty 'prompt' (prompt_column); first at line 2" in msg
+    assert (
+        "3 of 4 row(s) have a missing, null or empty 'prompt' (prompt_column); first at line 2"
+        in msg
+    )
     table = pa.table({"prompt": ["a", "b", "c"], "answer": [1.0, float("nan"), None]})
     pq.write_table(table, tmp_path / "p.parquet")
     msg = error(tmp_path / "p.parquet")
-    assert "2 of 3 row(s) have a null or empty 'answer' (answer_column); first at row 1" in msg
+    assert (
+        "2 of 3 row(s) have a missing, null or empty 'answer' (answer_column); first at row 1"
+        in msg
+    )
 
 
 def test_non_scalar_answer(tmp_path: Path) -> None:
@@ -244,7 +255,7 @@ def test_non_scalar_answer(tmp_path: Path) -> None:
 def test_duplicate_ids(tmp_path: Path) -> None:
     rows = [{"prompt": f"p{i}", "answer": "1", "id": i % 3} for i in range(7)]
     msg = error(write_jsonl(tmp_path / "p.jsonl", rows), id_column="id")
-    assert "3 duplicate id(s) in 'id' (id_column), e.g. '0', '1', '2'" in msg
+    assert "duplicate id '0' in 'id' (id_column) at line 1 and line 4; 4 repeated row(s)" in msg
 
 
 def test_malformed_json_names_the_line(tmp_path: Path) -> None:
@@ -340,3 +351,50 @@ def test_a_hub_dataset_offline_is_one_line() -> None:
             ),
             0,
         )
+
+
+# -- the one check, before Prefect starts and in the stage (issue 26) --------------------------
+
+
+def test_check_and_load_agree_and_accept_bom_crlf_and_blank_lines(tmp_path: Path) -> None:
+    """A BOM, CRLF line endings and a trailing blank line are a valid file; the preflight's
+    count is the stage's rows."""
+    path = tmp_path / "p.jsonl"
+    body = '{"prompt": "a", "answer": 1}\r\n{"prompt": "b", "answer": "2"}\r\n\r\n'
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    cfg = ProblemSourceConfig(path=str(path))
+    assert check_problem_source(cfg) == 2
+    assert [(r["prompt"], r["answer"]) for r in load_problems(cfg, 0)] == [("a", "1"), ("b", "2")]
+
+
+def test_an_integer_answer_past_64_bits_keeps_every_digit(tmp_path: Path) -> None:
+    """orjson reads it as a float; the row is read again with every digit."""
+    big = 2**70 + 1
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": "p", "answer": big}, {"prompt": "q", "answer": 3}]
+    )
+    assert [r["answer"] for r in load(path)] == [str(big), "3"]
+
+
+def test_bytes_that_are_not_utf8_are_named_by_line_and_offset(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "2"}\n')
+    msg = error(path)
+    assert msg == (
+        f"{path}:2: not UTF-8 text (byte 0xe9 at byte offset 46 of the file): save it as UTF-8"
+    )
+
+
+def test_duplicate_ids_name_both_rows_in_parquet(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": f"p{i}", "answer": "1", "id": "x" if i in (2, 5) else str(i)} for i in range(7)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    msg = error(tmp_path / "p.parquet", id_column="id")
+    assert "duplicate id 'x' in 'id' (id_column) at row 2 and row 5; 1 repeated row(s)" in msg
+
+
+def test_the_check_writes_nothing(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    check_problem_source(ProblemSourceConfig(path=str(path), **MAPPED))
+    assert [p.name for p in tmp_path.iterdir()] == ["p.jsonl"]

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import REPO
 
-FILES = {
+FILES: dict[str, str | bytes] = {
     "badtype.yaml": "train: {lr: fast}\n",
     "badyaml.yaml": "train: [1\n",
     "list.yaml": "- a\n",
@@ -25,8 +25,55 @@ FILES = {
     "afile": "not a directory\n",
     "problems.txt": "not jsonl\n",
     "ws/.keep": "",
+    # strict config text (flows/configfile.py)
+    "dup.yaml": "train:\n  lr: 1.0e-4\ntrain:\n  steps: 5\n",
+    "dupnested.yaml": "sample:\n  n: 2\n  temperature: 0.5\n  n: 3\n",
+    "dupbase.yaml": "base: dup.yaml\nseed: 1\n",
+    "inf.yaml": "rounds: 1\ntrain:\n  lr: .inf\n",
+    "listsection.yaml": "train: [1, 2]\n",
+    "latin1.yaml": "train:\n  loss: caf\xe9\n".encode("latin-1"),
+    "deep.yaml": "x: " + "[" * 2000 + "]" * 2000 + "\n",
+    "selfalias.yaml": "storage:\n  options: &x {a: *x}\n",
+    "aliasbomb.yaml": "storage:\n  options:\n    a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    + "".join(
+        f"    {n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n"
+        for p, n in zip("abcde", "bcdef", strict=True)
+    ),
+    # problem files (data/sources.py), checked before Prefect starts
+    "empty.jsonl": "",
+    "blank.jsonl": "\n\n  \n",
+    "dupids.jsonl": '{"id": "a", "prompt": "p1", "answer": "1"}\n'
+    '{"id": "b", "prompt": "p2", "answer": "2"}\n{"id": "a", "prompt": "p3", "answer": "3"}\n',
+    "noanswer.jsonl": '{"prompt": "p1", "answer": "1"}\n{"prompt": "p2"}\n',
+    "nullanswer.jsonl": '{"prompt": "p1", "answer": null}\n',
+    "emptyprompt.jsonl": '{"prompt": "p1", "answer": "1"}\n{"prompt": " ", "answer": "2"}\n',
+    "latin1.jsonl": '{"prompt": "p1", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "2"}\n'.encode(
+        "latin-1"
+    ),
+    "utf16.jsonl": '{"prompt": "p1", "answer": "1"}\n'.encode("utf-16"),
+    "badjson.jsonl": '{"prompt": "p1", "answer": "1"}\n{"prompt": "p2", "answer": \n',
+    "nanjson.jsonl": '{"prompt": "p1", "answer": NaN}\n',
+    "array.jsonl": '["p1", "1"]\n',
+    "nogold.jsonl": '{"prompt": "p1", "answer": "so it is 4"}\n',
+    "badsplit.jsonl": '{"prompt": "p1", "answer": "1", "split": "trian"}\n',
+    "column.jsonl": '{"question": "p1", "answer": "1"}\n',
+    "bad.parquet": "not parquet at all\n",
+    "noparquet/readme.txt": "no data here\n",
 }
 SLOW = "select sum(a.range * b.range) from range(100000) a, range(100000) b"
+
+
+def show(*args: str) -> list[str]:
+    """``mpd config show`` with ``args``: a config mistake ends there as in every command."""
+    return ["config", "show", *args]
+
+
+def problems(path: str, *file_keys: str) -> list[str]:
+    """``mpd run`` in a workspace that does not exist yet, on the problem file ``path``."""
+    sets = [f"problems.file.path={path}", *(f"problems.file.{k}" for k in file_keys)]
+    return ["run", "-w", "newws", "--set", "problems.source=file",
+            *(a for kv in sets for a in ("--set", kv))]  # fmt: skip
+
 
 # (case id, argv, text the one error line must contain)
 CASES: list[tuple[str, list[str], str]] = [
@@ -62,6 +109,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bench zero rounds", ["bench", "--rounds", "0"], "at least 1"),
     ("bench workspace is a file", ["bench", "-w", "afile"], "is a file"),
     ("status of no workspace", ["status", "-w", "nowhere"], "does not exist"),
+    ("-w taken literally, not as YAML", ["status", "-w", "runs/a #1"],
+     "workspace runs/a #1 does not exist"),
+    ("-w that YAML reads as a list", ["status", "-w", "[x]"], "workspace [x] does not exist"),
     ("sql in no workspace", ["sql", "-w", "nowhere", "select 1"], "does not exist"),
     ("sql empty", ["sql", "-w", "ws", ""], "empty query"),
     ("sql syntax", ["sql", "-w", "ws", "selec 1"], "syntax error"),
@@ -77,6 +127,72 @@ CASES: list[tuple[str, list[str], str]] = [
     ("sql past its timeout", ["sql", "-w", "ws", "--timeout", "0.5", SLOW], "ran past 0.5 s"),
     ("serve bad cron", ["serve", "--cron", "bad cron"], "Invalid cron"),
     ("bootstrap --only alone", ["bootstrap", "--only", "student"], "give --finetune SRC"),
+    # -- strict config: refused in one line that names where the value came from (issue 26)
+    ("config duplicate section", show("-c", "dup.yaml"),
+     "dup.yaml:3: duplicate key 'train' (first at line 1)"),
+    ("config duplicate nested key", show("-c", "dupnested.yaml"),
+     "dupnested.yaml:4: duplicate key 'sample.n' (first at line 2)"),
+    ("config duplicate key in base", show("-c", "dupbase.yaml"), "dup.yaml:3: duplicate key"),
+    ("--set duplicate key", show("--set", "train={lr: 1, lr: 2}"), "duplicate key 'train.lr'"),
+    ("--set inf", show("--set", "train.lr=inf"),
+     "--set train.lr=inf: 'train.lr': Input should be a finite number"),
+    ("--set -inf", show("--set", "train.lr=-.inf"), "--set train.lr=-.inf: 'train.lr'"),
+    ("--set overflowing float", show("--set", "train.lr=1.0e+400"), "not a finite number"),
+    ("config .inf", show("-c", "inf.yaml"), "inf.yaml:3: 'train.lr': .inf is not a finite"),
+    ("--set nan in a free mapping", show("--set", "storage.options={a: .nan}"),
+     "'storage.options.a': .nan is not a finite number"),
+    ("--set inf in engine args", show("--set", "engines.student.vllm_args={x: {y: .inf}}"),
+     "'engines.student.vllm_args.x.y'"),
+    ("--set huge integer", show("--set", "seed=100000000000000000000000"), "64 bits"),
+    ("--set huge integer in a list", show("--set", "bench.method_seeds={mpd: [1.0e+30]}"),
+     "--set bench.method_seeds={mpd: [1.0e+30]}: 'bench.method_seeds.mpd'"),
+    ("--set negative seed", show("--set", "seed=-1"),
+     "--set seed=-1: 'seed': Input should be greater than or equal to 0"),
+    ("--set wrong value named", show("--set", "rounds=abc"), "--set rounds=abc: 'rounds'"),
+    ("--set through a scalar", show("--set", "train.beta.x=1"),
+     "--set train.beta.x=1: train.beta is not a section"),
+    ("--set empty key part", show("--set", "train..lr=1"), "expects key=value"),
+    ("config value named by line", show("-c", "badtype.yaml"), "badtype.yaml:1: 'train.lr'"),
+    ("config list for a section", show("-c", "listsection.yaml"),
+     "listsection.yaml:1: 'train': Input should be a valid dictionary"),
+    ("config not UTF-8", show("-c", "latin1.yaml"),
+     "latin1.yaml:2: not UTF-8 text (byte 0xe9 at offset 18)"),
+    ("config nested too deep", show("-c", "deep.yaml"), "nested more than 64 levels deep"),
+    ("config alias in itself", show("-c", "selfalias.yaml"),
+     "selfalias.yaml:2: an alias refers to a value that contains it"),
+    ("config alias bomb", show("-c", "aliasbomb.yaml"), "more than 100000 values"),
+    # -- the problem file: every rule of the problems stage, before Prefect starts
+    ("problem file empty", problems("empty.jsonl"), "empty.jsonl: no rows"),
+    ("problem file blank lines", problems("blank.jsonl"), "blank.jsonl: no rows"),
+    ("problem duplicate ids", problems("dupids.jsonl", "id_column=id"),
+     "duplicate id 'a' in 'id' (id_column) at line 1 and line 3"),
+    ("problem missing answer", problems("noanswer.jsonl"),
+     "1 of 2 row(s) have a missing, null or empty 'answer' (answer_column); first at line 2"),
+    ("problem null answer", problems("nullanswer.jsonl"), "null or empty 'answer'"),
+    ("problem empty prompt", problems("emptyprompt.jsonl"),
+     "null or empty 'prompt' (prompt_column); first at line 2"),
+    ("problem file latin-1", problems("latin1.jsonl"),
+     "latin1.jsonl:2: not UTF-8 text (byte 0xe9 at byte offset 47 of the file)"),
+    ("problem file utf-16", problems("utf16.jsonl"), "utf16.jsonl:1: not UTF-8 text (byte 0xff"),
+    ("problem invalid JSON line", problems("badjson.jsonl"), "badjson.jsonl:2: malformed JSON"),
+    ("problem NaN literal", problems("nanjson.jsonl"), "nanjson.jsonl:1: malformed JSON"),
+    ("problem line not an object", problems("array.jsonl"), "expected one JSON object per line"),
+    ("problem gsm8k without ####", problems("nogold.jsonl", "answer_format=gsm8k"),
+     "no gold answer in 'answer'"),
+    ("problem unknown split", problems("badsplit.jsonl", "split_column=split"), "'trian'"),
+    ("problem column misspelt", problems("column.jsonl"),
+     "column 'prompt' (prompt_column) not found; available: question, answer"),
+    ("problem parquet unreadable", problems("bad.parquet"), "cannot read Parquet"),
+    ("problem directory without data", problems("noparquet"), "nor .parquet files"),
+    ("problem hub dataset offline", problems("openai/gsm8k", "format=hf_dataset", "name=main"),
+     "datasets.load_dataset failed"),
+    ("bench problem file", ["bench", "-w", "newws", "--rounds", "1", "--methods", "mpd",
+                            "--set", "problems.source=file",
+                            "--set", "problems.file.path=dupids.jsonl",
+                            "--set", "problems.file.id_column=id"], "duplicate id 'a'"),
+    ("rerun problem file",
+     ["rerun", "--round", "1", "--from", "filter", *problems("empty.jsonl")[1:]],
+     "no rows"),
 ]  # fmt: skip
 
 
@@ -84,7 +200,10 @@ CASES: list[tuple[str, list[str], str]] = [
 def test_user_mistake_is_one_line_exit_2(tmp_path: Path, argv: list[str], expected: str) -> None:
     for name, text in FILES.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
+        if isinstance(text, bytes):
+            (tmp_path / name).write_bytes(text)
+        else:
+            (tmp_path / name).write_text(text)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     out = subprocess.run(
         [sys.executable, "-m", "flows.cli", *argv],
@@ -100,5 +219,6 @@ def test_user_mistake_is_one_line_exit_2(tmp_path: Path, argv: list[str], expect
     assert expected in last, out.stderr
     assert len(last) < 300
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    # A refusal writes nothing, except the workspace directory a run creates to check it.
-    assert [p for p in after if p not in before and p.parts[0] != "ws"] == [], after
+    # A refusal writes nothing: not a file, not even the workspace directory (every check runs
+    # before anything is created; the rows that run in a new workspace use `-w newws`).
+    assert [p for p in after if p not in before] == [], after

@@ -1,0 +1,259 @@
+"""How each format of a user's problem source is read into columns (``data/sources.py`` checks
+what they hold).
+
+A reader returns a :class:`Table`: every column name it saw, the values of the wanted columns,
+and where each row sits (a JSONL line number, else a row index) so that a message can point at
+it. Nothing here writes: ``mpd run`` reads the file once before Prefect starts
+(``flows/preflight.py``) and once more in the problems stage, with the same code.
+
+JSON lines are parsed with orjson, one line at a time: a 100 MB file in well under a second
+(the standard library's ``json`` takes three times as long), each bad line named by number and
+each byte that is not UTF-8 by its offset in the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from itertools import repeat
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from data.errors import UserError
+
+Format = Literal["auto", "jsonl", "parquet", "hf_disk", "hf_dataset"]
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+BOM = b"\xef\xbb\xbf"
+EXACT_FLOAT = 2.0**53  # orjson reads an integer past 64 bits as a float: past this, not exact
+
+
+class ProblemSourceError(UserError, ValueError):
+    """The user's problem file cannot be turned into problems; says why in one line."""
+
+
+@dataclass
+class Table:
+    """What a reader found: every column name, and the values of the wanted ones."""
+
+    columns: list[str]
+    data: dict[str, list[Any]]
+    n_rows: int
+    lines: list[int] | None = None  # JSONL line number of each row, for messages
+    split_names: list[str] | None = None  # DatasetDict split of each row
+
+    def where(self, i: int) -> str:
+        return f"line {self.lines[i]}" if self.lines is not None else f"row {i}"
+
+
+def detect_format(path: Path, fmt: Format) -> Format:
+    """The concrete format of ``path``; errors when it is missing or unrecognisable."""
+    if not path.exists():
+        raise ProblemSourceError(f"problem source not found: {path}")
+    if fmt == "auto":
+        if path.is_dir():
+            if any((path / m).exists() for m in HF_MARKERS):
+                return "hf_disk"
+            if parquet_files(path):
+                return "parquet"
+            raise ProblemSourceError(
+                f"{path}: directory holds neither a datasets save_to_disk dataset "
+                f"({', '.join(HF_MARKERS)}) nor .parquet files"
+            )
+        suffix = path.suffix.lower()
+        if suffix in JSONL_SUFFIXES:
+            return "jsonl"
+        if suffix in PARQUET_SUFFIXES:
+            return "parquet"
+        raise ProblemSourceError(
+            f"{path}: unknown format (suffix {suffix or 'none'!r}); use .jsonl, .ndjson, "
+            ".parquet, .pq, a save_to_disk directory, or set format to jsonl/parquet/hf_disk"
+        )
+    if fmt == "jsonl" and path.is_dir():
+        raise ProblemSourceError(f"{path}: format 'jsonl' needs a file, got a directory")
+    if fmt == "hf_disk" and not path.is_dir():
+        raise ProblemSourceError(f"{path}: format 'hf_disk' needs a save_to_disk directory")
+    return fmt
+
+
+def parquet_files(directory: Path) -> list[Path]:
+    """Parquet files under ``directory`` in a fixed order, skipping ``_``/``.`` entries."""
+    files = [
+        p
+        for p in directory.rglob("*")
+        if p.suffix.lower() in PARQUET_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(("_", ".")) for part in p.relative_to(directory).parts)
+    ]
+    return sorted(files)
+
+
+def read_jsonl(path: Path, wanted: list[str], limit: int | None) -> Table:
+    """One JSON object per line; blank lines (a trailing one, CRLF endings) and a UTF-8 byte
+    order mark are fine, anything else that is not JSON is named by its line.
+
+    The loop is the cost of a large file, so it does per line only what it must.
+    """
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
+    keys: dict[str, None] = {}
+    offset, loads = 0, orjson.loads
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            start, offset = offset, offset + len(line)
+            if lineno == 1 and line.startswith(BOM):
+                line, start = line[len(BOM) :], start + len(BOM)
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                obj = loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise _line_error(path, lineno, start, line, exc) from None
+            if type(obj) is not dict:
+                raise ProblemSourceError(
+                    f"{path}:{lineno}: expected one JSON object per line, got {type(obj).__name__}"
+                )
+            if obj.keys() != keys.keys():
+                keys.update(dict.fromkeys(obj))
+            rows.append(obj)
+            lines.append(lineno)
+    data = {c: list(map(dict.get, rows, repeat(c))) for c in wanted if c in keys}
+    if any(float in set(map(type, values)) for values in data.values()):
+        _exact_integers(path, data, lines)
+    return Table(list(keys), data, len(rows), lines=lines)
+
+
+def _line_error(
+    path: Path, lineno: int, start: int, line: bytes, exc: orjson.JSONDecodeError
+) -> ProblemSourceError:
+    """A line orjson refused: bytes that are not UTF-8 (by their offset), else bad JSON."""
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return ProblemSourceError(
+            f"{path}:{lineno}: not UTF-8 text (byte 0x{line[bad.start]:02x} at byte offset "
+            f"{start + bad.start} of the file): save it as UTF-8"
+        )
+    return ProblemSourceError(f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno})")
+
+
+def _exact_integers(path: Path, data: dict[str, list[Any]], lines: list[int]) -> None:
+    """orjson reads an integer past 64 bits as a float (``2**70`` loses its last digits):
+    such rows are read again with ``json``, which keeps every digit. Rare, so a second pass."""
+    redo = {
+        lines[i]: i
+        for values in data.values()
+        for i, v in enumerate(values)
+        if type(v) is float and abs(v) >= EXACT_FLOAT
+    }
+    if not redo:
+        return
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if (i := redo.get(lineno)) is not None:
+                obj = json.loads(line.removeprefix(BOM))
+                for column, values in data.items():
+                    values[i] = obj.get(column)
+
+
+def read_parquet(path: Path, wanted: list[str], limit: int | None) -> Table:
+    """Read only the wanted columns of a file or a directory of files (sorted order)."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    files = parquet_files(path) if path.is_dir() else [path]
+    if not files:
+        raise ProblemSourceError(f"{path}: no .parquet files in this directory")
+    try:
+        dataset = pads.dataset([str(f) for f in files], format="parquet")
+        columns = list(dataset.schema.names)
+        present = [c for c in wanted if c in columns]
+        if limit is None:
+            table = dataset.to_table(columns=present)
+        else:
+            table = dataset.head(limit, columns=present)
+    except (pa.ArrowException, OSError) as exc:
+        raise ProblemSourceError(f"{path}: cannot read Parquet ({exc})") from None
+    return Table(columns, table.to_pydict(), table.num_rows)
+
+
+def read_hf_disk(path: Path, wanted: list[str], limit: int | None, split: str | None) -> Table:
+    """Read a save_to_disk Dataset, one split of a DatasetDict, or all its splits."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))  # local files only: no hub access
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise ProblemSourceError(f"{path}: cannot load datasets save_to_disk ({exc})") from None
+    return dataset_table(path, loaded, wanted, limit, split)
+
+
+def read_hf_dataset(
+    path: str, name: str | None, wanted: list[str], limit: int | None, split: str | None
+) -> Table:
+    """``datasets.load_dataset(path, name)``: a Hugging Face dataset id (``openai/gsm8k`` with
+    name ``main``), or a local directory or file that ``datasets`` reads (a directory holding
+    ``train.jsonl`` and ``test.jsonl`` becomes splits train and test)."""
+    import datasets
+
+    local = Path(path).expanduser()
+    source = str(local) if local.exists() else path
+    datasets.disable_progress_bars()  # one problem set, not a progress display
+    try:
+        loaded = datasets.load_dataset(source, name)
+    except Exception as exc:  # the hub unreachable, no such dataset or config, unreadable files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ProblemSourceError(
+            f"{path}: datasets.load_dataset failed ({type(exc).__name__}: {first[:200]})"
+            + ("; the hub is not reachable offline (HF_HUB_OFFLINE)" if not local.exists() else "")
+        ) from None
+    return dataset_table(Path(path), loaded, wanted, limit, split)
+
+
+def dataset_table(
+    path: Path, loaded: Any, wanted: list[str], limit: int | None, split: str | None
+) -> Table:
+    """A loaded Dataset or DatasetDict as a table: one split, or all with their names."""
+    import datasets
+
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        if split is not None:
+            if split not in loaded:
+                raise ProblemSourceError(
+                    f"{path}: split {split!r} not found; available: {', '.join(names)}"
+                )
+            names = [split]
+        parts = [(name, loaded[name]) for name in names]
+        # Several splits: their names say train/test. One split: hash it like a Dataset.
+        split_names: list[str] | None = [] if len(parts) > 1 else None
+    else:
+        if split is not None:
+            raise ProblemSourceError(
+                f"{path}: split={split!r} given but this is a single Dataset, not a DatasetDict"
+            )
+        parts, split_names = [("", loaded)], None
+    if not parts:
+        return Table([], {}, 0)
+    columns = list(parts[0][1].column_names)
+    present = [c for c in wanted if c in columns]
+    data: dict[str, list[Any]] = {c: [] for c in present}
+    n_rows = 0
+    for name, ds in parts:
+        if limit is not None:
+            ds = ds.select(range(min(limit - n_rows, len(ds))))
+        if missing := [c for c in present if c not in ds.column_names]:
+            raise ProblemSourceError(f"{path}: split {name!r} lacks column(s) {', '.join(missing)}")
+        for column, values in (
+            ds.select_columns(present).with_format("arrow")[:].to_pydict().items()
+        ):
+            data[column].extend(values)
+        n_rows += len(ds)
+        if split_names is not None:
+            split_names.extend([name] * len(ds))
+    return Table(columns, data, n_rows, split_names=split_names)
