@@ -2,7 +2,8 @@
 
 A rename within one filesystem is atomic, so a reader (DuckDB, a resumed run)
 sees either the old file or the whole new one, never a prefix. The fsync before
-the rename makes the same hold after a power loss, not only after a kill.
+the rename makes the same hold after a power loss, not only after a kill. A write that fails
+(a full disk) removes its temporary file, so the failure does not keep the disk full.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from data.diskfull import naming
 
 
 def fsync_dir(path: Path) -> None:
@@ -27,10 +30,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that no reader ever sees a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    with naming(path):
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

@@ -39,6 +39,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.diskfull import naming
 from data.fsutil import atomic_write_json, fsync_dir, sha256_file
 from data.manifest import MANIFEST, SHARD_MARKERS, STAGING, TRASH, FileEntry, Manifest
 from data.objstore import attached
@@ -264,9 +265,14 @@ class StageWriter:
         table = conform(table, schema, name=f"{self.stage}/{name}")
         path = self.dir / name
         tmp = path.with_name(f".{name}.tmp")
-        pq.write_table(table, tmp, **PARQUET_OPTIONS)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        with naming(path):  # a full disk: one line naming the shard, no partial file left
+            try:
+                pq.write_table(table, tmp, **PARQUET_OPTIONS)
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         tmp.replace(path)
         fsync_dir(self.dir)
         if marker:

@@ -12,13 +12,17 @@ shards and checkpoints. The whole campaign holds the workspace lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import flow
 from prefect.states import Failed
 
 from data import catalog
+from data.diskfull import DiskFullError, naming
 from data.errors import kind_of, one_line
 from data.fsutil import atomic_write_bytes
 from data.lock import WorkspaceLock, describe_holder
@@ -49,6 +53,20 @@ def write_last_run(ws: Path, outcomes: dict) -> None:
     atomic_write_json(
         ws / LAST_RUN, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": outcomes}
     )
+
+
+@contextlib.contextmanager
+def _bookkeeping(path: Path, failing: bool) -> Iterator[None]:
+    """A write after the stages (the run's outcomes, the catalog). On a full disk while the run
+    is already failing (most often for that same disk) it is a warning, so that the user's one
+    line names the first failure, not this one."""
+    try:
+        with naming(path):
+            yield
+    except DiskFullError:
+        if not failing:
+            raise
+        log.warning("%s not written: the disk is full", path)
 
 
 @flow(name="mpd-campaign", log_prints=True)
@@ -127,8 +145,11 @@ def run_campaign(cfg: RunConfig) -> None:
 
             close_engines()
             cluster.close()
+            failing = sys.exc_info()[1] is not None
             if ctx is not None:
-                write_last_run(ws, ctx.outcomes)
-            catalog.write_catalog(ws)
+                with _bookkeeping(ws / LAST_RUN, failing):
+                    write_last_run(ws, ctx.outcomes)
+            with _bookkeeping(ws / "catalog.duckdb", failing):
+                catalog.write_catalog(ws)
         changed = any(o["state"] != "cached" for o in ctx.outcomes.values()) if ctx else True
         print_summary(ws, replot=changed)

@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.diskfull import naming
 from data.store import StageStore, StageWriter
 
 log = logging.getLogger("mpd")
@@ -86,14 +87,17 @@ def run_stage(
             len(writer.resumed),
         )
     rss, compute_before = _PeakRss(), _COMPUTE_S[0]
-    try:
-        extra = compute(writer) or {}
-    finally:
-        peak = rss.stop()
-    extra = {**extra, "compute_s": round(_COMPUTE_S[0] - compute_before, 3)}
-    if peak is not None:
-        extra["peak_rss_mb"] = peak
-    man = writer.commit(extra)
+    # A full disk that no inner writer named (an engine's or DuckDB's own write) is named here
+    # by the stage's staging directory: one line, not a library's traceback.
+    with naming(writer.dir):
+        try:
+            extra = compute(writer) or {}
+        finally:
+            peak = rss.stop()
+        extra = {**extra, "compute_s": round(_COMPUTE_S[0] - compute_before, 3)}
+        if peak is not None:
+            extra["peak_rss_mb"] = peak
+        man = writer.commit(extra)
     seconds = time.monotonic() - started
     log.info(
         "round %d %-8s done: %d rows in %.1fs (key %s)", round_, stage, man.rows, seconds, key[:12]

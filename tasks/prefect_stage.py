@@ -8,7 +8,7 @@ result), and Prefect shows an unchanged stage as ``Cached``.
 
 Only transient failures (a dead engine worker, a server that kept failing, a lost
 connection: ``data.errors``) are retried, with backoff; a user mistake (a filter that
-keeps nothing, a bad SQL file) or a bug fails the stage at once.
+keeps nothing, a bad SQL file), a full disk or a bug fails the stage at once.
 """
 
 from __future__ import annotations
@@ -50,17 +50,18 @@ class StageKeyPolicy(CachePolicy):
 
 
 def failed_quietly(run: Callable[[], Any]) -> Any:
-    """``run()``, with a user mistake turned into a Failed state that carries it.
+    """``run()``, with a user mistake or a full disk turned into a Failed state that carries it.
 
     Prefect logs a raised exception with its whole traceback (~50 lines before the CLI's one
     line); a returned Failed state is logged as one line, and ``state.result()`` (or a
-    future's ``result()``) still raises the exception for the caller. Bugs and transient
-    failures are raised as usual: their traceback helps, and the retry condition sees them.
+    future's ``result()``) still raises the exception for the caller. Neither kind is retried.
+    Bugs and transient failures are raised as usual: their traceback helps, and the retry
+    condition sees them.
     """
     try:
         return run()
     except Exception as exc:
-        if kind_of(exc) != "user":
+        if kind_of(exc) not in ("user", "resource"):
             raise
         return Failed(message=one_line(exc), data=exc)
 

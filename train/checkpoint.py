@@ -14,6 +14,9 @@ Everything is written into a hidden `.tmp-step-000050/`, state.json last, each f
 directory is then renamed into place. A reader takes only `step-NNNNNN` directories that hold a
 state.json, so a checkpoint killed mid-write (still hidden, or a stray directory without its state
 file) is never resumed from. The data order needs no saved state: it is a function of the step.
+A write that fails (a full disk) removes its hidden directory before raising one line naming the
+checkpoint: the failure gives back the space it took, and the next run resumes from the last
+complete checkpoint.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.diskfull import naming
 from data.errors import UserError
 from data.fsutil import atomic_write_json, fsync_dir
 
@@ -125,12 +129,19 @@ def write_checkpoint(out_dir: Path, step: int, ckpt: Checkpoint) -> Path:
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _save(ckpt.trainable, tmp / "trainable.pt")
-    _save(ckpt.optimizer, tmp / "optimizer.pt")
-    _save(ckpt.scheduler, tmp / "scheduler.pt")
-    _save(ckpt.rng, tmp / "rng.pt")
-    atomic_write_json(tmp / STATE, {**ckpt.state, "step": step})
+    # A full disk: one line naming the checkpoint, said once the partial one is gone (so the
+    # free space it reports is what the next try will have).
+    with naming(final):
+        try:
+            tmp.mkdir(parents=True)
+            _save(ckpt.trainable, tmp / "trainable.pt")
+            _save(ckpt.optimizer, tmp / "optimizer.pt")
+            _save(ckpt.scheduler, tmp / "scheduler.pt")
+            _save(ckpt.rng, tmp / "rng.pt")
+            atomic_write_json(tmp / STATE, {**ckpt.state, "step": step})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if final.exists():  # a stale one from a run that was reset: replace it whole
         _discard(final)
     os.replace(tmp, final)
@@ -193,9 +204,14 @@ def save_model_dir(model: Any, tokenizer: Any, target: Path) -> None:
     """save_pretrained into a hidden tmp dir, then rename: `target` is whole or absent."""
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
+    with naming(target):
+        try:
+            model.save_pretrained(str(tmp))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if target.exists():
         _discard(target)
     os.replace(tmp, target)
