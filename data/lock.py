@@ -17,6 +17,7 @@ cannot both win.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -30,7 +31,7 @@ from types import TracebackType
 from typing import Any
 
 from data.errors import UserError
-from data.objstore import ObjectStore, StorageError, attached
+from data.objstore import ObjectStore, StorageError, StorageUnreachableError, attached
 
 log = logging.getLogger("mpd.lock")
 LEASE_S = 120.0  # a lease's lifetime; renewed every third of it ($MPD_LEASE_S overrides)
@@ -92,16 +93,16 @@ class WorkspaceLock:
         so this is advice, not a reservation (a run that starts in between is still refused
         by :meth:`acquire`). The lock file's record is left for the real holder to read.
         """
-        try:
+        with contextlib.suppress(FileNotFoundError):  # no lock file: no local holder
             fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise self._busy(_read_holder(fd)) from None
-        finally:
-            os.close(fd)  # closing drops a lock this check took
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._busy(_read_holder(fd)) from None
+            finally:
+                os.close(fd)  # closing drops a lock this check took
+        # The lease, whether or not this machine's copy has a lock file: a second machine (a
+        # fresh working copy) used to skip it and was refused only after Prefect started.
         if (remote := attached(self.path.parent)) is not None:
             ObjectLease(remote, {}).check_free()
 
@@ -182,7 +183,7 @@ class ObjectLease:
         while not self._stop.wait(self.ttl / 3):
             try:
                 etag = self._put(if_match=self._etag)
-            except StorageError as exc:  # the store did not answer: try again next beat
+            except (StorageError, StorageUnreachableError) as exc:  # try again next beat
                 log.warning("could not renew the lease on %s: %s", self.store.url, exc)
                 continue
             if etag is None:
@@ -230,21 +231,33 @@ class ObjectLease:
             return None, None
         except ValueError:
             holder = {}
+        if not isinstance(holder, dict):  # not a lease mpd wrote: it names no live holder
+            holder = {}
         etag = info.get("ETag") or info.get("etag") or str(info.get("mtime", ""))
         return holder, str(etag).strip('"') or None
 
     def _busy(self, holder: dict[str, Any]) -> WorkspaceBusyError:
-        until = holder.get("expires")
-        when = f"; its lease runs until {time.strftime('%H:%M:%S', time.localtime(until))}"
+        when = ""
+        with contextlib.suppress(KeyError, TypeError, ValueError, OverflowError, OSError):
+            until = time.localtime(float(holder["expires"]))
+            when = f"; its lease runs until {time.strftime('%H:%M:%S', until)}"
         return WorkspaceBusyError(
             f"workspace {self.store.url} is in use by {describe_holder(holder)}"
-            f"{when if until else ''}; wait for it to finish or stop it first"
+            f"{when}; wait for it to finish or stop it first"
         )
 
 
 def _lease_stale(holder: dict[str, Any]) -> bool:
-    """Expired, or held by a process of this host that no longer exists."""
-    if float(holder.get("expires") or 0) < time.time():
+    """Expired, or held by a process of this host that no longer exists. A lease mpd did not
+    write (no holder, an expiry that is not a number) names no live holder: stale too, so a
+    damaged lease object cannot block the workspace (or crash the check) forever."""
+    if not holder.get("pid") or not holder.get("host"):
+        return True
+    try:
+        expires = float(holder.get("expires") or 0)
+    except (TypeError, ValueError):
+        return True
+    if not expires >= time.time():  # NaN too
         return True
     if holder.get("host") == socket.gethostname() and holder.get("pid"):
         try:
@@ -257,11 +270,13 @@ def _lease_stale(holder: dict[str, Any]) -> bool:
 
 
 def _read_holder(fd: int) -> dict[str, Any]:
+    """The holder record of a lock file; {} when it is empty or not one (a damaged file)."""
     try:
         raw = os.pread(fd, 4096, 0)
-        return json.loads(raw) if raw.strip() else {}
+        holder = json.loads(raw) if raw.strip() else {}
     except (OSError, ValueError):
         return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 def describe_holder(holder: dict[str, Any]) -> str:

@@ -36,15 +36,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data.errors import UserError
+from data.diskfull import naming
+from data.errors import is_disk_full
 from data.fsutil import atomic_write_json, fsync_dir, sha256_file
 from data.manifest import MANIFEST, SHARD_MARKERS, STAGING, Manifest
+from data.storage_errors import (
+    StorageError,
+    StorageUnreachableError,
+    classify,
+    one_line,
+    storage_wait_s,
+)
 
 REMOTE_FILE = ".remote.json"  # in a local working copy: {"url": ..., "options": {...}}
-
-
-class StorageError(UserError, RuntimeError):
-    """Object storage cannot be reached or refused a request (one line: which URL, why)."""
 
 
 def is_url(workspace: str | Path) -> bool:
@@ -80,7 +84,7 @@ class ObjectStore:
             options = {"use_listings_cache": False, **self.options}
             self.fs, root = fsspec.core.url_to_fs(self.url, **options)
         except (ImportError, ValueError, TypeError) as exc:
-            raise StorageError(f"workspace {self.url}: {_one_line(exc)}") from None
+            raise StorageError(f"workspace {self.url}: {one_line(exc)}") from None
         self.root = root.rstrip("/")
 
     # -- where --------------------------------------------------------------
@@ -102,15 +106,52 @@ class ObjectStore:
         return base if key16 is None else f"{base}/{key16}"
 
     # -- reading ------------------------------------------------------------
-    def check_reachable(self) -> None:
-        """Fail with one line when the bucket or prefix's parent cannot be listed."""
+    def check_reachable(self, wait_s: float | None = None) -> None:
+        """Fail with one line when the bucket cannot be listed.
+
+        A missing bucket or a refused request is the user's to fix (:class:`StorageError`, exit
+        2). A store that does not answer is retried with backoff (0.5, 1, 2, 4 s ...) for up to
+        ``wait_s`` seconds (``$MPD_STORAGE_WAIT_S``, default 15), then
+        :class:`StorageUnreachableError` (exit 1). The probe turns botocore's own retries off:
+        nested in these, they made a dead endpoint cost 10-20 s before it said anything, and
+        then as if the user had made a mistake.
+        """
         bucket = self.root.split("/", 1)[0]
-        try:
-            self._call(self.fs.ls, bucket)
-        except FileNotFoundError:
-            raise StorageError(
-                f"workspace {self.url}: bucket {bucket!r} does not exist (create it first)"
-            ) from None
+        wait = storage_wait_s() if wait_s is None else wait_s
+        probe, started, delay, tries = self._probe_fs(), time.monotonic(), 0.5, 0
+        while True:
+            tries += 1
+            try:
+                self._call(probe.ls, bucket)
+                return
+            except FileNotFoundError:
+                raise StorageError(
+                    f"workspace {self.url}: bucket {bucket!r} does not exist (create it first)"
+                ) from None
+            except StorageUnreachableError as exc:
+                elapsed = time.monotonic() - started
+                if elapsed + delay > wait:
+                    word = "try" if tries == 1 else "tries"
+                    raise StorageUnreachableError(
+                        f"{exc} ({tries} {word} over {elapsed:.1f} s); is the endpoint right "
+                        "(storage.options, AWS_ENDPOINT_URL) and the server up? Run again later"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 4.0)
+
+    def _probe_fs(self) -> Any:
+        """The filesystem to probe with: for S3, one with botocore's retries off (the caller
+        retries) and a short connect timeout (botocore's default waits 60 s)."""
+        if not hasattr(self.fs, "call_s3"):
+            return self.fs
+        import fsspec
+
+        config = {"connect_timeout": 5, **dict(self.options.get("config_kwargs") or {})}
+        config["retries"] = {"max_attempts": 1, "mode": "standard"}
+        options = {"use_listings_cache": False, **self.options, "config_kwargs": config}
+        fs, _ = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **options)
+        fs.retries = 1  # s3fs's own retry loop (for timeouts): also the caller's job here
+        return fs
 
     def manifest(self, stage: str, round_: int) -> Manifest | None:
         """The committed manifest, or None when there is none (or it is unreadable)."""
@@ -201,14 +242,20 @@ class ObjectStore:
         one), each file checked against the manifest's sha256; raise on a mismatch."""
         tmp = target.parent / f".download-{target.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        for entry in man.files:
-            out = tmp / entry.path
-            out.parent.mkdir(parents=True, exist_ok=True)
-            self._call(self.fs.get_file, self.object_path(man, entry.path), str(out))
-            if out.stat().st_size != entry.bytes or sha256_file(out) != entry.sha256:
+        with naming(target):  # a full local disk: one line, and the partial download removed
+            try:
+                for entry in man.files:
+                    out = tmp / entry.path
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    self._call(self.fs.get_file, self.object_path(man, entry.path), str(out))
+                    if out.stat().st_size != entry.bytes or sha256_file(out) != entry.sha256:
+                        raise ValueError(
+                            f"{man.stage} round {man.round}: {entry.path} is corrupt (sha256)"
+                        )
+                atomic_write_json(tmp / MANIFEST, man.to_dict())
+            except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise ValueError(f"{man.stage} round {man.round}: {entry.path} is corrupt (sha256)")
-        atomic_write_json(tmp / MANIFEST, man.to_dict())
+                raise
         if target.exists():
             shutil.rmtree(target)
         tmp.replace(target)
@@ -246,9 +293,13 @@ class ObjectStore:
             shard = name.removesuffix(".json")
             tmp = local_dir / f".{shard}.tmp-pull"
             try:
-                self._call(self.fs.get_file, f"{base}/{shard}", str(tmp))
+                with naming(local_dir / shard):
+                    self._call(self.fs.get_file, f"{base}/{shard}", str(tmp))
             except FileNotFoundError:
                 continue
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             tmp.replace(local_dir / shard)
             local_marker.parent.mkdir(parents=True, exist_ok=True)
             local_marker.write_bytes(self._call(self.fs.cat_file, marker))
@@ -286,27 +337,23 @@ class ObjectStore:
                 self._call(self.fs.rm, name, recursive=True)
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """One filesystem call; a connection or permission failure becomes one line."""
+        """One filesystem call, its failure told apart by meaning: a store that did not answer
+        is transient (:class:`StorageUnreachableError`, retried), a refused request the user's
+        (:class:`StorageError`), both one line; a full local disk (a download) is left for the
+        caller, which knows the local path."""
         try:
             return fn(*args, **kwargs)
         except FileNotFoundError:
             raise
-        except (OSError, PermissionError) as exc:
-            raise StorageError(f"workspace {self.url}: {_one_line(exc)}") from None
-        except Exception as exc:  # botocore's connection errors are not OSErrors
-            if type(exc).__module__.startswith(("botocore", "aiobotocore", "aiohttp")):
-                raise StorageError(f"workspace {self.url}: {_one_line(exc)}") from None
-            raise
+        except Exception as exc:
+            if is_disk_full(exc) or (error := classify(exc, self.url, self.options)) is None:
+                raise
+            raise error from None
 
 
 def _etag(info: dict[str, Any]) -> str | None:
     value = info.get("ETag") or info.get("etag")
     return str(value).strip('"') if value else None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def attached(workspace: Path) -> ObjectStore | None:
