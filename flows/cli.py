@@ -452,10 +452,11 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     from data.store import StageStore
     from flows.modes import round_stages
     from flows.preflight import preflight
-    from flows.status import downstream
+    from flows.status import check_rerun, downstream
 
     cfg = _load(args)
-    preflight(cfg)
+    path = preflight(cfg)
+    check_rerun(args.round_, cfg.rounds, path, name=cfg.storage.url)  # before anything changes
     with WorkspaceLock(cfg.workspace):
         store = StageStore(cfg.workspace)
         gone = [

@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from data.errors import UserError
 from data.objstore import ObjectStore
 from data.store import StageStore
 from tasks.registry import STAGES
@@ -57,8 +58,6 @@ def downstream(round_: int, stage: str, rounds: int, stages: list[str]) -> list[
     """``stage`` of ``round_`` and every stage after it (of the method's ``stages``)."""
     order = stages if round_ > 0 else ["eval"]
     if stage not in order:
-        from flows.errors import UserError
-
         raise UserError(f"round {round_} has no {stage} stage (it has: {', '.join(order)})")
     out = [(round_, s) for s in order[order.index(stage) :]]
     return out + [(r, s) for r in range(round_ + 1, max(rounds, round_) + 1) for s in stages]
@@ -96,8 +95,6 @@ def collect(
         states[(round_, stage)] = StageState(
             round_, stage, "partial", rows, None, key16[:12], f"{shards} shard(s)"
         )
-    for round_, stage in planned(rounds or 0, stages):
-        states.setdefault((round_, stage), StageState(round_, stage, "missing"))
     runs = {} if isinstance(workspace, ObjectStore) else last_run(workspace)
     for where, outcome in runs.items():
         round_, stage = int(where.split("/")[0]), where.split("/")[1]
@@ -106,8 +103,61 @@ def collect(
             st.state, st.detail = "failed", outcome.get("error", "")
         elif outcome.get("state") == "cached" and st.state == "done":
             st.state = "cached"
+    # Planned rows up to the round after the last one the workspace has anything of (the next
+    # run's): what this costs follows the rounds computed, not the rounds configured
+    # (`rounds: 1000000` used to build six million rows); the rest is one line in print_status.
+    for round_, stage in planned(min(rounds or 0, last_round_of(states) + 1), stages):
+        states.setdefault((round_, stage), StageState(round_, stage, "missing"))
     order = {s: i for i, s in enumerate(dict.fromkeys(["problems", *stages, *STAGES]))}
     return sorted(states.values(), key=lambda s: (s.round, order.get(s.stage, 99), s.stage))
+
+
+def last_round_of(states: dict[tuple[int, str], StageState] | list[StageState]) -> int:
+    """The highest round with any state (round 0 when there is none)."""
+    rounds = [k[0] for k in states] if isinstance(states, dict) else [s.round for s in states]
+    return max(rounds, default=0)
+
+
+def last_computed_round(workspace: Path | ObjectStore) -> int | None:
+    """The highest round holding a committed or partial stage run (on object storage too, for
+    a local working copy); None when nothing was ever computed."""
+    store = workspace if isinstance(workspace, ObjectStore) else StageStore(workspace)
+    stores: list[StageStore | ObjectStore] = [store]
+    if isinstance(store, StageStore) and store.remote is not None:
+        stores.append(store.remote)
+    rounds = [m.round for s in stores for m in s.committed()]
+    rounds += [run[1] for s in stores for run in s.partial_runs()]
+    return max(rounds, default=None)
+
+
+def check_rerun(round_: int, rounds: int, workspace: Path, *, name: str | None = None) -> None:
+    """Refuse a rerun of a round with nothing to redo, in one line, before anything changes.
+
+    A round never computed has nothing to redo (``mpd rerun --round 99`` used to print
+    "invalidated: nothing" and start a campaign up to round 99); a round past the rounds the
+    run reaches would be invalidated and never recomputed.
+    """
+    last = last_computed_round(workspace)
+    if last is None or round_ > last:
+        has = "nothing computed yet" if last is None else f"rounds 0-{last} computed"
+        raise UserError(
+            f"rerun --round {round_}: workspace {name or workspace} has {has}; "
+            f"`mpd run --rounds {max(round_, 1)}` computes the rounds not computed yet"
+        )
+    if round_ > rounds:
+        raise UserError(
+            f"rerun --round {round_} is past the rounds this run reaches ({rounds}): "
+            f"add --rounds {round_} (or more)"
+        )
+
+
+def not_computed(rounds: int | None, states: list[StageState]) -> str | None:
+    """The one line that stands for the configured rounds no stage has reached yet."""
+    first, last = last_round_of(states) + 1, rounds or 0
+    if last < first:
+        return None
+    which = f"round {first}" if first == last else f"rounds {first}-{last}"
+    return f"{which}: not computed yet ({last - first + 1} round(s))"
 
 
 def print_status(
@@ -140,5 +190,8 @@ def print_status(
             s.key,
             s.detail,
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if (rest := not_computed(rounds, states)) is not None:
+        console.print(rest)
     return states
