@@ -39,7 +39,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.diskfull import naming
+from data.diskfull import DiskFullError, naming
 from data.fsutil import atomic_write_json, fsync_dir, sha256_file
 from data.manifest import MANIFEST, SHARD_MARKERS, STAGING, TRASH, FileEntry, Manifest
 from data.objstore import attached
@@ -278,7 +278,11 @@ class StageWriter:
         if marker:
             entry = {"rows": table.num_rows, "bytes": path.stat().st_size}
             entry["sha256"] = sha256_file(path)
-            atomic_write_json(self.markers / f"{name}.json", entry)
+            try:
+                atomic_write_json(self.markers / f"{name}.json", entry)
+            except DiskFullError:  # a shard without its marker is redone: give its room back
+                path.unlink(missing_ok=True)
+                raise
             if (remote := self.store.remote) is not None:
                 remote.push_shard(
                     self.stage, self.round, self.dir.name, path, self.markers / f"{name}.json"
