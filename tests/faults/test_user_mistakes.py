@@ -93,6 +93,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("run --rounds -1", ["run", "--rounds", "-1"], "must be 0 or more"),
     ("rerun --round -1", ["rerun", "--round", "-1", "--from", "filter"], "must be 0 or more"),
     ("rerun unknown stage", ["rerun", "--round", "1", "--from", "nope"], "invalid choice"),
+    ("rerun in a workspace never run", ["rerun", "-w", "ws", "--round", "99", "--from", "filter"],
+     "nothing computed yet"),
     ("workspace is a file", ["run", "-w", "afile"], "is a file"),
     ("workspace under a file", ["run", "-w", "afile/ws"], "a file: give a directory"),
     ("workspace cannot be made", ["run", "-w", "/proc/1/mpd-ws"], "cannot create workspace"),
