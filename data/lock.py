@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from data.diskfull import naming
 from data.errors import UserError
 from data.objstore import ObjectStore, StorageError, StorageUnreachableError, attached
 
@@ -73,9 +74,14 @@ class WorkspaceLock:
             "command": self.command,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
-        os.fsync(fd)
+        try:
+            with naming(self.path):  # a full disk: one line, and the lock not kept
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(record).encode(), 0)
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
         if (remote := attached(self.path.parent)) is not None:
             try:

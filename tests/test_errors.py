@@ -4,13 +4,17 @@ and 1, a bug its traceback."""
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from data.catalog import ReadOnlyError, SqlError
+from data.diskfull import DiskFullError
 from data.errors import TransientError, UserError, is_retried, kind_of, one_line
 from data.lock import WorkspaceBusyError
 from data.schemas import SchemaError
 from data.sources import ProblemSourceError
+from data.storage_errors import StorageError, StorageUnreachableError
 from engines.base import EngineUnavailableError
 from engines.openai import EngineGaveUpError, EngineRefusedError, EngineRequestError
 from engines.vllm_proc import WorkerError
@@ -36,8 +40,9 @@ USER = [
     FilterError,
     TrainInputError,
     CheckpointMismatchError,
+    StorageError,
 ]
-TRANSIENT = [WorkerError, EngineGaveUpError, ConnectionError, TimeoutError]
+TRANSIENT = [WorkerError, EngineGaveUpError, ConnectionError, TimeoutError, StorageUnreachableError]
 BUGS = [ValueError, RuntimeError, KeyError, SchemaError, FileNotFoundError, AssertionError]
 
 
@@ -60,6 +65,32 @@ def test_anything_else_is_a_bug(cls: type[Exception]) -> None:
     assert kind_of(cls("x")) == "bug" and not is_retried(cls("x"))
 
 
+def _raised_during(exc: Exception, cause: BaseException) -> Exception:
+    """``exc`` as Python chains it when raised while handling ``cause`` (torch's zip writer)."""
+    try:
+        try:
+            raise cause
+        except BaseException:
+            raise exc  # noqa: B904 (the implicit chain is the point)
+    except Exception as chained:
+        return chained
+
+
+RESOURCE = [
+    DiskFullError("disk full writing x"),
+    OSError(errno.ENOSPC, "No space left on device"),
+    OSError(errno.EDQUOT, "Disk quota exceeded"),
+    _raised_during(RuntimeError("unexpected pos 4995328"), OSError(errno.ENOSPC, "full")),
+    RuntimeError("IO Error: Could not write file: No space left on device"),  # DuckDB's words
+]
+
+
+@pytest.mark.parametrize("exc", RESOURCE, ids=lambda e: type(e).__name__ + ": " + str(e)[:30])
+def test_a_full_disk_is_a_resource_failure_never_retried(exc: Exception) -> None:
+    """Not the user's input, not a bug, and not retried: a retry meets the same full disk."""
+    assert kind_of(exc) == "resource" and not is_retried(exc)
+
+
 def test_both_request_errors_are_request_errors() -> None:
     assert issubclass(EngineRefusedError, EngineRequestError)
     assert issubclass(EngineGaveUpError, EngineRequestError)
@@ -77,7 +108,11 @@ def _raising(exc: BaseException):
 
 @pytest.mark.parametrize(
     ("exc", "code"),
-    [(ConfigError("bad key\nand more"), 2), (WorkerError("the worker died"), 1)],
+    [
+        (ConfigError("bad key\nand more"), 2),
+        (WorkerError("the worker died"), 1),
+        (DiskFullError("disk full writing x: free space there"), 1),
+    ],
 )
 def test_cli_prints_one_line_per_kind(
     exc: Exception, code: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture

@@ -38,6 +38,7 @@ CASES: list[tuple[str, list[str], int | None, str]] = [
     ("a train checkpoint", ["train", "eval"], None, "/checkpoints/step-000002"),
     ("a sample shard", ["sample", "rewrite", "score", "filter", "train", "eval"], 40_000,
      "/.staging/sample/round=1/"),
+    ("no room at all: the lock's record", ["eval"], 0, "/ws/.lock"),
 ]  # fmt: skip
 
 SCRIPT = """
@@ -50,7 +51,7 @@ with open(sys.argv[1] + "/filler", "wb") as fh:
     os.posix_fallocate(fh.fileno(), 0, st.f_bavail * st.f_frsize - int(sys.argv[2]))' "$MNT" "$ROOM"
 mpd() { "$PY" -m flows.cli run -w "$MNT/ws" "$@"; }
 mpd "$@" >"$OUT/run1.log" 2>&1; echo $? >"$OUT/run1.rc"
-df -B1 --output=avail "$MNT" | tail -1 >"$OUT/room-after-failure"
+cp -a "$MNT/ws" "$OUT/ws-after-failure"
 rm "$MNT/filler"
 mpd "$@" >"$OUT/run2.log" 2>&1; echo $? >"$OUT/run2.rc"
 cp -a "$MNT/ws" "$OUT/ws"
@@ -120,7 +121,7 @@ def test_disk_full_is_one_line_and_the_next_run_resumes(
         "SRC": str(src),
         "OUT": str(out),
         "PY": sys.executable,
-        "ROOM": str(room or _room_for_one_and_a_half_checkpoints(clean)),
+        "ROOM": str(_room_for_one_and_a_half_checkpoints(clean) if room is None else room),
     }
     done = subprocess.run(
         [*namespace, "bash", "-c", SCRIPT, "disk-full", "--rounds", "1", *sets()],
@@ -138,8 +139,13 @@ def test_disk_full_is_one_line_and_the_next_run_resumes(
     assert len(errors) == 1, first[-3000:]
     assert "disk full writing" in errors[0] and names in errors[0], errors[0]
     assert "free space there" in errors[0] and "free of" in errors[0], errors[0]
-    # The failure gave back what it took: no partial file left holding the disk.
-    assert int((out / "room-after-failure").read_text()) > 0
+    # The failure gave back what it took: no partial file left holding the disk (finished
+    # shards and checkpoints stay: the next run resumes from them).
+    failed = out / "ws-after-failure"
+    assert not [p for p in failed.rglob("*") if ".tmp" in p.name], "a temporary file was left"
+    for keydir in failed.glob(".staging/*/round=*/*"):
+        shards = {p.name for p in keydir.glob("part-*.parquet")}
+        assert shards == {p.stem for p in keydir.glob("_shards/*.json")}, "unmarked shard left"
 
     second = (out / "run2.log").read_text()
     assert (out / "run2.rc").read_text().strip() == "0", second[-3000:]

@@ -53,6 +53,9 @@ CASES: list[tuple[str, Callable[[str], None], list[str], bool, int, list[str]]] 
      ["object store http://127.0.0.1:{port} ", "did not answer"]),
     ("sql with the store unreachable", _nothing, ["sql", "-w", "{url}", "select 1"], True, 1,
      ["object store http://127.0.0.1:{port} ", "did not answer"]),
+    ("rerun where nothing was computed", _nothing,
+     ["rerun", "-w", "{url}", "--round", "3", "--from", "filter"], False, 2,
+     ["nothing computed yet", "s3://"]),
 ]  # fmt: skip
 WAIT_S = 2.0  # $MPD_STORAGE_WAIT_S for the rows: how long an unreachable store is retried
 
