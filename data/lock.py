@@ -93,24 +93,24 @@ class WorkspaceLock:
         return self
 
     def check_free(self) -> None:
-        """Refuse at once if a live process holds the workspace; take and write nothing.
+        """Refuse at once if a live process of this machine holds the workspace; take and
+        write nothing. (On object storage the lease is checked apart, by ``ObjectLease``:
+        another machine's working copy may not exist yet.)
 
         For the checks a command runs before starting Prefect: the lock itself is taken later,
         so this is advice, not a reservation (a run that starts in between is still refused
         by :meth:`acquire`). The lock file's record is left for the real holder to read.
         """
-        with contextlib.suppress(FileNotFoundError):  # no lock file: no local holder
+        try:
             fd = os.open(self.path, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise self._busy(_read_holder(fd)) from None
-            finally:
-                os.close(fd)  # closing drops a lock this check took
-        # The lease, whether or not this machine's copy has a lock file: a second machine (a
-        # fresh working copy) used to skip it and was refused only after Prefect started.
-        if (remote := attached(self.path.parent)) is not None:
-            ObjectLease(remote, {}).check_free()
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._busy(_read_holder(fd)) from None
+        finally:
+            os.close(fd)  # closing drops a lock this check took
 
     def _busy(self, holder: dict[str, Any]) -> WorkspaceBusyError:
         return WorkspaceBusyError(

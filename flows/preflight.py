@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data.errors import UserError
-from data.lock import WorkspaceLock
-from data.objstore import attach
+from data.lock import ObjectLease, WorkspaceLock
+from data.objstore import ObjectStore, attach
 from data.sources import check_problem_source
 from flows.modes import MODES
 from tasks.context import check_model_dir
@@ -104,7 +104,19 @@ def preflight(cfg: RunConfig) -> Path:
     check_inputs(cfg)
     check_models([cfg.models.student, cfg.models.teacher])
     WorkspaceLock(check_workspace(cfg.workspace)).check_free()
+    check_lease(cfg)
     return attach_storage(cfg)
+
+
+def check_lease(cfg: RunConfig) -> None:
+    """On object storage, the one-writer lease: a second writer is refused here in one line,
+    reading only (this machine's working copy may not exist yet: it used to be refused only
+    after Prefect had started, 79 s in). A store that does not answer is retried, then one
+    line, exit 1 (``ObjectStore.check_reachable``)."""
+    if cfg.storage.url:
+        store = ObjectStore(str(cfg.storage.url), cfg.storage.options)
+        store.check_reachable()
+        ObjectLease(store, {}).check_free()
 
 
 def attach_storage(cfg: RunConfig) -> Path:
