@@ -107,6 +107,8 @@ def test_object_storage_fault_is_one_line(
     assert seconds < (WAIT_S + 8 if unreachable else 8), seconds
     after = {p: store.fs.info(p)["ETag"] for p in store.fs.find(store.root)}
     assert after == before, "nothing was written to the bucket"
+    if argv[0] != "rerun":  # refused before the working copy is made (a rerun checks after)
+        assert not (tmp_path / "cache").exists(), "nothing was written on this machine"
 
 
 # (case id, the lease object's body, whether it is taken over (else: a live holder, refused))
