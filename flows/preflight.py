@@ -100,11 +100,13 @@ def check_inputs(cfg: RunConfig) -> None:
 def preflight(cfg: RunConfig) -> Path:
     """Inputs present and sound, models present, workspace usable and not in use: each failure
     one line, exit 2, before Prefect starts. Every check runs before anything is created: a
-    refused run writes nothing, not even the workspace directory."""
-    check_inputs(cfg)
-    check_models([cfg.models.student, cfg.models.teacher])
+    refused run writes nothing, not even the workspace directory. A workspace in use is
+    checked first: a second writer (a nightly run still going) learns it before anything reads
+    a 100 MB problem file."""
     WorkspaceLock(check_workspace(cfg.workspace)).check_free()
     check_lease(cfg)
+    check_inputs(cfg)
+    check_models([cfg.models.student, cfg.models.teacher])
     return attach_storage(cfg)
 
 

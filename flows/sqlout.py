@@ -18,6 +18,8 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.diskfull import disk_full_error
+from data.errors import is_disk_full
 from data.sql_guard import SqlError
 from data.tables import tables
 
@@ -206,6 +208,8 @@ def write_parquet_atomic(data: pa.Table | pa.RecordBatchReader, path: Path | str
                 rows += batch.num_rows
         os.replace(tmp, path)
     except OSError as exc:
+        if is_disk_full(exc):  # the machine's, not the query's: exit 1, like a stage's write
+            raise disk_full_error(path, exc) from None
         raise SqlError(f"cannot write --out {path}: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from data.errors import kind_of
 from data.fsutil import atomic_write_bytes
 from data.schemas import SAMPLES
 from data.store import StageStore
+from flows.sqlout import write_parquet_atomic
 from tests.test_campaign import ENV, manifests, ok, outcomes, run, sets, table
 
 # (case, stage dirs of round 1 to drop, room left in bytes (None: 1.5 checkpoints), the path
@@ -193,7 +194,17 @@ def _atomic(ws: Path) -> None:
     atomic_write_bytes(ws / "run.yaml", b"rounds: 1\n" * 1000)
 
 
-WRITERS = [("a stage shard", _shard), ("an atomic file write", _atomic)]
+def _sql_out(ws: Path) -> None:
+    """``mpd sql --out`` streaming a result into its temporary file, which is /dev/full."""
+    (ws / f".kept.parquet.tmp-{os.getpid()}").symlink_to("/dev/full")
+    write_parquet_atomic(pa.table({"a": list(range(10_000))}), ws / "kept.parquet")
+
+
+WRITERS = [
+    ("a stage shard", _shard),
+    ("an atomic file write", _atomic),
+    ("mpd sql --out", _sql_out),
+]
 
 
 @pytest.mark.parametrize("write", [w[1] for w in WRITERS], ids=[w[0] for w in WRITERS])
