@@ -36,6 +36,7 @@ from data.objstore import ObjectStore, StorageError, StorageUnreachableError, at
 
 log = logging.getLogger("mpd.lock")
 LEASE_S = 120.0  # a lease's lifetime; renewed every third of it ($MPD_LEASE_S overrides)
+_HELD: set[WorkspaceLock] = set()  # every lock this process holds, for release_held()
 
 
 class WorkspaceBusyError(UserError, RuntimeError):
@@ -55,8 +56,17 @@ class WorkspaceLock:
         self.stale: dict[str, Any] | None = None
         self._fd: int | None = None
         self._lease: ObjectLease | None = None
+        # acquire and release are one step each, whichever thread calls them: a stop signal's
+        # cleanup (flows/stopping.py) releases from another thread than the one that took it.
+        self._mutex = threading.Lock()
 
     def acquire(self) -> WorkspaceLock:
+        with self._mutex:
+            self._acquire()
+            _HELD.add(self)
+        return self
+
+    def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -87,10 +97,9 @@ class WorkspaceLock:
             try:
                 self._lease = ObjectLease(remote, record).acquire()
             except BaseException:
-                self.release()
+                self._release()
                 raise
             self.stale = self.stale or self._lease.stale
-        return self
 
     def check_free(self) -> None:
         """Refuse at once if a live process of this machine holds the workspace; take and
@@ -118,7 +127,23 @@ class WorkspaceLock:
             "wait for it to finish or stop it first"
         )
 
-    def release(self) -> None:
+    def release(self, timeout: float = -1) -> bool:
+        """Release the lock (and lease); a second call does nothing.
+
+        With ``timeout``, give up after that many seconds if another thread is inside
+        acquire or release (returns False): a stop signal's cleanup must not wait on a main
+        thread it interrupted there (the kernel drops the flock at exit anyway).
+        """
+        if not self._mutex.acquire(timeout=timeout):
+            return False
+        try:
+            self._release()
+        finally:
+            _HELD.discard(self)
+            self._mutex.release()
+        return True
+
+    def _release(self) -> None:
         if self._lease is not None:
             self._lease.release()
             self._lease = None
@@ -141,6 +166,12 @@ class WorkspaceLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def release_held(timeout: float = 1.0) -> list[WorkspaceLock]:
+    """Release every workspace lock this process holds; the ones that could not be released
+    within ``timeout`` each (another thread is inside their acquire or release)."""
+    return [lock for lock in list(_HELD) if not lock.release(timeout=timeout)]
 
 
 class ObjectLease:

@@ -112,6 +112,18 @@ class HFEngine:
             ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
         return ids.to(self.device), mask.to(self.device)
 
+    def _live_model(self) -> torch.nn.Module:
+        """The model, for one whole call: each call holds its own reference.
+
+        :meth:`close` runs on the flow's thread while a shard thread may still be decoding
+        (a run that stops on another shard's failure): the call in flight keeps the model it
+        started with and finishes, instead of calling ``None`` halfway through its loop.
+        """
+        model = self.model
+        if model is None:
+            raise RuntimeError("the hf engine was closed: load a new one")
+        return model
+
     def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
         """An empty prompt has no position to predict its first token from."""
         for i, p in enumerate(prompts):
@@ -127,6 +139,7 @@ class HFEngine:
     ) -> list[list[Completion]]:
         """``n`` completions per prompt, in prompt order; progress counts whole prompts."""
         self._check_prompts(prompts)
+        model = self._live_model()
         rows = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
         lengths = [len(prompts[p]) for p, _ in rows]
         gen = torch.Generator(device="cpu").manual_seed(params.seed)
@@ -135,7 +148,8 @@ class HFEngine:
         done, started = 0, time.monotonic()
         for batch in self._batches(lengths, params.max_tokens):
             seqs = [prompts[rows[i][0]] for i in batch]
-            for i, (ids, reason) in zip(batch, self._decode(seqs, params, gen), strict=True):
+            decoded = self._decode(model, seqs, params, gen)
+            for i, (ids, reason) in zip(batch, decoded, strict=True):
                 p, s = rows[i]
                 out[p][s] = Completion(p, s, ids, self._text(ids, params), reason)
                 remaining[p] -= 1
@@ -179,11 +193,15 @@ class HFEngine:
 
     @torch.inference_mode()
     def _decode(
-        self, seqs: list[Sequence[int]], params: GenerationParams, gen: torch.Generator
+        self,
+        model: torch.nn.Module,
+        seqs: list[Sequence[int]],
+        params: GenerationParams,
+        gen: torch.Generator,
     ) -> list[tuple[list[int], str]]:
         """Decode one batch; returns (token ids, finish reason) per row."""
         if not self.use_cache:
-            return self._decode_no_cache(seqs, params, gen)
+            return self._decode_no_cache(model, seqs, params, gen)
         n, steps = len(seqs), params.max_tokens
         ids, full_mask = self._left_pad(seqs, extra=steps)
         width = ids.shape[1]
@@ -194,7 +212,7 @@ class HFEngine:
         alive = torch.arange(n, device=self.device)  # batch row -> original row
         mask = full_mask[:, :width]
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
+        out = model(
             input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
         )
         cache, pos = getattr(out, self.cache_kw), pos[:, -1:]
@@ -216,7 +234,7 @@ class HFEngine:
             if step == steps - 1:
                 break
             pos = pos + 1
-            out = self.model(
+            out = model(
                 input_ids=nxt[:, None],
                 attention_mask=full_mask[:, : width + step + 1],
                 position_ids=pos,
@@ -227,7 +245,11 @@ class HFEngine:
         return [(tokens[r][: kept[r]], "stop" if stops[r] else "length") for r in range(n)]
 
     def _decode_no_cache(
-        self, seqs: list[Sequence[int]], params: GenerationParams, gen: torch.Generator
+        self,
+        model: torch.nn.Module,
+        seqs: list[Sequence[int]],
+        params: GenerationParams,
+        gen: torch.Generator,
     ) -> list[tuple[list[int], str]]:
         """Reference path for tests: every step recomputes the whole prefix, no cache."""
         ids, mask = self._left_pad(seqs)
@@ -237,7 +259,7 @@ class HFEngine:
         alive = list(range(len(seqs)))
         for _ in range(params.max_tokens):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
             nxt = self._pick(logits[:, -1], params, gen)
             keep = []
             for j, (row, tok) in enumerate(zip(alive, nxt.tolist(), strict=True)):
@@ -273,6 +295,7 @@ class HFEngine:
         if len(prompt_ids) != len(target_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(target_ids)} targets")
         self._check_prompts(prompt_ids)
+        model = self._live_model()
         seqs = [list(p) + list(t) for p, t in zip(prompt_ids, target_ids, strict=True)]
         out: list[TokenScores | None] = [None] * len(seqs)
         k = max(0, min(top_k, self.vocab_limit))
@@ -281,7 +304,7 @@ class HFEngine:
             ids, mask = self._left_pad([seqs[i] for i in batch])
             tmax = max(len(target_ids[i]) for i in batch)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(
+            logits = model(
                 input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=tmax + 1
             ).logits[:, :-1, : self.vocab_limit]  # kept position r predicts token W - tmax + r
             for row, i in enumerate(batch):
@@ -300,6 +323,7 @@ class HFEngine:
         return [s for s in out if s is not None]
 
     def close(self) -> None:
+        """Drop the engine's model; a call in flight keeps its own reference to the end."""
         self.model = None  # type: ignore[assignment]
 
 

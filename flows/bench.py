@@ -176,6 +176,7 @@ def bench_flow(
     from flows.bench_report import print_progress, write_report
     from flows.campaign import campaign_flow
     from flows.logs import setup_logging
+    from flows.stopping import in_flow
 
     if FlowRunContext.get() is None:
         setup_logging()
@@ -185,7 +186,7 @@ def bench_flow(
     root.mkdir(parents=True, exist_ok=True)
     failures: dict[str, str] = {}
     started = time.monotonic()
-    with WorkspaceLock(root):
+    with in_flow(), WorkspaceLock(root):  # in_flow: a stop signal ends it in seconds
         log.info("bench: %d campaign(s) under %s; %s", len(members), root, budget_line(base))
         for i, m in enumerate(members, 1):
             where = f"bench [{i}/{len(members)}] {m.method} seed {m.seed}"

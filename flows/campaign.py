@@ -33,6 +33,7 @@ from flows.bootstrap import check_tokenizers, ensure_bootstrap
 from flows.config import DEPLOYMENT, ConfigError, RunConfig, dump_config, load_config
 from flows.logs import setup_logging
 from flows.preflight import attach_storage, check_inputs
+from flows.stopping import in_flow
 from flows.summary import print_summary
 from tasks import cluster
 from tasks.context import Context
@@ -85,30 +86,31 @@ def campaign_flow(
     plus that many instead, capped by ``rounds`` when both are given
     (``flows/serve.py``).
     """
-    try:
-        # A deployment's parameters are anyone's to set: a mistake in them is one line that
-        # names the parameter, and the run ends Failed (not with a traceback).
-        cfg = load_config(config, overrides, workspace=workspace, labels=DEPLOYMENT)
-        for name, value, least in (
-            ("rounds", rounds, 0),
-            ("rounds_per_night", rounds_per_night, 1),
-        ):
-            if value is not None and value < least:
-                raise ConfigError(f"{name} parameter {value}: must be {least} or more")
-        if rounds_per_night is not None:
-            from flows.serve import rounds_to_reach
+    with in_flow():  # a stop signal ends the run in seconds (flows/stopping.py)
+        try:
+            # A deployment's parameters are anyone's to set: a mistake in them is one line that
+            # names the parameter, and the run ends Failed (not with a traceback).
+            cfg = load_config(config, overrides, workspace=workspace, labels=DEPLOYMENT)
+            for name, value, least in (
+                ("rounds", rounds, 0),
+                ("rounds_per_night", rounds_per_night, 1),
+            ):
+                if value is not None and value < least:
+                    raise ConfigError(f"{name} parameter {value}: must be {least} or more")
+            if rounds_per_night is not None:
+                from flows.serve import rounds_to_reach
 
-            cfg.rounds = rounds_to_reach(cfg.workspace, rounds_per_night, cap=rounds)
-        elif rounds is not None:
-            cfg.rounds = rounds
-        check_inputs(cfg)  # a deployment's run, too, refuses a bad problem file before writing
-        run_campaign(cfg)
-    except Exception as exc:
-        # A user mistake (or a transient failure that outlived its retries) ends the run as
-        # Failed with one clear line, not a traceback; a bug propagates with its traceback.
-        if kind_of(exc) == "bug":
-            raise
-        return Failed(message=one_line(exc), data=exc)  # type: ignore[return-value]
+                cfg.rounds = rounds_to_reach(cfg.workspace, rounds_per_night, cap=rounds)
+            elif rounds is not None:
+                cfg.rounds = rounds
+            check_inputs(cfg)  # a deployment's run, too, refuses a bad problem file before writing
+            run_campaign(cfg)
+        except Exception as exc:
+            # A user mistake (or a transient failure that outlived its retries) ends the run as
+            # Failed with one clear line, not a traceback; a bug propagates with its traceback.
+            if kind_of(exc) == "bug":
+                raise
+            return Failed(message=one_line(exc), data=exc)  # type: ignore[return-value]
     (summary,) = catalog.internal_queries(cfg.workspace, "select * from round_summary")
     return summary.to_pylist()
 

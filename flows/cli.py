@@ -257,6 +257,7 @@ def _int_at_least(minimum: int, bound: str) -> Callable[[str], int]:
     return parse
 
 
+STOPPABLE = {"run", "rerun", "bench"}  # the commands that run a campaign (flows/stopping.py)
 _count = _int_at_least(0, "0 or more")  # a round number or count
 _positive_int = _int_at_least(1, "at least 1")
 
@@ -273,7 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        if args.command not in STOPPABLE:
+            return func(args)
+        from flows.stopping import stoppable
+
+        with stoppable():  # SIGTERM / SIGINT: stopped in seconds, exit 143 / 130
+            return func(args)
     except KeyboardInterrupt:
         print(
             "mpd: interrupted; finished shards are kept and reused by the next run", file=sys.stderr
@@ -371,6 +377,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     preflight(cfg)
     prefect_env()
+    from flows.prefect_server import start_api
+
+    api = start_api()  # starts while the stages load
     from flows.campaign import campaign_flow
 
     return finish(
@@ -381,7 +390,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 workspace=str(args.workspace) if args.workspace else None,
                 overrides=args.overrides,
                 return_state=True,
-            )
+            ),
+            api,
         )
     )
 
@@ -410,6 +420,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # Every mistake ends here, before Prefect starts.
     base, _ = plan(args.config, overrides, methods, seeds, rounds)
     preflight(base)
+    from flows.prefect_server import start_api
+
     return finish(
         run_flow(
             lambda: bench_flow(
@@ -419,7 +431,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 rounds=rounds,
                 overrides=overrides,
                 return_state=True,
-            )
+            ),
+            start_api(),
         )
     )
 

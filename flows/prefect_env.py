@@ -1,10 +1,11 @@
 """How mpd's commands start Prefect: environment defaults, and a local API that may be slow.
 
-Without ``PREFECT_API_URL`` a flow run starts Prefect's ephemeral API server in a subprocess
-and waits for it ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` (Prefect's default, 20 s).
-At a load average of 9-10 on two cores that wait ran out and runs died with a traceback before
-doing anything. So mpd waits longer by default, retries a start-up that still timed out once,
-and then says so in one line.
+Without ``PREFECT_API_URL`` a run needs a local API server (``flows/prefect_server.py`` starts
+it; commands that do not, Prefect itself) and waits for it
+``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` (Prefect's default, 20 s). At a load
+average of 9-10 on two cores that wait ran out and runs died with a traceback before doing
+anything. So mpd waits longer by default, retries a start-up that still timed out once, and then
+says so in one line.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data.errors import TransientError
+
+if TYPE_CHECKING:
+    from flows.prefect_server import APIServer
 
 log = logging.getLogger("mpd")
 
@@ -37,8 +41,11 @@ def prefect_env() -> None:
     )
 
 
-def run_flow(call: Callable[[], Any]) -> Any:
-    """``call()`` (a flow call), retried once when the ephemeral API server failed to start."""
+def run_flow(call: Callable[[], Any], api: APIServer | None = None) -> Any:
+    """``call()`` (a flow call) once ``api`` (the run's own server, if it has one) answers;
+    retried once when Prefect's ephemeral API server failed to start."""
+    if api is not None:
+        api.wait()
     for attempt in (1, 2):
         try:
             return call()
