@@ -250,3 +250,20 @@ def test_signal_handlers_are_restored_after_an_in_process_command() -> None:
         assert all(signal.getsignal(s) is not h for s, h in before.items())
     assert {s: signal.getsignal(s) for s in before} == before
     assert signal.set_wakeup_fd(wakeup) == wakeup
+
+
+def test_signal_safe_server_is_not_started_when_an_api_is_configured() -> None:
+    """With PREFECT_API_URL set (a real `prefect server`), mpd starts no server of its own and
+    leaves the setting as it was: such runs work as before."""
+    code = "from flows.prefect_server import start_api; import os; print(start_api())"
+    url = "http://127.0.0.1:9/api"
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}; print(os.environ['PREFECT_API_URL'])"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**env(), "PREFECT_API_URL": url},
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["None", url]
