@@ -281,6 +281,54 @@ def test_kill_during_sampling_resumes_on_another_machine(
     assert sample_rows(url, env_b) == sample_rows(clean, env_b)
 
 
+def test_signal_sigterm_releases_the_lease_and_marks_the_flow_run_crashed(
+    clean: str, tmp_path: Path, prefect_api: str
+) -> None:
+    """SIGTERM mid-sampling on a bucket workspace, with a Prefect server of the user's
+    (PREFECT_API_URL): the run ends within 10 s with exit 143 and one line, deletes its lease (the
+    next writer on any host need not wait for it to expire), and its flow run shows Crashed on
+    that server, not Running for ever (flows/stopping.py; tests/faults/test_signals.py has the
+    local cases)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    url = f"s3://{BUCKET}/stopped"
+    copy_workspace(clean, url)
+    s = store(url)
+    s.retract("sample", 1)
+    log = tmp_path / "a.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            command("run", "-w", url, "--rounds", 1, *sets()),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=environ(machine(tmp_path, "a")),
+            start_new_session=True,
+        )
+    markers = s.path(".staging", "sample", "round=1", "*", "_shards", "*.json")
+    try:
+        deadline = time.monotonic() + 300
+        while not s.fs.glob(markers):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no shard was ever uploaded"
+            time.sleep(0.02)
+        assert s.fs.exists(s.path(".lock")), "the run holds the lease"
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    out = log.read_text()
+    assert proc.returncode == 143 and "Traceback" not in out, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith("mpd: stopped by SIGTERM; finished shards"), out
+    assert not s.fs.exists(s.path(".lock")), "the stopped run left its lease"
+    run_id = out.split("/runs/flow-run/", 1)[1].split()[0]
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run_id).state.type == StateType.CRASHED
+
+
 def test_an_object_changed_in_place_is_caught_and_recomputed(clean: str, tmp_path: Path) -> None:
     url = f"s3://{BUCKET}/corrupt"
     copy_workspace(clean, url)
