@@ -124,7 +124,8 @@ class _Stopper:
     def uninstall(self) -> None:
         signal.set_wakeup_fd(self.previous_fd)
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: set outside Python, and not ours to put back
+                signal.signal(sig, handler)
         os.close(self.write_fd)  # the watchdog reads EOF and ends
         self.thread.join(timeout=5)
         os.close(self.read_fd)
@@ -139,9 +140,11 @@ class _Stopper:
             time.sleep(60)
 
     def _watch(self) -> None:
-        signum = _read(self.read_fd, None)
-        if signum is None or signum == _EOF:  # uninstalled
-            return
+        # The C handler writes the number of every signal with a Python handler (a library's
+        # SIGALRM too): only a stop signal stops.
+        while (signum := _read(self.read_fd, None)) not in STOP_SIGNALS:
+            if signum is None or signum == _EOF:  # uninstalled
+                return
         started = time.monotonic()
         problems: list[str] = []
         work = threading.Thread(
@@ -152,7 +155,7 @@ class _Stopper:
             got = _read(self.read_fd, left)
             if got in (_DONE, _EOF):
                 break
-            if got is not None:  # a second signal: the user insists
+            if got in STOP_SIGNALS:  # a second one: the user insists
                 problems.append(f"stopped again by {signal.Signals(got).name} before cleaning up")
                 break
         else:

@@ -267,3 +267,35 @@ def test_signal_safe_server_is_not_started_when_an_api_is_configured() -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["None", url]
+
+
+def test_signal_other_than_term_or_int_does_not_stop_the_run() -> None:
+    """Every signal with a Python handler (a library's SIGALRM) wakes the watchdog; only SIGTERM
+    and SIGINT stop: SIGUSR1 reaches its own handler and the command goes on, then SIGTERM ends it
+    with 143 and the one line."""
+    code = """
+import os, signal, time
+from flows.stopping import stoppable
+hits = []
+with stoppable():
+    signal.signal(signal.SIGUSR1, lambda *a: hits.append(1))
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.5)
+    print("alive", hits, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+print("not stopped")
+"""
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env(),
+        timeout=60,
+    )
+    assert out.returncode == 143, (out.returncode, out.stderr)
+    assert out.stdout.split("\n")[0] == "alive [1]" and "not stopped" not in out.stdout
+    assert out.stderr.strip() == STOPPED.format("SIGTERM")
+    assert time.monotonic() - started < 20
