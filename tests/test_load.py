@@ -3,9 +3,9 @@
 At a load average of 9-10 on two cores, `mpd run`s used to die before doing anything with
 "Timed out while attempting to connect to ephemeral Prefect API server" and a traceback:
 Prefect waits 20 s for its local API server by default. mpd waits longer, retries once, and
-then says so in one line (flows/prefect_env.py). This test runs against that real ephemeral
-server (no session server, no timeout set by the test suite) while eight busy loops, which
-stop on their own, hold both cores.
+then says so in one line (flows/prefect_env.py). This test runs against that real local server
+(the run's own, flows/prefect_server.py: no session server, no timeout set by the test suite)
+while eight busy loops, which stop on their own, hold both cores.
 """
 
 from __future__ import annotations
