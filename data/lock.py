@@ -170,8 +170,20 @@ class WorkspaceLock:
 
 def release_held(timeout: float = 1.0) -> list[WorkspaceLock]:
     """Release every workspace lock this process holds; the ones that could not be released
-    within ``timeout`` each (another thread is inside their acquire or release)."""
-    return [lock for lock in list(_HELD) if not lock.release(timeout=timeout)]
+    within ``timeout`` each (another thread is inside their acquire or release).
+
+    Every lock is tried; a lease the store did not let go of is raised after the others.
+    """
+    busy, failed = [], []
+    for lock in list(_HELD):
+        try:
+            if not lock.release(timeout=timeout):
+                busy.append(lock)
+        except Exception as exc:
+            failed.append(exc)
+    if failed:
+        raise failed[0]
+    return busy
 
 
 class ObjectLease:
