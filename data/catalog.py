@@ -283,9 +283,11 @@ def _cell(value: Any, kind: str) -> Any:
 
 def _values_select(table: pa.Table) -> str:
     """An Arrow table as a typed VALUES query: the persisted catalog cannot hold a registered
-    table, so stage_runs is stored as text there (values quoted, never bare)."""
-    cast = ", ".join(f"CAST({name} AS {kind}) AS {name}" for name, kind in STAGE_RUNS)
-    names = ", ".join(name for name, _ in STAGE_RUNS)
+    table, so stage_runs is stored as text there (values quoted, never bare; a bench root's
+    rows carry their method and seed first)."""
+    fields = list(table.schema)
+    cast = ", ".join(f'CAST("{f.name}" AS {duckdb_type(f.type)}) AS "{f.name}"' for f in fields)
+    names = ", ".join(f'"{f.name}"' for f in fields)
     rows = table.to_pylist() or [dict.fromkeys(table.column_names)]
     values = ", ".join(
         "(" + ", ".join("NULL" if v is None else _quote(str(v)) for v in row.values()) + ")"

@@ -396,6 +396,36 @@ def test_write_catalog_has_every_view_and_no_leftovers(ws: Path) -> None:
         con.close()
 
 
+def test_a_bench_root_stacks_its_members_in_both_connections(tmp_path: Path) -> None:
+    """A bench root's tables (stage_runs too) carry each member's method and seed, in the
+    sandboxed connection and in the persisted catalog, so ``bench`` answers in both."""
+    root = tmp_path / "it's a bench"
+    members = [("mpd", 0, "mpd-0"), ("sft_compressed", 1, "sft-1")]
+    for method, _seed, path in members:
+        commit(
+            root / path, "evals", 0, [eval_row(0, "p1", "test"), eval_row(0, f"{method}", "test")]
+        )
+    (root / "bench.json").write_text(
+        json.dumps({"members": [{"method": m, "seed": s, "path": p} for m, s, p in members]})
+    )
+    query = "SELECT method, seed, count(*) AS n FROM {} GROUP BY ALL ORDER BY ALL"
+    want = [("mpd", 0, 1), ("sft_compressed", 1, 1)]
+    con = connect(root)
+    try:
+        assert con.sql(query.format("stage_runs")).fetchall() == want
+        assert con.sql(query.format("bench")).fetchall() == want
+    finally:
+        con.close()
+    persisted = duckdb.connect(str(write_catalog(root)), read_only=True)
+    try:
+        persisted.execute("SET file_search_path = ?", [str(root)])
+        assert persisted.sql(query.format("stage_runs")).fetchall() == want
+        assert persisted.sql(query.format("bench")).fetchall() == want
+        assert persisted.sql("SELECT count(*) FROM evals").fetchall() == [(4,)]
+    finally:
+        persisted.close()
+
+
 def test_write_catalog_is_rebuilt_with_new_commits(ws: Path) -> None:
     write_catalog(ws)
     commit(ws, "samples", 1, [trace(1, "a")])

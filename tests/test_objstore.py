@@ -30,6 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from s3fs import S3FileSystem
 
 from data.lock import ObjectLease, WorkspaceBusyError, WorkspaceLock
 from data.manifest import MANIFEST, FileEntry, Manifest
@@ -74,7 +75,11 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         with pytest.MonkeyPatch.context() as patch:
             for key, value in exports.items():  # for this process's own ObjectStore calls
                 patch.setenv(key, value)
+            # fsspec caches filesystems by their arguments, not by the environment they read:
+            # without this, a module's store would talk to an earlier module's (stopped) server.
+            S3FileSystem.clear_instance_cache()
             yield exports
+            S3FileSystem.clear_instance_cache()
     finally:
         subprocess.run(["bash", script, "stop"], env=env, timeout=60)
         status = subprocess.run(["bash", script, "status"], env=env, capture_output=True)
@@ -234,6 +239,34 @@ def test_another_machine_finds_every_stage_cached(clean: str, tmp_path: Path) ->
     assert (copy / "sample" / "round=1" / MANIFEST).is_file()
 
 
+SHARD_MARKERS = (".staging", "sample", "round=1", "*", "_shards", "*.json")
+
+
+def start_mid_sampling(clean: str, url: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A copy of the clean campaign at ``url`` with its sample stage retracted, and ``mpd run``
+    recomputing it in the background, in its own process group."""
+    copy_workspace(clean, url)
+    store(url).retract("sample", 1)
+    with open(log, "w") as fh:
+        return subprocess.Popen(
+            command("run", "-w", url, "--rounds", 1, *sets()),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=environ(env),
+            start_new_session=True,
+        )
+
+
+def wait_for_a_shard(s: ObjectStore, proc: subprocess.Popen, log: Path) -> None:
+    """Until the run has uploaded its first finished shard to the staging prefix."""
+    deadline = time.monotonic() + 300
+    while not s.fs.glob(s.path(*SHARD_MARKERS)):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no shard was ever uploaded"
+        time.sleep(0.02)
+
+
 def test_kill_during_sampling_resumes_on_another_machine(
     clean: str, tmp_path: Path, s3: dict[str, str]
 ) -> None:
@@ -241,31 +274,16 @@ def test_kill_during_sampling_resumes_on_another_machine(
     staging prefix (its own copy is empty), takes over A's dead lease, and commits the same
     rows as the clean run; the stages after sampling keep their keys and stay cached."""
     url = f"s3://{BUCKET}/killed"
-    copy_workspace(clean, url)
     s = store(url)
-    s.retract("sample", 1)
     log = tmp_path / "a.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            command("run", "-w", url, "--rounds", 1, *sets()),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env=environ(machine(tmp_path, "a")),
-            start_new_session=True,
-        )
-    markers = s.path(".staging", "sample", "round=1", "*", "_shards", "*.json")
+    proc = start_mid_sampling(clean, url, machine(tmp_path, "a"), log)
     try:
-        deadline = time.monotonic() + 300
-        while not s.fs.glob(markers):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no shard was ever uploaded"
-            time.sleep(0.02)
+        wait_for_a_shard(s, proc, log)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    uploaded = len(s.fs.glob(markers))
+    uploaded = len(s.fs.glob(s.path(*SHARD_MARKERS)))
     assert 1 <= uploaded < SAMPLE_SHARDS, "the kill landed mid-sampling"
     assert s.manifest("sample", 1) is None, "nothing half-done was committed"
     assert s.fs.exists(s.path(".lock")), "the killed run's lease is still there"
@@ -293,26 +311,11 @@ def test_signal_sigterm_releases_the_lease_and_marks_the_flow_run_crashed(
     from prefect.client.schemas.objects import StateType
 
     url = f"s3://{BUCKET}/stopped"
-    copy_workspace(clean, url)
     s = store(url)
-    s.retract("sample", 1)
     log = tmp_path / "a.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            command("run", "-w", url, "--rounds", 1, *sets()),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env=environ(machine(tmp_path, "a")),
-            start_new_session=True,
-        )
-    markers = s.path(".staging", "sample", "round=1", "*", "_shards", "*.json")
+    proc = start_mid_sampling(clean, url, machine(tmp_path, "a"), log)
     try:
-        deadline = time.monotonic() + 300
-        while not s.fs.glob(markers):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no shard was ever uploaded"
-            time.sleep(0.02)
+        wait_for_a_shard(s, proc, log)
         assert s.fs.exists(s.path(".lock")), "the run holds the lease"
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
