@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -51,7 +52,6 @@ class FilterConfig(StrictModel):
 
 
 DEFAULT_SQL = Path(__file__).resolve().parents[1] / "data" / "sql" / "filter.sql"
-KEY = ("problem_id", "sample_idx")
 # A query that takes longer than this on *empty* tables will not finish on real ones either.
 DRY_RUN_TIMEOUT_S = 10.0
 
@@ -158,57 +158,49 @@ def run_filter(
 
 def check_decisions(decisions: pa.Table, candidates: pa.Table, round_: int) -> None:
     """One row per candidate of the round, and only those: else one line naming the first
-    offending key (sorted), as :class:`FilterError`.
+    offending key (sorted), as :class:`FilterError`. The rule is ``data/sql/decisions_check.sql``.
 
     Why: a filter that returns a candidate twice silently doubles its weight in training; one
     that makes up a key surfaces much later as "no example fits"; one that forgets a candidate
     loses its reason. None of that may be committed.
     """
-    rounds = pc.unique(decisions.column("round")).to_pylist()
-    if any(r != round_ for r in rounds):
-        other = next(r for r in rounds if r != round_)
+    con = duckdb.connect(":memory:")  # mpd's own query over two Arrow tables: no file at all
+    try:
+        con.register("decisions", decisions)
+        con.register("candidates", candidates)
+        found = con.execute(CHECK_SQL, {"round": round_}).fetchone()
+    finally:
+        con.close()
+    assert found is not None
+    other, repeated, first_repeated, unknown, first_unknown, missing, first_missing, n = found
+    if other is not None:
         raise FilterError(
             f"filter.sql returned rows of round {other}; every row must have round = "
             f"{round_} (the round being filtered: getvariable('round'))"
         )
-    counts = decisions.group_by(list(KEY)).aggregate([([], "count_all")])
-    doubled = counts.filter(pc.greater(counts.column("count_all"), 1))
-    if doubled.num_rows:
-        first = _first(doubled)
-        n = doubled.filter(_is(doubled, first)).column("count_all")[0].as_py()
+    if repeated:
         raise FilterError(
-            f"filter.sql returned {n} rows for candidate {_name(first)} "
-            f"({doubled.num_rows} candidate(s) repeated): one row per candidate"
+            f"filter.sql returned {first_repeated['n']} rows for candidate "
+            f"{_name(first_repeated)} ({repeated} candidate(s) repeated): one row per candidate"
         )
-    keys = decisions.select(list(KEY))
-    unknown = keys.join(candidates, list(KEY), join_type="left anti")
-    if unknown.num_rows:
+    if unknown:
         raise FilterError(
-            f"filter.sql returned a row for {_name(_first(unknown))}, which is not a rewrite of "
-            f"round {round_} ({unknown.num_rows} such row(s))"
+            f"filter.sql returned a row for {_name(first_unknown)}, which is not a rewrite of "
+            f"round {round_} ({unknown} such key(s))"
         )
-    missing = candidates.join(keys, list(KEY), join_type="left anti")
-    if missing.num_rows:
+    if missing:
         raise FilterError(
-            f"filter.sql returned no row for candidate {_name(_first(missing))} of round "
-            f"{round_} ({missing.num_rows} of {candidates.num_rows} missing): every candidate "
-            "needs a row, kept or dropped with a reason"
+            f"filter.sql returned no row for candidate {_name(first_missing)} of round "
+            f"{round_} ({missing} of {n} missing): every candidate needs a row, kept or dropped "
+            "with a reason"
         )
 
 
-def _first(table: pa.Table) -> tuple[str, int]:
-    row = table.sort_by([(k, "ascending") for k in KEY]).slice(0, 1).to_pylist()[0]
-    return row["problem_id"], row["sample_idx"]
+CHECK_SQL = (DEFAULT_SQL.parent / "decisions_check.sql").read_text()
 
 
-def _is(table: pa.Table, key: tuple[str, int]) -> pa.ChunkedArray:
-    return pc.and_(
-        pc.equal(table.column("problem_id"), key[0]), pc.equal(table.column("sample_idx"), key[1])
-    )
-
-
-def _name(key: tuple[str, int]) -> str:
-    return f"(problem_id={key[0]!r}, sample_idx={key[1]})"
+def _name(key: dict[str, Any]) -> str:
+    return f"(problem_id={key['problem_id']!r}, sample_idx={key['sample_idx']})"
 
 
 def filter_body(

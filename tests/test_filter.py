@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from data.schemas import REWRITES, SAMPLES, conform
-from tasks.filter import DEFAULT_SQL, FilterError, run_filter
+from data.schemas import DECISIONS, REWRITES, SAMPLES, conform
+from tasks.filter import DEFAULT_SQL, FilterError, check_decisions, run_filter
 
 EQUATIONS = ["2 + 3 = 5", "5 * 4 = 20", "20 - 7 = 13", "13 mod 5 = 3"]
 
@@ -174,3 +174,61 @@ def test_broken_user_sql_fails_clearly(tmp_path: Path, sql: str, message: str) -
     with pytest.raises(FilterError) as err:
         run_filter(table, sql, ratio=0.9, round_=1)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def _naive_check(decisions: list[dict], candidates: list[tuple[str, int]], round_: int) -> str:
+    """The rule of data/sql/decisions_check.sql, in plain Python: which fault comes first, and
+    at which key (sorted)."""
+    if other := sorted(d["round"] for d in decisions if d["round"] != round_):
+        return f"rows of round {other[0]}"
+    counts: dict[tuple[str, int], int] = {}
+    for d in decisions:
+        key = (d["problem_id"], d["sample_idx"])
+        counts[key] = counts.get(key, 0) + 1
+    if repeated := sorted(k for k, n in counts.items() if n > 1):
+        return f"returned {counts[repeated[0]]} rows for candidate {_key(repeated[0])}"
+    if unknown := sorted(set(counts) - set(candidates)):
+        return f"a row for {_key(unknown[0])}, which is not a rewrite"
+    if missing := sorted(set(candidates) - set(counts)):
+        return f"no row for candidate {_key(missing[0])}"
+    return "ok"
+
+
+def _key(key: tuple[str, int]) -> str:
+    return f"(problem_id={key[0]!r}, sample_idx={key[1]})"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_decisions_check_equals_a_naive_reference(seed: int) -> None:
+    """Random filter outputs (a few rows repeated, made up, left out, of another round) against
+    the naive rule: the same verdict and the same first key."""
+    rng = random.Random(seed)
+    candidates = sorted({(f"p{rng.randint(0, 9)}", rng.randint(0, 3)) for _ in range(15)})
+    rows = [{"problem_id": p, "sample_idx": s, "round": 2} for p, s in candidates]
+    faults = [] if seed % 5 == 0 else rng.sample(["repeat", "unknown", "missing", "round"], 2)
+    for fault in faults:
+        if fault == "repeat":
+            rows += [dict(rng.choice(rows)) for _ in range(rng.randint(1, 3))]
+        elif fault == "unknown":
+            rows.append({"problem_id": f"q{rng.randint(0, 3)}", "sample_idx": 0, "round": 2})
+        elif fault == "missing" and len(rows) > 1:
+            rows.pop(rng.randrange(len(rows)))
+        elif fault == "round":
+            rows[rng.randrange(len(rows))]["round"] = rng.choice([1, 3])
+    rng.shuffle(rows)
+    full = [
+        {**r, "kept": False, "reason": "wrong", "think_tokens": 1, "orig_think_tokens": 2}
+        for r in rows
+    ]
+    decisions = pa.Table.from_pylist([{**r, "ratio": 0.5} for r in full], schema=DECISIONS)
+    keys = pa.Table.from_pylist(
+        [{"problem_id": p, "sample_idx": s} for p, s in candidates],
+        schema=pa.schema([("problem_id", pa.string()), ("sample_idx", pa.int32())]),
+    )
+    expected = _naive_check(rows, candidates, 2)
+    if expected == "ok":
+        check_decisions(decisions, keys, 2)
+        return
+    with pytest.raises(FilterError) as err:
+        check_decisions(decisions, keys, 2)
+    assert expected in str(err.value), (expected, str(err.value))
