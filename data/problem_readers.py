@@ -6,20 +6,24 @@ and where each row sits (a JSONL line number, else a row index) so that a messag
 it. Nothing here writes: ``mpd run`` reads the file once before Prefect starts
 (``flows/preflight.py``) and once more in the problems stage, with the same code.
 
-JSON lines are parsed with orjson, one line at a time: a 100 MB file in well under a second
-(the standard library's ``json`` takes three times as long), each bad line named by number and
-each byte that is not UTF-8 by its offset in the file.
+JSON lines are parsed by Arrow's JSON reader when the file is exactly one object per line, else
+with orjson, one line at a time (the standard library's ``json`` takes three times as long),
+each bad line named by number and each byte that is not UTF-8 by its offset in the file.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.json as pajson
 
 from data.errors import UserError
 
@@ -95,6 +99,63 @@ def read_jsonl(path: Path, wanted: list[str], limit: int | None) -> Table:
     """One JSON object per line; blank lines (a trailing one, CRLF endings) and a UTF-8 byte
     order mark are fine, anything else that is not JSON is named by its line.
 
+    A file of exactly one object per line, whose wanted columns hold text or integers, is read
+    by Arrow's JSON reader (:func:`_read_arrow`: C++, both cores, no Python object but the
+    wanted cells; a 100 MB file in ~0.35 s against ~0.75 s line by line); anything else, and
+    every file with an error, is read line by line (:func:`_read_lines`), which names the line.
+    The two give the same table (tests/test_sources.py holds them to it).
+    """
+    if limit is None and (table := _read_arrow(path, wanted)) is not None:
+        return table
+    return _read_lines(path, wanted, limit)
+
+
+_BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
+# Arrow types whose Python values are what orjson gives for the same JSON (a double is not:
+# 1 would come back as 1.0, and an integer past 64 bits as a rounded float).
+_EXACT_TYPES = (pa.types.is_string, pa.types.is_int64, pa.types.is_boolean, pa.types.is_null)
+
+
+def _read_arrow(path: Path, wanted: list[str]) -> Table | None:
+    """The file through ``pyarrow.json``, or None where that could differ from reading it line
+    by line: a blank line inside (Arrow skips it: rows would lose their line numbers), two
+    objects on a line (Arrow takes both; the line reader refuses the line), a type Arrow
+    cannot hold (a column of text and numbers) or does not give back exactly, bad bytes.
+
+    The bytes are read once and never copied: Arrow parses them, and the checks for blank
+    lines and the line count scan them in place (numpy)."""
+    data = path.read_bytes()
+    start = len(BOM) if data.startswith(BOM) else 0
+    body = np.frombuffer(data, np.uint8)[start:]
+    end = len(body)
+    while end and body[end - 1] in _SPACE:  # trailing blank lines and spaces
+        end -= 1
+    body = body[:end]
+    if not end or _BLANK_LINE.search(body.data):
+        return None
+    try:
+        table = pajson.read_json(pa.py_buffer(body.data))
+        if body.max() >= 0x80:  # Arrow's reader lets bytes that are not UTF-8 through
+            table.validate(full=True)
+    except (pa.ArrowException, UnicodeDecodeError):
+        return None
+    lines = int(np.count_nonzero(body == _NEWLINE)) + 1
+    present = [c for c in wanted if c in table.column_names]
+    if table.num_rows != lines or not all(
+        any(exact(table.schema.field(c).type) for exact in _EXACT_TYPES) for c in present
+    ):
+        return None
+    columns = {c: table.column(c).to_pylist() for c in present}
+    return Table(table.column_names, columns, lines, lines=list(range(1, lines + 1)))
+
+
+_SPACE = frozenset(b" \t\r\n")
+_NEWLINE = ord("\n")
+
+
+def _read_lines(path: Path, wanted: list[str], limit: int | None) -> Table:
+    """Line by line: blank lines skipped, each bad line named by number.
+
     The loop is the cost of a large file, so it does per line only what it must.
     """
     rows: list[dict[str, Any]] = []
@@ -163,7 +224,6 @@ def _exact_integers(path: Path, data: dict[str, list[Any]], lines: list[int]) ->
 
 def read_parquet(path: Path, wanted: list[str], limit: int | None) -> Table:
     """Read only the wanted columns of a file or a directory of files (sorted order)."""
-    import pyarrow as pa
     import pyarrow.dataset as pads
 
     files = parquet_files(path) if path.is_dir() else [path]

@@ -210,15 +210,13 @@ def _user_ids(table: Table, cfg: ProblemSourceConfig) -> list[str] | None:
     if len(set(ids)) == len(ids):
         return ids
     extra = len(ids) - len(set(ids))
-    first: dict[str, int] = {}
-    for i, pid in enumerate(ids):
-        if pid in first:
-            raise ProblemSourceError(
-                f"{cfg.path}: duplicate id {pid!r} in {cfg.id_column!r} (id_column) at "
-                f"{table.where(first[pid])} and {table.where(i)}; {extra} repeated row(s) in all"
-            )
-        first[pid] = i
-    raise AssertionError("unreachable: a repeated id was counted")
+    # each id's first row, built at C speed (later rows overwrite earlier ones in reverse)
+    first = dict(zip(reversed(ids), range(len(ids) - 1, -1, -1), strict=True))
+    i = next(i for i, f in enumerate(map(first.__getitem__, ids)) if f != i)
+    raise ProblemSourceError(
+        f"{cfg.path}: duplicate id {ids[i]!r} in {cfg.id_column!r} (id_column) at "
+        f"{table.where(first[ids[i]])} and {table.where(i)}; {extra} repeated row(s) in all"
+    )
 
 
 def _ids(family: str, prompts: list[str]) -> list[str]:

@@ -398,3 +398,44 @@ def test_the_check_writes_nothing(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "p.jsonl", ROWS)
     check_problem_source(ProblemSourceConfig(path=str(path), **MAPPED))
     assert [p.name for p in tmp_path.iterdir()] == ["p.jsonl"]
+
+
+# Files the Arrow reader takes (one object per line, exact types) and files it hands to the line
+# reader (blank lines inside, two objects on a line, mixed or inexact types, bad bytes, bad JSON).
+READER_CASES = {
+    "plain": b'{"q": "a", "answer": "1", "id": "x"}\n{"q": "b", "answer": "2", "id": "y"}\n',
+    "bom crlf trailing blanks": b'\xef\xbb\xbf{"q": "a", "answer": 1}\r\n{"q": "b", "answer": 2}\r\n\n \n',
+    "key order and a missing key": b'{"answer": "1", "q": "a"}\n{"id": "z", "q": "b", "answer": "2"}\n',
+    "nulls and booleans": b'{"q": null, "answer": true}\n{"q": "b", "answer": false}\n',
+    "no final newline": b'{"q": "a", "answer": "1"}',
+    "nested unwanted column": b'{"q": "a", "answer": "1", "m": {"k": [1, 2]}}\n',
+    "blank line inside": b'{"q": "a", "answer": "1"}\n\n{"q": "b", "answer": "2"}\n',
+    "leading blank line": b'\n{"q": "a", "answer": "1"}\n',
+    "two objects on a line": b'{"q": "a", "answer": "1"} {"q": "b", "answer": "2"}\n',
+    "text and numbers": b'{"q": "a", "answer": 1}\n{"q": "b", "answer": "2"}\n',
+    "a float": b'{"q": "a", "answer": 1}\n{"q": "b", "answer": 2.5}\n',
+    "an integer past 64 bits": b'{"q": "a", "answer": 123456789012345678901234567890}\n',
+    "latin-1": b'{"q": "caf\xe9", "answer": "1"}\n',
+    "malformed": b'{"q": "a", "answer": "1"}\n{"q": "b", "answer": }\n',
+    "a list line": b'{"q": "a", "answer": "1"}\n[1, 2]\n',
+    "only blank": b"\n \n",
+}
+
+
+@pytest.mark.parametrize("data", list(READER_CASES.values()), ids=list(READER_CASES))
+def test_jsonl_readers_agree(tmp_path: Path, data: bytes) -> None:
+    """The fast reader (Arrow, whole file) gives what the line reader gives, or steps aside:
+    the same table, or the same one-line error."""
+    from data.problem_readers import ProblemSourceError, _read_lines, read_jsonl
+
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(data)
+    results = []
+    for read in (lambda: read_jsonl(path, ["q", "answer", "id"], None),
+                 lambda: _read_lines(path, ["q", "answer", "id"], None)):  # fmt: skip
+        try:
+            t = read()
+            results.append((sorted(t.columns), t.data, t.n_rows, t.lines))
+        except ProblemSourceError as exc:
+            results.append(str(exc))
+    assert results[0] == results[1]
