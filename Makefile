@@ -42,7 +42,7 @@ FAST_TESTS := tests/test_answers.py tests/test_keys.py tests/test_errors.py test
 test-fast: $(STAMP)  ## the fast tier (< 3 min): lint, then the tests that need no Prefect or training
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q $(FAST_TESTS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(FAST_TESTS) $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff check and format check
 	$(BIN)/ruff check .

@@ -33,6 +33,9 @@ from data.store import StageStore
 from flows.sqlout import write_parquet_atomic
 from tests.test_campaign import ENV, manifests, ok, outcomes, run, sets, table
 
+# Whole `mpd run`s (about 2 minutes a file): `make test` runs them, `make test-fast` does not.
+pytestmark = pytest.mark.slow
+
 # (case, stage dirs of round 1 to drop, room left in bytes (None: 1.5 checkpoints), the path
 # the one error line names)
 CASES: list[tuple[str, list[str], int | None, str]] = [

@@ -35,6 +35,9 @@ import pytest
 from data.store import StageStore
 from tests.conftest import REPO, _descendants
 
+# Whole `mpd run`s (about 2 minutes a file): `make test` runs them, `make test-fast` does not.
+pytestmark = pytest.mark.slow
+
 KEEP_FIRST = REPO / "tests" / "fixtures" / "keep_first_filter.sql"
 STAGES = ["sample", "rewrite", "score", "filter", "train", "eval"]
 # The smallest round that reaches train: 4 sample shards, 60 train steps checkpointed every 10,
