@@ -38,6 +38,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from data.memory import out_of_memory_error
 from data.sql_guard import SqlError, one_line
 
 # Set before external access is switched off; lock_configuration, set last, freezes them all.
@@ -48,6 +49,12 @@ _BEFORE = (
     "SET allow_unsigned_extensions = false",
     "SET python_enable_replacements = false",  # no Python variables as tables
 )
+
+# DuckDB out of memory (its own limit, 80% of the machine's by default) is the machine's, not a
+# mistake in the query's text: a resource error, exit 1, as a GPU out of memory is.
+DUCKDB_OUT_OF_MEMORY = "Out of Memory Error"
+_QUERY = "running the query in DuckDB"
+DUCKDB_HINT = "select fewer rows or columns, or run on a machine with more memory"
 
 # Rows per record batch handed to a sink: a few hundred MB at most for full-width trace rows.
 SINK_BATCH_ROWS = 65_536
@@ -94,7 +101,7 @@ def open_sandbox(
         con.execute("SET enable_external_access = false")
         setup(con)
         con.execute("SET lock_configuration = true")
-    except BaseException:
+    except BaseException:  # boundary: no half-configured connection left open, re-raised
         con.close()
         raise
     return con
@@ -165,7 +172,7 @@ def run_query_on(
                 outcome["table"] = sink(
                     pa.RecordBatchReader.from_batches(stream.schema, _batches(stream))
                 )
-        except BaseException as exc:  # handed to the caller's thread below
+        except BaseException as exc:  # boundary: a thread hands its failure to the caller's
             outcome["error"] = exc
         finally:
             done.set()
@@ -179,11 +186,13 @@ def run_query_on(
                 raise QueryTimeoutError(
                     f"the query ran past {timeout_s:g} s and was stopped ({timeout_hint})"
                 )
-    except BaseException:  # Ctrl-C, or a stop signal raised as an exception in this thread
+    except BaseException:  # boundary: Ctrl-C or a stop signal stops the query, re-raised
         _stop(con, done)
         raise
     if "error" in outcome:
         exc = outcome["error"]
+        if isinstance(exc, duckdb.OutOfMemoryException):  # the machine's, not the query's text
+            raise out_of_memory_error(_QUERY, "this machine", exc, DUCKDB_HINT) from None
         if isinstance(exc, duckdb.PermissionException):
             raise SqlError(f"{one_line(exc)} (this query may read {readable} only)") from None
         if isinstance(exc, duckdb.Error):
@@ -202,6 +211,8 @@ def _batches(stream: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
         except StopIteration:
             return
         except (OSError, pa.ArrowException) as exc:
+            if DUCKDB_OUT_OF_MEMORY in str(exc):  # DuckDB's own words, through Arrow
+                raise out_of_memory_error(_QUERY, "this machine", exc, DUCKDB_HINT) from None
             raise SqlError(one_line(exc)) from None
         yield batch
 

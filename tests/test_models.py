@@ -9,16 +9,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from data.world import build_problems, corpus_texts
 from data.world.tokenizer import train_tokenizer
 from engines.base import GenerationParams
 from engines.hf import HFEngine, load_hf_engine
+from tests.conftest import REPO
 from train.models import (
     ModelLoadError,
     TokenizerMismatchError,
@@ -193,6 +197,52 @@ def test_corrupt_weights(saved: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="cannot load model") as exc:
         load_model(tmp_path, device="cpu")
     one_line_error(exc)
+
+
+# A child process that loads a model with its address space capped 1 GiB above what it holds
+# once torch and transformers are imported: an allocation past that fails for real, in torch's
+# allocator, on any machine (whatever its memory or its overcommit setting), and nothing else
+# in the test run is starved.
+OOM_CHILD = """
+import resource, sys
+import torch, transformers  # mapped before the cap
+from data.errors import kind_of
+from train.models import load_model
+
+held = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1])
+resource.setrlimit(resource.RLIMIT_AS, (held * 1024 + (1 << 30), resource.RLIM_INFINITY))
+try:
+    load_model(sys.argv[1], device="cpu")
+except Exception as exc:
+    print(kind_of(exc), type(exc).__name__, exc, sep="\\t")
+"""
+
+
+def test_out_of_memory_while_loading_is_the_machines_not_the_users(
+    saved: Path, tmp_path: Path
+) -> None:
+    """A model too big for the memory there is: one line naming the model, its dtype and the
+    device, kind "resource" (exit 1, not retried), not "cannot load model" as if the directory
+    were wrong. Its embedding alone (2**24 tokens x 64 x 4 bytes = 4 GiB) cannot be allocated
+    under the child's cap; its weights file is empty, so transformers allocates the weights
+    itself (the failure is the allocation, not a read)."""
+    big = tmp_path / "big"
+    big.mkdir()
+    config = json.loads((saved / "config.json").read_text())
+    (big / "config.json").write_text(json.dumps({**config, "vocab_size": 2**24}))
+    save_file({}, str(big / "model.safetensors"))
+    out = subprocess.run(
+        [sys.executable, "-c", OOM_CHILD, str(big)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    kind, name, message = out.stdout.strip().splitlines()[-1].split("\t")
+    assert (kind, name) == ("resource", "MemoryExhaustedError"), message
+    assert message.startswith(f"out of memory loading model {big} (float32) on cpu: ")
+    assert "can't allocate memory" in message and "\n" not in message
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -9,21 +9,25 @@ passes ``local_files_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from data.errors import UserError
+from data.errors import UserError, is_out_of_memory
+from data.memory import naming_memory
 
 BUILTIN_PREFIX = "builtin:"
 
 
-class ModelLoadError(UserError, ValueError):
+class ModelLoadError(UserError):
     """A model or tokenizer path that cannot be used; the message says why."""
 
 
-class TokenizerMismatchError(UserError, ValueError):
+class TokenizerMismatchError(UserError):
     """Student and teacher tokenize differently, so token-level KL is meaningless."""
 
 
@@ -104,6 +108,50 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
+# How the libraries say that a directory the user gave cannot be used (seen with transformers 5,
+# peft 0.18, safetensors 0.7): a file missing or unreadable, config.json not JSON (OSError); an
+# unknown architecture, an adapter whose target modules the base lacks (ValueError); weights
+# that are not safetensors (SafetensorError). An adapter_config.json adds an unknown peft_type
+# (KeyError) and a field of the wrong type (TypeError: peft compares it).
+BAD_MODEL = (OSError, ValueError, SafetensorError)
+BAD_ADAPTER = (*BAD_MODEL, KeyError, TypeError)
+# Weights whose shapes disagree with the config are a RuntimeError, told apart by its words:
+# transformers' "You set `ignore_mismatched_sizes` to `False`, thus raising an error", peft's
+# "Error(s) in loading state_dict for PeftModel" (an adapter trained on another base).
+SHAPE_MISMATCH = ("ignore_mismatched_sizes", "Error(s) in loading state_dict", "size mismatch")
+
+
+def _mismatch_detail(exc: BaseException) -> str:
+    """The first tensor named in a shape mismatch (peft lists them; transformers logs its own
+    report before raising, and says only "look at the above report")."""
+    for line in str(exc).splitlines():
+        if "size mismatch" in line:
+            return f" ({line.strip()[:200]})"
+    return " (the log shows each tensor)"
+
+
+@contextlib.contextmanager
+def _loading(what: str, path: Path, dtype: str, device: object, bad: tuple) -> Iterator[None]:
+    """Errors while loading, by meaning: a directory that cannot be used is the user's
+    (:class:`ModelLoadError`); an allocation that failed is the machine's (one line naming the
+    model, its dtype and the device, not retried: ``data.memory``); anything else is a bug and
+    keeps its traceback."""
+    with naming_memory(f"loading {what} {path} ({dtype})", device):
+        try:
+            yield
+        except (*bad, RuntimeError) as exc:
+            if is_out_of_memory(exc):
+                raise  # named by naming_memory, around
+            if isinstance(exc, RuntimeError) and not isinstance(exc, bad):
+                if not any(text in str(exc) for text in SHAPE_MISMATCH):
+                    raise  # a bug
+                raise ModelLoadError(
+                    f"cannot load {what} from {path}: its weights' shapes do not match its "
+                    f"config{_mismatch_detail(exc)}"
+                ) from None
+            raise ModelLoadError(f"cannot load {what} from {path}: {_first_line(exc)}") from None
+
+
 def load_model(path: Path | str, *, dtype: str = "float32", device: str = "auto"):
     """A causal LM in eval mode; LoRA adapter directories load onto their base.
 
@@ -120,18 +168,14 @@ def load_model(path: Path | str, *, dtype: str = "float32", device: str = "auto"
         from peft import PeftModel
 
         base = load_model(adapter_base(path), dtype=dtype, device=device)
-        try:
+        with _loading("adapter", path, dtype, target, BAD_ADAPTER):
             model = PeftModel.from_pretrained(base, str(path), is_trainable=False)
-        except Exception as exc:  # peft raises many types; the caller needs one, with the path
-            raise ModelLoadError(f"cannot load adapter from {path}: {_first_line(exc)}") from None
-        return model.to(target).eval()
-    try:
+            return model.to(target).eval()
+    with _loading("model", path, dtype, target, BAD_MODEL):
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch_dtype, local_files_only=True
         )
-    except Exception as exc:  # OSError, ValueError, SafetensorError, ...: one clear line
-        raise ModelLoadError(f"cannot load model from {path}: {_first_line(exc)}") from None
-    return model.to(target).eval()
+        return model.to(target).eval()  # a GPU too small fails here, as memory
 
 
 def load_tokenizer(path: Path | str):
@@ -143,7 +187,11 @@ def load_tokenizer(path: Path | str):
         path = adapter_base(path)
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # OSError, ValueError, ...: one clear line
+    except (OSError, ValueError, KeyError) as exc:  # no tokenizer files, a JSON that is not one
+        raise ModelLoadError(f"cannot load tokenizer from {path}: {_first_line(exc)}") from None
+    except Exception as exc:  # boundary: the tokenizers binding (Rust) raises a bare Exception
+        if type(exc) is not Exception:  # for a tokenizer.json it cannot parse; only that type
+            raise  # is the user's file, anything else a bug
         raise ModelLoadError(f"cannot load tokenizer from {path}: {_first_line(exc)}") from None
 
 
