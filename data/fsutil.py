@@ -8,9 +8,12 @@ the rename makes the same hold after a power loss, not only after a kill. A writ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +29,33 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def removed_on_failure(tmp: Path) -> Iterator[None]:
+    """Remove ``tmp`` (a file or a directory being written) if the block fails in any way: an
+    error, a full disk, Ctrl-C, a stop signal raised as an exception. The failure itself goes on
+    unchanged: this only makes sure no half-written file outlives the write that made it.
+
+    Put it inside :func:`data.diskfull.naming`, so that the free space a full disk reports is
+    measured once the partial file is gone (what the next try will have).
+    """
+    try:
+        yield
+    except BaseException:  # boundary: undo the partial write, then re-raised unchanged
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that no reader ever sees a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with naming(path):
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    with naming(path), removed_on_failure(tmp), open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

@@ -39,7 +39,7 @@ LEASE_S = 120.0  # a lease's lifetime; renewed every third of it ($MPD_LEASE_S o
 _HELD: set[WorkspaceLock] = set()  # every lock this process holds, for release_held()
 
 
-class WorkspaceBusyError(UserError, RuntimeError):
+class WorkspaceBusyError(UserError):
     """Another live process holds the workspace."""
 
 
@@ -89,14 +89,14 @@ class WorkspaceLock:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, json.dumps(record).encode(), 0)
                 os.fsync(fd)
-        except BaseException:
+        except BaseException:  # boundary: the lock not kept (fd closed), re-raised unchanged
             os.close(fd)
             raise
         self._fd = fd
         if (remote := attached(self.path.parent)) is not None:
             try:
                 self._lease = ObjectLease(remote, record).acquire()
-            except BaseException:
+            except BaseException:  # boundary: the local lock let go, re-raised unchanged
                 self._release()
                 raise
             self.stale = self.stale or self._lease.stale
@@ -179,7 +179,7 @@ def release_held(timeout: float = 1.0) -> list[WorkspaceLock]:
         try:
             if not lock.release(timeout=timeout):
                 busy.append(lock)
-        except Exception as exc:
+        except (OSError, StorageError, StorageUnreachableError) as exc:  # the file, the lease
             failed.append(exc)
     if failed:
         raise failed[0]

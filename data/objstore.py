@@ -38,12 +38,13 @@ from typing import Any
 
 from data.diskfull import naming
 from data.errors import is_disk_full
-from data.fsutil import atomic_write_json, fsync_dir, sha256_file
+from data.fsutil import atomic_write_json, fsync_dir, removed_on_failure, sha256_file
 from data.manifest import MANIFEST, SHARD_MARKERS, STAGING, Manifest
 from data.storage_errors import (
     StorageError,
     StorageUnreachableError,
     classify,
+    client_errors,
     one_line,
     storage_wait_s,
 )
@@ -127,6 +128,11 @@ class ObjectStore:
             except FileNotFoundError:
                 raise StorageError(
                     f"workspace {self.url}: bucket {bucket!r} does not exist (create it first)"
+                ) from None
+            except (ValueError, TypeError) as exc:  # the client is built at its first call
+                raise StorageError(
+                    f"workspace {self.url}: storage.options refused by the store's client "
+                    f"({type(exc).__name__}: {one_line(exc)})"
                 ) from None
             except StorageUnreachableError as exc:
                 elapsed = time.monotonic() - started
@@ -242,20 +248,17 @@ class ObjectStore:
         one), each file checked against the manifest's sha256; raise on a mismatch."""
         tmp = target.parent / f".download-{target.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        with naming(target):  # a full local disk: one line, and the partial download removed
-            try:
-                for entry in man.files:
-                    out = tmp / entry.path
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    self._call(self.fs.get_file, self.object_path(man, entry.path), str(out))
-                    if out.stat().st_size != entry.bytes or sha256_file(out) != entry.sha256:
-                        raise ValueError(
-                            f"{man.stage} round {man.round}: {entry.path} is corrupt (sha256)"
-                        )
-                atomic_write_json(tmp / MANIFEST, man.to_dict())
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+        # A full local disk: one line, and the partial download removed.
+        with naming(target), removed_on_failure(tmp):
+            for entry in man.files:
+                out = tmp / entry.path
+                out.parent.mkdir(parents=True, exist_ok=True)
+                self._call(self.fs.get_file, self.object_path(man, entry.path), str(out))
+                if out.stat().st_size != entry.bytes or sha256_file(out) != entry.sha256:
+                    raise ValueError(
+                        f"{man.stage} round {man.round}: {entry.path} is corrupt (sha256)"
+                    )
+            atomic_write_json(tmp / MANIFEST, man.to_dict())
         if target.exists():
             shutil.rmtree(target)
         tmp.replace(target)
@@ -293,13 +296,10 @@ class ObjectStore:
             shard = name.removesuffix(".json")
             tmp = local_dir / f".{shard}.tmp-pull"
             try:
-                with naming(local_dir / shard):
+                with naming(local_dir / shard), removed_on_failure(tmp):
                     self._call(self.fs.get_file, f"{base}/{shard}", str(tmp))
-            except FileNotFoundError:
+            except FileNotFoundError:  # deleted since the listing (its run committed)
                 continue
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
             tmp.replace(local_dir / shard)
             local_marker.parent.mkdir(parents=True, exist_ok=True)
             local_marker.write_bytes(self._call(self.fs.cat_file, marker))
@@ -345,7 +345,7 @@ class ObjectStore:
             return fn(*args, **kwargs)
         except FileNotFoundError:
             raise
-        except Exception as exc:
+        except client_errors() as exc:  # OSError, and the installed clients' own bases
             if is_disk_full(exc) or (error := classify(exc, self.url, self.options)) is None:
                 raise
             raise error from None

@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from data.errors import InternalError
+
 # Columns shared by every table that holds generated traces (samples, rewrites,
 # evals). The rest of the system relies on these names.
 TRACE_FIELDS: list[pa.Field] = [
@@ -273,8 +275,10 @@ TABLES: dict[str, pa.Schema] = {
 }
 
 
-class SchemaError(ValueError):
-    """A table about to be written does not match its declared schema."""
+class SchemaError(InternalError):
+    """A table about to be written does not match its declared schema: our bug (a stage built
+    the wrong columns), unless the table came from the user (the filter's output: the caller
+    says so with its own error)."""
 
 
 def conform(table: pa.Table, schema: pa.Schema, *, name: str = "table") -> pa.Table:

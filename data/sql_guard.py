@@ -44,7 +44,7 @@ READ_ONLY = "mpd sql is read-only"
 SAVE_HINT = "use --out FILE.parquet to save a result"
 
 
-class SqlError(UserError, ValueError):
+class SqlError(UserError):
     """The query cannot run: empty, a syntax error, or an error DuckDB raised while running it."""
 
 

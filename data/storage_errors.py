@@ -8,12 +8,14 @@ no (the user's to fix). One job: tell them apart, and say each in one line.
 - :class:`StorageError` (a :class:`~data.errors.UserError`): no such bucket, no access, a
   refused request. One line, exit 2, never retried.
 
-botocore and aiohttp are optional (not every fsspec store uses them), so their errors are known
-by class name, not imported.
+botocore and aiohttp are optional (not every fsspec store uses them): their error bases are
+caught where installed (:func:`client_errors`), and told apart by class name, not imported.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import re
 from typing import Any
@@ -36,12 +38,35 @@ _UNREACHABLE_NAMES = {
 }
 
 
-class StorageError(UserError, RuntimeError):
+class StorageError(UserError):
     """Object storage refused a request: no such bucket, no access (one line: which URL, why)."""
 
 
-class StorageUnreachableError(TransientError, RuntimeError):
+class StorageUnreachableError(TransientError):
     """The object store did not answer: retried, then one line naming the endpoint, exit 1."""
+
+
+# The error bases of the client libraries under fsspec's S3 and HTTP stores, where installed.
+_CLIENT_BASES = (
+    ("botocore.exceptions", ("BotoCoreError", "ClientError")),
+    ("aiohttp", ("ClientError",)),
+)
+
+
+@functools.cache
+def client_errors() -> tuple[type[BaseException], ...]:
+    """What a store call can raise that means the store failed: ``OSError`` (what fsspec and
+    s3fs turn most failures into, a refused connection and a timeout included) and the error
+    bases of the installed clients (botocore, aiohttp). Anything else from a store call is a
+    bug. Imported on the first failure only: a local workspace never pays for botocore."""
+    found: list[type[BaseException]] = [OSError]
+    for module, names in _CLIENT_BASES:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        found += [getattr(mod, name) for name in names if hasattr(mod, name)]
+    return tuple(found)
 
 
 def storage_wait_s() -> float:

@@ -40,7 +40,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.diskfull import DiskFullError, naming
-from data.fsutil import atomic_write_json, fsync_dir, sha256_file
+from data.errors import InternalError
+from data.fsutil import atomic_write_json, fsync_dir, removed_on_failure, sha256_file
 from data.manifest import MANIFEST, SHARD_MARKERS, STAGING, TRASH, FileEntry, Manifest
 from data.objstore import attached
 from data.schemas import conform
@@ -49,8 +50,9 @@ PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd"}
 log = logging.getLogger("mpd.store")
 
 
-class CorruptShardError(RuntimeError):
-    """A shard's marker disagrees with its file (or the file is missing)."""
+class CorruptShardError(InternalError):
+    """A shard's marker disagrees with its file (or the file is missing). Met while resuming,
+    the shard is recomputed; met at commit, a stage skipped a shard: our bug."""
 
 
 class StageStore:
@@ -265,14 +267,11 @@ class StageWriter:
         table = conform(table, schema, name=f"{self.stage}/{name}")
         path = self.dir / name
         tmp = path.with_name(f".{name}.tmp")
-        with naming(path):  # a full disk: one line naming the shard, no partial file left
-            try:
-                pq.write_table(table, tmp, **PARQUET_OPTIONS)
-                with open(tmp, "rb") as fh:
-                    os.fsync(fh.fileno())
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+        # A full disk: one line naming the shard, no partial file left.
+        with naming(path), removed_on_failure(tmp):
+            pq.write_table(table, tmp, **PARQUET_OPTIONS)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         tmp.replace(path)
         fsync_dir(self.dir)
         if marker:

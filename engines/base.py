@@ -88,5 +88,5 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-class EngineUnavailableError(UserError, ValueError):
+class EngineUnavailableError(UserError):
     """The configured engine cannot run here (not installed, or not implemented yet)."""

@@ -55,15 +55,13 @@ RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
 MAX_DELAY_S = 60.0
 
 
-class EngineRequestError(Exception):
-    """A request that failed (one line): refused, or failing after every retry."""
-
-
-class EngineRefusedError(EngineRequestError, EngineUnavailableError):
+# A request that failed is one line, of one of two kinds: refused (the user's to fix) or
+# failing after every retry (transient). Each is caught by its meaning, never together.
+class EngineRefusedError(EngineUnavailableError):
     """The server refused the request (401, 403, 404, 400…): its configuration, not luck."""
 
 
-class EngineGaveUpError(EngineRequestError, TransientError):
+class EngineGaveUpError(TransientError):
     """The request kept failing (429, 5xx, connection) after the engine's own retries."""
 
 
@@ -386,7 +384,7 @@ def _run_coroutine(make: Callable[[], Coroutine[Any, Any, None]]) -> None:
     def target() -> None:
         try:
             asyncio.run(make())
-        except BaseException as exc:  # re-raised in the caller's thread
+        except BaseException as exc:  # boundary: a thread hands its failure to the caller's
             errors.append(exc)
 
     thread = threading.Thread(target=target, name="mpd-openai")

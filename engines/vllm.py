@@ -93,7 +93,7 @@ class VLLMEngine:
                 w.launch(args)
             deadline = time.monotonic() + startup_timeout_s
             ready = [w.wait_ready(deadline) for w in self.workers]
-        except BaseException:
+        except BaseException:  # boundary: no worker left running, re-raised unchanged
             self.close()
             raise
         self.model_vocab = int(ready[0]["vocab_size"])

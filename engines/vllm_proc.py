@@ -1,10 +1,11 @@
 """One vLLM worker process seen from the parent: start, exchange frames, stop.
 
 The frame format and the protocol are described in ``engines/vllm_worker.py``.
-Everything that can go wrong here is a user-facing situation (no interpreter,
-no vLLM in it, a model vLLM cannot load, a worker killed by the OOM killer),
-so every failure is one :class:`WorkerError` line that names the cause and
-the worker's log file, which holds vLLM's own output.
+Every failure is one line that names the cause and the worker's log file, which
+holds vLLM's own output; its kind is the one the worker judged: the user's
+(:class:`WorkerRefusedError`: no vLLM in the interpreter, a model or a setting vLLM
+refuses), memory (:class:`data.memory.MemoryExhaustedError`), or transient
+(:class:`WorkerError`: the worker died, was killed, or failed a request; retried).
 """
 
 from __future__ import annotations
@@ -21,14 +22,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from data.errors import TransientError
+from data.errors import TransientError, UserError
+from data.memory import HINT, MemoryExhaustedError
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 HEADER = struct.Struct(">Q")
 
 
-class WorkerError(TransientError, RuntimeError):
+class WorkerError(TransientError):
     """The vLLM worker could not start, failed a request, or died (one line; retried)."""
+
+
+class WorkerRefusedError(UserError):
+    """vLLM is missing from the interpreter, or refused the model or a setting (one line)."""
 
 
 class Worker:
@@ -71,7 +77,13 @@ class Worker:
         (size,) = HEADER.unpack(head)
         reply = pickle.loads(self._read(size, what, None))
         if "error" in reply:
-            raise WorkerError(f"vllm engine, {what}: {reply['error']} (log: {self.log_path})")
+            said = f"vllm engine, {what}: {reply['error']} (log: {self.log_path})"
+            kind = reply.get("kind")
+            if kind == "user":
+                raise WorkerRefusedError(said)
+            if kind == "resource":
+                raise MemoryExhaustedError(f"{said}; {HINT}")
+            raise WorkerError(said)
         return reply.get("result", reply)
 
     def stop(self, grace_s: float = 30.0) -> None:

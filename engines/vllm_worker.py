@@ -14,7 +14,13 @@ an 8-byte big-endian length and a pickle of plain lists, dicts and
     parent -> {"op": "score", "requests": [{"prompt": [...], "start": 40}], "logprobs": 35}
     worker -> {"ok": True, "result": [(ids, logprobs, ranks, width), ...]}  # per request
     parent -> {"op": "close"}                  (or EOF)
-    worker -> {"error": "one line"}            instead of ok, for any failure
+    worker -> {"error": "one line", "kind": "user"}   instead of ok, for any failure
+
+``kind`` says what the failure means, judged here where the exception is (the parent sees only
+the line): "user" (no vLLM in this interpreter; vLLM refused the model or the settings: a
+missing or unsupported model, an unknown ``vllm_args`` key, a bad value), "resource" (out of
+memory, the GPU's or the machine's), "transient" (anything else: vLLM's engine core died, a
+request failed; retried by the stage).
 
 The worker exits when its parent dies (a kill -9 of the stage): a watchdog
 thread sees the new parent id and kills the worker's process group, which
@@ -55,6 +61,30 @@ def write_frame(stream, obj):
 def one_line(exc):
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}".strip()
+
+
+# How torch and vLLM say that memory ran out: torch.OutOfMemoryError ("CUDA out of memory"), the
+# CPU allocator's RuntimeError, vLLM's ValueError when the weights leave no room for the KV cache.
+OUT_OF_MEMORY = (
+    "out of memory",
+    "can't allocate memory",
+    "not enough memory",
+    "No available memory for the cache blocks",
+)
+
+
+def kind_of(exc, *, loading):
+    """What a failure means (see the module's docstring): while loading, vLLM's refusals of the
+    model or the settings (OSError, ValueError, TypeError, KeyError) are the user's; during a
+    request only memory is told apart."""
+    text = str(exc)
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return "resource"
+    if any(words in text for words in OUT_OF_MEMORY):
+        return "resource"
+    if loading and isinstance(exc, (OSError, ValueError, TypeError, KeyError)):
+        return "user"
+    return "transient"
 
 
 def watch_parent(parent):
@@ -121,16 +151,16 @@ def main():
         return 0
     try:
         import vllm
-    except Exception as exc:  # ImportError, or a broken install raising anything
-        write_frame(
-            proto_out, {"error": f"cannot import vllm in {sys.executable} ({one_line(exc)})"}
-        )
+    except Exception as exc:  # boundary: reported to the parent (a broken install raises anything)
+        said = f"cannot import vllm in {sys.executable} ({one_line(exc)})"
+        write_frame(proto_out, {"error": said, "kind": "user"})
         return 1
     try:
         llm = vllm.LLM(**init["llm"])
         vocab = llm.llm_engine.model_config.get_vocab_size()
-    except Exception as exc:
-        write_frame(proto_out, {"error": f"vLLM could not load the model ({one_line(exc)})"})
+    except Exception as exc:  # boundary: reported to the parent, with its kind
+        said = f"vLLM could not load the model ({one_line(exc)})"
+        write_frame(proto_out, {"error": said, "kind": kind_of(exc, loading=True)})
         return 1
     write_frame(proto_out, {"ok": True, "vocab_size": vocab, "version": vllm.__version__})
     handlers = {"generate": generate, "score": score}
@@ -140,8 +170,8 @@ def main():
             return 0
         try:
             reply = {"ok": True, "result": handlers[req["op"]](llm, req)}
-        except Exception as exc:
-            reply = {"error": one_line(exc)}
+        except Exception as exc:  # boundary: reported to the parent, with its kind
+            reply = {"error": one_line(exc), "kind": kind_of(exc, loading=False)}
         write_frame(proto_out, reply)
 
 

@@ -33,7 +33,7 @@ FLOAT_TAG = "tag:yaml.org,2002:float"
 _ORDER = itertools.count()  # later settings win, so "which came last" is a global order
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(UserError):
     """A user mistake in a config file or override; its message is one line."""
 
 

@@ -56,7 +56,7 @@ DEFAULT_SQL = Path(__file__).resolve().parents[1] / "data" / "sql" / "filter.sql
 DRY_RUN_TIMEOUT_S = 10.0
 
 
-class FilterError(UserError, ValueError):
+class FilterError(UserError):
     """The filter SQL failed, or produced rows that do not fit the decisions table."""
 
 

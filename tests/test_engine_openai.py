@@ -25,7 +25,7 @@ from data.world import build_problems
 from engines.base import EngineUnavailableError, GenerationParams
 from engines.config import EngineConfig
 from engines.hf import HFEngine, load_hf_engine
-from engines.openai import EngineRequestError, OpenAIEngine
+from engines.openai import EngineGaveUpError, EngineRefusedError, OpenAIEngine
 from tasks.engines import engine_for
 from tasks.generation import chat_prompt
 from tests.conftest import REPO, free_port
@@ -133,7 +133,7 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
 
 def test_gives_up_after_max_retries(server, hf, prompts) -> None:
     server.reset(faults=["503"] * 10)
-    with pytest.raises(EngineRequestError) as exc:
+    with pytest.raises(EngineGaveUpError) as exc:
         engine(server, hf, max_retries=2).generate(prompts[:1], greedy(hf))
     msg = one_line(exc)
     assert server.base_url + "/completions" in msg and "HTTP 503" in msg and "3 attempt" in msg
@@ -141,7 +141,7 @@ def test_gives_up_after_max_retries(server, hf, prompts) -> None:
 
 
 def test_client_errors_are_not_retried(server, hf, prompts) -> None:
-    with pytest.raises(EngineRequestError) as exc:
+    with pytest.raises(EngineRefusedError) as exc:
         engine(server, hf, model="no-such-model").generate(prompts[:1], greedy(hf))
     assert "HTTP 404" in one_line(exc) and "no-such-model" in str(exc.value)
     assert server.requests == 1
@@ -153,7 +153,7 @@ def test_connection_refused(hf, prompts) -> None:
         f"http://127.0.0.1:{port}/v1", hf.tokenizer, model="tiny", max_retries=2,
         retry_backoff_s=0.01,
     )  # fmt: skip
-    with pytest.raises(EngineRequestError) as exc:
+    with pytest.raises(EngineGaveUpError) as exc:
         eng.generate(prompts[:1], greedy(hf))
     msg = one_line(exc)
     assert f"127.0.0.1:{port}" in msg and "cannot connect" in msg and "3 attempt" in msg
@@ -192,7 +192,7 @@ def test_request_level_resume(server, hf, prompts, tmp_path: Path) -> None:
     journal = tmp_path / ".part-00000.requests.jsonl"
     server.reset(fail_after=5)
     eng = engine(server, hf, max_retries=0, max_concurrency=1)
-    with pytest.raises(EngineRequestError):
+    with pytest.raises(EngineGaveUpError):
         eng.generate(prompts, params, journal=journal)
     assert len(journal.read_text().splitlines()) == 5
     with open(journal, "a") as fh:
@@ -212,7 +212,7 @@ def test_request_level_resume(server, hf, prompts, tmp_path: Path) -> None:
 def test_journal_dir_is_removed_after_a_call(server, hf, prompts, tmp_path: Path) -> None:
     eng = engine(server, hf, journal_dir=tmp_path / "requests")
     server.reset(fail_after=3)
-    with pytest.raises(EngineRequestError):
+    with pytest.raises(EngineGaveUpError):
         failing = engine(server, hf, journal_dir=tmp_path / "requests", max_retries=0)
         failing.max_concurrency = 1  # replies arrive in order: exactly 3 succeed
         failing.generate(prompts, greedy(hf))
@@ -248,12 +248,12 @@ def test_api_key_is_never_written(server, hf, prompts, tmp_path, monkeypatch, ca
         eng.generate(prompts[:3], greedy(hf), journal=tmp_path / "gen.jsonl")
         eng.score(prompts[:2], [prompts[3][:6], prompts[4][:6]], 4, journal=tmp_path / "s.jsonl")
         server.reset(api_key=KEY, faults=["500"] * 4, error_text=f" (key was {KEY})")
-        with pytest.raises(EngineRequestError) as exc:
+        with pytest.raises(EngineGaveUpError) as exc:
             eng.generate(prompts[:1], greedy(hf))
         assert "***" in str(exc.value)  # the server echoed the key; the engine masked it
         monkeypatch.setenv("MPD_TEST_API_KEY", "wrong")
         server.reset(api_key=KEY)
-        with pytest.raises(EngineRequestError, match="HTTP 401"):
+        with pytest.raises(EngineRefusedError, match="HTTP 401"):
             engine(server, hf, api_key_env="MPD_TEST_API_KEY").generate(prompts[:1], greedy(hf))
     finally:
         root.removeHandler(handler)

@@ -38,12 +38,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from data.errors import is_retried, kind_of
 from engines.base import EngineUnavailableError, GenerationParams
 from engines.config import EngineConfig
 from engines.hf import HFEngine, load_hf_engine
 from engines.openai import OpenAIEngine
 from engines.vllm import VLLMEngine, _replica_env, load_vllm_engine
-from engines.vllm_proc import WorkerError
+from engines.vllm_proc import WorkerRefusedError
 from tasks.engines import engine_for
 from tasks.generation import chat_prompt
 from tests.conftest import REPO, free_port, stop_process_tree
@@ -86,11 +87,13 @@ def test_missing_interpreter_is_one_line(tmp_path: Path) -> None:
 
 
 def test_interpreter_without_vllm(tmp_path: Path) -> None:
-    """The test interpreter has no vLLM: the worker says so, in one line, and exits."""
-    with pytest.raises(WorkerError) as exc:
+    """The test interpreter has no vLLM: the worker says so, in one line, and exits. The user's
+    to fix (the engine's python:), never retried: a retry would start the same interpreter."""
+    with pytest.raises(WorkerRefusedError) as exc:
         load_vllm_engine(STUDENT, EngineConfig(kind="vllm", python=sys.executable), dtype="float32")
     msg = str(exc.value)
     assert "\n" not in msg and "cannot import vllm" in msg and sys.executable in msg
+    assert kind_of(exc.value) == "user" and not is_retried(exc.value)
 
 
 def test_lora_adapter_is_refused(tmp_path: Path) -> None:

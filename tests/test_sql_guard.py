@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.catalog import connect, run_query
+from data.errors import kind_of
 from data.schemas import DECISIONS
 from data.sql_guard import ReadOnlyError, SqlError, check_read_only
 from tests.conftest import write_manifest
@@ -255,8 +256,10 @@ def test_syntax_error_is_one_line(query: str) -> None:
     assert "\n" not in str(err.value) and "syntax error" in str(err.value).lower()
 
 
-def test_errors_are_value_errors() -> None:
-    assert issubclass(ReadOnlyError, SqlError) and issubclass(SqlError, ValueError)
+def test_errors_are_user_mistakes() -> None:
+    """A refused query is the user's to fix (exit 2), and nothing else: no ValueError base."""
+    assert issubclass(ReadOnlyError, SqlError) and kind_of(SqlError("x")) == "user"
+    assert not issubclass(SqlError, ValueError)
 
 
 def test_guard_runs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

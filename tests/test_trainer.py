@@ -35,13 +35,13 @@ from train.batching import (
     micro_batches,
     save_examples,
 )
-from train.checkpoint import checkpoint_name, latest_checkpoint
+from train.checkpoint import CheckpointMismatchError, checkpoint_name, latest_checkpoint
 from train.config import LoraConfig, TrainConfig
 from train.losses import cross_entropy, reduce_tokens, reverse_kl
 from train.models import load_model
 from train.schedule import lr_factor
 from train.tiny import TinyModelConfig, build_tiny_model
-from train.trainer import LaunchSpec, train
+from train.trainer import LaunchSpec, TrainInputError, train
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = TinyModelConfig(
@@ -317,13 +317,13 @@ def test_online_teacher_loss_equals_full_logits_reverse_kl(world, examples) -> N
 
 def test_runs_that_cannot_work_are_refused_up_front(world, examples, scored) -> None:
     model = student(world["tok"])
-    with pytest.raises(ValueError, match="needs a teacher"):
+    with pytest.raises(TrainInputError, match="needs a teacher"):
         train(model, examples[:8], cfg_(teacher_mode="online"))
-    with pytest.raises(ValueError, match="frozen copy"):
+    with pytest.raises(TrainInputError, match="frozen copy"):
         train(model, examples[:8], cfg_(teacher_mode="online"), teacher=model)
     with pytest.raises(ValueError, match="topk_ids"):
         train(model, examples[:8], cfg_(teacher_mode="offline_topk"))
-    with pytest.raises(ValueError, match="no example fits"):
+    with pytest.raises(TrainInputError, match="no example fits"):
         train(model, examples[:8], cfg_(max_length=16))
 
 
@@ -341,7 +341,7 @@ def test_partial_checkpoints_are_never_picked_up(tmp_path: Path, world, examples
     assert latest_checkpoint(tmp_path) == root / checkpoint_name(4)
     result = train(student(world["tok"]), examples[:16], cfg, out_dir=tmp_path)
     assert result.resumed_from == 4 and not (root / ".tmp-step-000006").exists()
-    with pytest.raises(ValueError, match="lr differ"):
+    with pytest.raises(CheckpointMismatchError, match="lr differ"):
         train(
             student(world["tok"]), examples[:16], cfg_(loss="ce", steps=4, lr=1.0), out_dir=tmp_path
         )

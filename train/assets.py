@@ -30,7 +30,7 @@ MANIFEST = "MANIFEST.json"
 PARTS = ("tokenizer", "student", "teacher")
 
 
-class AssetsError(UserError, ValueError):
+class AssetsError(UserError):
     """Missing or altered bootstrap assets."""
 
 

@@ -35,7 +35,7 @@ import torch
 
 from data.diskfull import naming
 from data.errors import UserError
-from data.fsutil import atomic_write_json, fsync_dir
+from data.fsutil import atomic_write_json, fsync_dir, removed_on_failure
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
@@ -54,7 +54,7 @@ class Checkpoint:
     state: dict[str, Any]
 
 
-class CheckpointMismatchError(UserError, ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint in the output directory belongs to another run (one line: what to remove)."""
 
 
@@ -131,17 +131,13 @@ def write_checkpoint(out_dir: Path, step: int, ckpt: Checkpoint) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     # A full disk: one line naming the checkpoint, said once the partial one is gone (so the
     # free space it reports is what the next try will have).
-    with naming(final):
-        try:
-            tmp.mkdir(parents=True)
-            _save(ckpt.trainable, tmp / "trainable.pt")
-            _save(ckpt.optimizer, tmp / "optimizer.pt")
-            _save(ckpt.scheduler, tmp / "scheduler.pt")
-            _save(ckpt.rng, tmp / "rng.pt")
-            atomic_write_json(tmp / STATE, {**ckpt.state, "step": step})
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with naming(final), removed_on_failure(tmp):
+        tmp.mkdir(parents=True)
+        _save(ckpt.trainable, tmp / "trainable.pt")
+        _save(ckpt.optimizer, tmp / "optimizer.pt")
+        _save(ckpt.scheduler, tmp / "scheduler.pt")
+        _save(ckpt.rng, tmp / "rng.pt")
+        atomic_write_json(tmp / STATE, {**ckpt.state, "step": step})
     if final.exists():  # a stale one from a run that was reset: replace it whole
         _discard(final)
     os.replace(tmp, final)
@@ -204,14 +200,10 @@ def save_model_dir(model: Any, tokenizer: Any, target: Path) -> None:
     """save_pretrained into a hidden tmp dir, then rename: `target` is whole or absent."""
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with naming(target):
-        try:
-            model.save_pretrained(str(tmp))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with naming(target), removed_on_failure(tmp):
+        model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     if target.exists():
         _discard(target)
     os.replace(tmp, target)

@@ -71,7 +71,7 @@ CHUNK_SIZE = 1024  # positions per chunk of logits: 1024 × 151936 × 4 B = 0.6 
 MODEL_DIR = "model"
 
 
-class TrainInputError(UserError, ValueError):
+class TrainInputError(UserError):
     """A training run asked for something it cannot do (a config or model mistake; one line)."""
 
 
