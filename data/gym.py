@@ -10,6 +10,7 @@ number: partial credit is not correct).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from collections.abc import Callable
 from functools import cache
@@ -36,15 +37,27 @@ class GymConfig(StrictModel):
 
 @cache
 def _dataset(name: str, size: int, seed: int, options: tuple[tuple[str, Any], ...]) -> Any:
-    import reasoning_gym
+    """``reasoning_gym.create_dataset(name, ...)``, its steps apart so that each failure has its
+    meaning: an unknown name and a config the family refuses (an unknown key: TypeError; a value
+    out of range: its ``validate`` asserts, or raises ValueError) are the user's; the family
+    failing to build from a config it accepted is a bug (reasoning-gym's), with its traceback."""
+    from reasoning_gym.factory import DATASETS
 
+    if name not in DATASETS:
+        close = difflib.get_close_matches(name, DATASETS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"reasoning_gym.dataset {name!r}: no such reasoning-gym dataset{hint}")
+    dataset_cls, config_cls = DATASETS[name]
     try:
-        return reasoning_gym.create_dataset(name, size=size, seed=seed, **dict(options))
-    except Exception as exc:  # an unknown name or a config key the family does not take
+        config = config_cls(size=size, seed=seed, **dict(options))
+        if hasattr(config, "validate"):
+            config.validate()
+    except (TypeError, ValueError, AssertionError) as exc:  # the options, as the family says
         raise UserError(
-            f"reasoning_gym.dataset {name!r}: {type(exc).__name__}: "
-            f"{(str(exc).splitlines() or [''])[0][:200]}"
+            f"reasoning_gym.dataset {name!r}: options refused ({type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0][:200]})"
         ) from None
+    return dataset_cls(config=config)
 
 
 def dataset(cfg: GymConfig, seed: int) -> Any:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.json as pajson
 
 from data.errors import UserError
+from data.hub_errors import HubUnreachableError, not_answered, said, transport_errors
 
 Format = Literal["auto", "jsonl", "parquet", "hf_disk", "hf_dataset"]
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -35,7 +36,7 @@ BOM = b"\xef\xbb\xbf"
 EXACT_FLOAT = 2.0**53  # orjson reads an integer past 64 bits as a float: past this, not exact
 
 
-class ProblemSourceError(UserError, ValueError):
+class ProblemSourceError(UserError):
     """The user's problem file cannot be turned into problems; says why in one line."""
 
 
@@ -258,7 +259,15 @@ def read_hf_dataset(
 ) -> Table:
     """``datasets.load_dataset(path, name)``: a Hugging Face dataset id (``openai/gsm8k`` with
     name ``main``), or a local directory or file that ``datasets`` reads (a directory holding
-    ``train.jsonl`` and ``test.jsonl`` becomes splits train and test)."""
+    ``train.jsonl`` and ``test.jsonl`` becomes splits train and test).
+
+    Its failures by meaning: the hub not answering (refused, timed out, a 5xx or 429 after the
+    hub client's own retries) is transient (:class:`HubUnreachableError`: the stage task retries
+    it); the hub switched off here (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``, the user's own
+    setting) with the dataset not in the cache, no such dataset, config or split, files that do
+    not parse: the user's (:class:`ProblemSourceError`, saying what to set). Anything else is a
+    bug and keeps its traceback.
+    """
     import datasets
 
     local = Path(path).expanduser()
@@ -266,13 +275,31 @@ def read_hf_dataset(
     datasets.disable_progress_bars()  # one problem set, not a progress display
     try:
         loaded = datasets.load_dataset(source, name)
-    except Exception as exc:  # the hub unreachable, no such dataset or config, unreadable files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ProblemSourceError(
-            f"{path}: datasets.load_dataset failed ({type(exc).__name__}: {first[:200]})"
-            + ("; the hub is not reachable offline (HF_HUB_OFFLINE)" if not local.exists() else "")
-        ) from None
+    except (OSError, ValueError, datasets.exceptions.DatasetsError, *transport_errors()) as exc:
+        # OSError: the hub (ConnectionError, the hub client's HTTP errors), a missing file;
+        # ValueError: no such config or split; DatasetsError: files that do not parse; the
+        # HTTP client's transport errors (a connection dropped mid-answer) come through raw.
+        raise _hub_failure(path, exc, datasets.config.HF_HUB_OFFLINE) from None
     return dataset_table(Path(path), loaded, wanted, limit, split)
+
+
+def _hub_failure(path: str, exc: BaseException, offline: bool) -> Exception:
+    """What a failed ``load_dataset`` means (``data/hub_errors.py``): the hub not answering is
+    transient, unless the hub is switched off here (the user's setting); the rest is the
+    user's."""
+    if (err := not_answered(exc)) is None:
+        return ProblemSourceError(f"{path}: datasets.load_dataset failed ({said(exc)})")
+    if offline:
+        return ProblemSourceError(
+            f"{path}: not a local file or directory, and as a Hugging Face hub dataset it is not "
+            "in the datasets cache while the hub is switched off here (HF_HUB_OFFLINE or "
+            "HF_DATASETS_OFFLINE): set problems.path to a local copy (a directory of JSONL or "
+            "Parquet files, or one written by save_to_disk)"
+        )
+    return HubUnreachableError(
+        f"{path}: the Hugging Face hub did not answer ({said(err)}); run again later, or set "
+        "problems.path to a local copy"
+    )
 
 
 def dataset_table(

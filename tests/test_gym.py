@@ -38,6 +38,26 @@ def test_the_family_scorer_decides_and_partial_credit_is_wrong() -> None:
 def test_an_unknown_family_is_one_line() -> None:
     with pytest.raises(UserError, match=r"reasoning_gym\.dataset 'no_such_family'"):
         gym_records(GymConfig(dataset="no_such_family", size=3), 0)
+    with pytest.raises(UserError, match="did you mean chain_sum"):
+        gym_records(GymConfig(dataset="chain_sums", size=3), 0)
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"bogus": 1}, "TypeError: ChainSumConfig.__init__() got an unexpected keyword argument"),
+        ({"min_terms": -3}, "AssertionError: min_terms must be positive"),
+    ],
+)
+def test_options_the_family_refuses_are_the_users(options: dict, said: str) -> None:
+    """An option the family does not take, or a value its own check refuses: the user's, in one
+    line naming the option (the family's constructor is not inside this: its failure on options
+    it accepted would be a bug, with its traceback)."""
+    with pytest.raises(
+        UserError, match=r"reasoning_gym\.dataset 'chain_sum': options refused"
+    ) as exc:
+        gym_records(GymConfig(dataset="chain_sum", size=3, options=options), 0)
+    assert said in str(exc.value) and "\n" not in str(exc.value)
 
 
 @pytest.mark.usefixtures("prefect_api")

@@ -7,7 +7,12 @@ Each error test asserts the type and the words a user needs to fix the file
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,6 +27,7 @@ from data.sources import (
     check_problem_source,
     load_problems,
 )
+from tests.conftest import REPO, free_port
 
 ROWS = [{"question": f"What is {i} + {i}?", "solution": 2 * i, "uid": f"q{i}"} for i in range(40)]
 MAPPED = {"prompt_column": "question", "answer_column": "solution"}
@@ -339,18 +345,94 @@ def test_load_dataset_reads_the_gsm8k_directory_with_its_splits() -> None:
     assert len(one) == 1319
 
 
-def test_a_hub_dataset_offline_is_one_line() -> None:
-    with pytest.raises(ProblemSourceError, match=r"openai/gsm8k: datasets\.load_dataset failed"):
-        load_problems(
-            ProblemSourceConfig(
-                path="openai/gsm8k",
-                name="main",
-                format="hf_dataset",
-                prompt_column="question",
-                answer_format="gsm8k",
-            ),
-            0,
+# A child process reads hub datasets as the problems stage does (load_problems), with the hub
+# settings of its environment (huggingface_hub and datasets read them once, at import). The
+# hub client's own backoff (1 + 2 + 4 + 8 + 8 s between its tries) is cut: the failures are
+# real, only the waits are skipped.
+HUB_CHILD = """
+import sys, time
+time.sleep = lambda seconds: None
+from data.errors import kind_of
+from data.sources import ProblemSourceConfig, load_problems
+
+for name in sys.argv[1:]:
+    cfg = ProblemSourceConfig(path=name, format="hf_dataset", prompt_column="question")
+    try:
+        load_problems(cfg, 0)
+    except Exception as exc:
+        print(name, kind_of(exc), type(exc).__name__, exc, sep="\\t")
+"""
+
+
+class _StandInHub(BaseHTTPRequestHandler):
+    """A stand-in for the hub (none is reachable here): 503 for ``mpd-test/down``, 404 for
+    ``mpd-test/missing``, and the connection dropped without an answer for anything else."""
+
+    def _answer(self) -> None:
+        codes = {"/mpd-test/down/": 503, "/mpd-test/missing/": 404}
+        code = next((c for part, c in codes.items() if part in self.path), None)
+        if code is None:
+            self.close_connection = True
+            return
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _read_hub(names: list[str], tmp_path: Path, endpoint: str | None) -> dict[str, list[str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(PYTHONPATH=str(REPO), HF_HOME=str(tmp_path / "hf"))
+    env.update({"HF_ENDPOINT": endpoint} if endpoint else {"HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", HUB_CHILD, *names],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split("\t") for line in out.stdout.splitlines()]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_a_hub_dataset_offline_is_the_users_to_fix(tmp_path: Path) -> None:
+    """The hub switched off (the user's own HF_HUB_OFFLINE) and the dataset not cached: one
+    line saying so and what to set, exit 2; not a network failure to retry."""
+    got = _read_hub(["openai/gsm8k"], tmp_path, endpoint=None)
+    kind, name, message = got["openai/gsm8k"]
+    assert (kind, name) == ("user", "ProblemSourceError"), message
+    assert "HF_HUB_OFFLINE" in message and "set problems.path to a local copy" in message
+
+
+def test_a_hub_that_does_not_answer_is_transient(tmp_path: Path) -> None:
+    """A hub that answers 503, drops the connection, or is not listening at all: transient
+    (retried by the stage task, then exit 1), naming the dataset; a 404 is the user's."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StandInHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        got = _read_hub(["mpd-test/down", "mpd-test/gone", "mpd-test/missing"], tmp_path, endpoint)
+    finally:
+        server.shutdown()
+        server.server_close()
+    got |= _read_hub(["mpd-test/refused"], tmp_path, f"http://127.0.0.1:{free_port()}")
+    for name, said in [
+        ("mpd-test/down", "503"),
+        ("mpd-test/gone", "RemoteProtocolError"),
+        ("mpd-test/refused", "ConnectionError"),
+    ]:
+        kind, cls, message = got[name]
+        assert (kind, cls) == ("transient", "HubUnreachableError"), message
+        assert (
+            message.startswith(f"{name}: the Hugging Face hub did not answer") and said in message
         )
+    kind, cls, message = got["mpd-test/missing"]
+    assert (kind, cls) == ("user", "ProblemSourceError") and "mpd-test/missing" in message
 
 
 # -- the one check, before Prefect starts and in the stage (issue 26) --------------------------
