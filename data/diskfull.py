@@ -42,8 +42,8 @@ def naming(path: Path | str) -> Iterator[None]:
         yield
     except DiskFullError:
         raise
-    except Exception as exc:
-        if not is_disk_full(exc):
+    except Exception as exc:  # boundary: a full disk arrives as any library's exception
+        if not is_disk_full(exc):  # (DuckDB's, torch's zip writer's); all else re-raised as is
             raise
         raise disk_full_error(path, exc) from None
 

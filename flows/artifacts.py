@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from data import catalog
+from data.errors import best_effort
 from flows.summary import QUERY, stage_times
 
 log = logging.getLogger("mpd")
@@ -90,7 +91,8 @@ def publish_round(workspace: Path, r: int) -> None:
 
     if FlowRunContext.get() is None:
         return
-    try:
+    # Visibility must never fail a round.
+    with best_effort(f"round {r}: Prefect artifacts not published", log):
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
         slug = artifact_slug(workspace)
@@ -108,5 +110,3 @@ def publish_round(workspace: Path, r: int) -> None:
             key=f"mpd-{slug}-round-{r}",
             description=f"round {r} of the mpd campaign in {workspace}",
         )
-    except Exception as exc:  # visibility must never fail a round
-        log.warning("round %d: Prefect artifacts not published (%s)", r, exc)

@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from data import catalog
+from data.errors import best_effort
 from data.fsutil import atomic_write_bytes
 from flows.sqlout import write_parquet_atomic
 from flows.summary import save_png
@@ -299,11 +300,9 @@ def write_report(
 
 def publish(text: str) -> None:
     """The report as a Prefect markdown artifact (``mpd-bench``), where the UI shows runs."""
-    try:
+    with best_effort("no bench artifact", log):  # visibility must never fail the bench
         from prefect.artifacts import create_markdown_artifact
         from prefect.context import FlowRunContext
 
         if FlowRunContext.get() is not None:
             create_markdown_artifact(markdown=text, key="mpd-bench", description="mpd bench")
-    except Exception as exc:  # visibility must never fail the bench
-        log.debug("no bench artifact: %s", exc)

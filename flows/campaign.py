@@ -105,7 +105,7 @@ def campaign_flow(
                 cfg.rounds = rounds
             check_inputs(cfg)  # a deployment's run, too, refuses a bad problem file before writing
             run_campaign(cfg)
-        except Exception as exc:
+        except Exception as exc:  # boundary: the flow's Failed state, by the failure's kind
             # A user mistake (or a transient failure that outlived its retries) ends the run as
             # Failed with one clear line, not a traceback; a bug propagates with its traceback.
             if kind_of(exc) == "bug":

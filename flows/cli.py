@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             "mpd: interrupted; finished shards are kept and reused by the next run", file=sys.stderr
         )
         return 130
-    except Exception as exc:
+    except Exception as exc:  # boundary: the CLI's exit, by the failure's kind
         from data.errors import kind_of, one_line
 
         kind = kind_of(exc)

@@ -130,7 +130,7 @@ def attach_storage(cfg: RunConfig) -> Path:
     if cfg.storage.url:
         try:
             attach(path, cfg.storage.url, cfg.storage.options)
-        except BaseException:
+        except BaseException:  # boundary: no empty directory left behind, re-raised unchanged
             _remove_empty(made)
             raise
     return path

@@ -178,16 +178,16 @@ class _Stopper:
         try:
             if release_held():
                 problems.append("a workspace lock was being taken or released: left to the kernel")
-        except Exception as exc:  # a lease the object store did not let us delete
+        except Exception as exc:  # boundary: a stop signal's cleanup tries every step, then exits
             problems.append(f"could not release the workspace lease: {_short(exc)}")
         try:
             _mark_crashed([r for r in self.runs if r is not None], signal.Signals(signum).name)
-        except Exception as exc:
+        except Exception as exc:  # boundary: as above (the Prefect API may be gone)
             problems.append(f"the Prefect flow run was not marked Crashed: {_short(exc)}")
         for cleanup in _CLEANUPS:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # boundary: as above, each cleanup tried
                 cleanup()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stdout
             sys.stdout.flush()
         _poke(self.write_fd, _DONE)
 

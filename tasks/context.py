@@ -176,7 +176,7 @@ class Context:
                 result = state.result()  # raises the stage's exception if it failed
                 # A Prefect cache hit hands back the result of the run that computed it.
                 cached = result.cached or state.name == "Cached"
-        except Exception as exc:
+        except Exception as exc:  # boundary: any failure recorded for mpd status, re-raised
             self.outcomes[where] = {"state": "failed", "key": key[:12], "error": str(exc)}
             raise
         self.outcomes[where] = {

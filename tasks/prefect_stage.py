@@ -60,7 +60,7 @@ def failed_quietly(run: Callable[[], Any]) -> Any:
     """
     try:
         return run()
-    except Exception as exc:
+    except Exception as exc:  # boundary: the stage's failure to a Failed state, by its kind
         if kind_of(exc) not in ("user", "resource"):
             raise
         return Failed(message=one_line(exc), data=exc)
@@ -69,7 +69,7 @@ def failed_quietly(run: Callable[[], Any]) -> Any:
 def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
     try:
         state.result()
-    except Exception as exc:
+    except Exception as exc:  # boundary: whatever the stage raised, retried by its kind
         return is_retried(exc)
     return False
 

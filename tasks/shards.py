@@ -26,6 +26,7 @@ import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from data.errors import best_effort
 from data.store import StageWriter
 from tasks.common import shards
 
@@ -40,7 +41,7 @@ class _Progress:
     def __init__(self, stage: str, round_: int, total: int, done: int) -> None:
         self.stage, self.round, self.total, self.done = stage, round_, total, done
         self.artifact_id: Any = None
-        try:
+        with best_effort("no progress artifact", log):  # visibility must never fail a stage
             from prefect.artifacts import create_progress_artifact
             from prefect.context import FlowRunContext
 
@@ -50,8 +51,6 @@ class _Progress:
                     key=f"{stage}-round-{round_}-progress",
                     description=f"round {round_} {stage}: shards written / shards in the stage",
                 )
-        except Exception as exc:  # visibility must never fail a stage
-            log.debug("no progress artifact: %s", exc)
 
     @property
     def percent(self) -> float:
@@ -61,12 +60,10 @@ class _Progress:
         self.done += 1
         log.info("round %d %-8s shard %d/%d", self.round, self.stage, self.done, self.total)
         if self.artifact_id is not None:
-            try:
+            with best_effort("progress artifact not updated", log):
                 from prefect.artifacts import update_progress_artifact
 
                 update_progress_artifact(self.artifact_id, progress=self.percent)
-            except Exception as exc:
-                log.debug("progress artifact not updated: %s", exc)
 
 
 @task(name="shard", task_run_name="{stage}-round-{round_}-shard-{index}", cache_policy=NO_CACHE)
