@@ -411,16 +411,32 @@ def test_kill_during_training_resumes_from_checkpoint(base: Path, tmp_path: Path
     assert not list((ws / "train" / "round=1").glob("checkpoints")), "checkpoints not shipped"
 
 
-def test_transient_stage_failure_is_retried_and_resumes(tmp_path: Path, prefect_api: str) -> None:
-    """The stage task retries a transient failure (here a lost connection after one shard),
-    and the retry reuses the shards the failed attempt finished; a user mistake and a bug
-    (data.errors) fail at once, unretried."""
+def test_transient_stage_failure_is_retried_and_resumes(
+    tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stage task retries a transient failure (here a lost connection after one shard, and
+    an object store that did not answer), and the retry reuses the shards the failed attempt
+    finished; a user mistake, memory out and a bug (data.errors) fail at once, unretried."""
+    import torch
     from prefect import flow
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from data.errors import UserError
+    from data.objstore import ObjectStore
+    from data.storage_errors import StorageUnreachableError
     from tasks.common import run_stage
     from tasks.prefect_stage import stage_task
+    from tests.conftest import free_port
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # botocore asks before it dials
+        monkeypatch.setenv(name, "mpd-test")
+    gone = ObjectStore(  # a real S3 client, at a port nobody listens on
+        "s3://mpd-gone/ws",
+        {
+            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}"},
+            "config_kwargs": {"retries": {"max_attempts": 1}},
+        },
+    )
 
     store = StageStore(tmp_path / "ws")
     schema = pa.schema([pa.field("x", pa.int64(), nullable=False)])
@@ -433,6 +449,18 @@ def test_transient_stage_failure_is_retried_and_resumes(tmp_path: Path, prefect_
                 writer.write_shard(i, pa.table({"x": [i]}), schema)
             if i == 1 and len(attempts) == 1:
                 raise ConnectionError("the engine server went away")
+        return {}
+
+    def store_gone_once(writer) -> dict:
+        attempts.append(sorted(writer.resumed))
+        if len(attempts) == 1:
+            gone.committed()  # the store does not answer: StorageUnreachableError
+        writer.write_shard(0, pa.table({"x": [0]}), schema)
+        return {}
+
+    def out_of_memory(writer) -> dict:
+        attempts.append(sorted(writer.resumed))
+        torch.empty(2**60)  # torch's CPU allocator refuses 4 EiB at once (reserves nothing)
         return {}
 
     def mistaken(writer) -> dict:
@@ -460,6 +488,17 @@ def test_transient_stage_failure_is_retried_and_resumes(tmp_path: Path, prefect_
         assert result.rows == 3 and not result.cached
         man = store.manifest("sample", 1)
         assert man is not None and man.resumed_shards == 2 and man.rows == 3
+
+        attempts.clear()
+        assert probe("truncate", store_gone_once).rows == 1
+        assert attempts == [[], []], "a store that did not answer is retried"
+        with pytest.raises(StorageUnreachableError):
+            gone.committed()  # what the first attempt met
+
+        attempts.clear()
+        with pytest.raises(RuntimeError, match="can't allocate memory"):
+            probe("filter", out_of_memory)
+        assert attempts == [[]], "memory out is not retried"
 
         attempts.clear()
         with pytest.raises(UserError, match="a user mistake"):
