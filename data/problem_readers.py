@@ -14,6 +14,7 @@ each bad line named by number and each byte that is not UTF-8 by its offset in t
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from itertools import repeat
@@ -290,11 +291,13 @@ def _hub_failure(path: str, exc: BaseException, offline: bool) -> Exception:
     if (err := not_answered(exc)) is None:
         return ProblemSourceError(f"{path}: datasets.load_dataset failed ({said(exc)})")
     if offline:
+        switch = (
+            "HF_DATASETS_OFFLINE" if os.environ.get("HF_DATASETS_OFFLINE") else "HF_HUB_OFFLINE"
+        )
         return ProblemSourceError(
-            f"{path}: not a local file or directory, and as a Hugging Face hub dataset it is not "
-            "in the datasets cache while the hub is switched off here (HF_HUB_OFFLINE or "
-            "HF_DATASETS_OFFLINE): set problems.path to a local copy (a directory of JSONL or "
-            "Parquet files, or one written by save_to_disk)"
+            f"{path}: no such local path, and the Hugging Face hub is switched off here ({switch})"
+            " with this dataset not cached: set problems.path to a local copy (JSONL or Parquet "
+            "files, or a save_to_disk directory)"
         )
     return HubUnreachableError(
         f"{path}: the Hugging Face hub did not answer ({said(err)}); run again later, or set "

@@ -406,7 +406,8 @@ def test_a_hub_dataset_offline_is_the_users_to_fix(tmp_path: Path) -> None:
     got = _read_hub(["openai/gsm8k"], tmp_path, endpoint=None)
     kind, name, message = got["openai/gsm8k"]
     assert (kind, name) == ("user", "ProblemSourceError"), message
-    assert "HF_HUB_OFFLINE" in message and "set problems.path to a local copy" in message
+    assert "hub is switched off here (HF_HUB_OFFLINE)" in message
+    assert "set problems.path to a local copy" in message
 
 
 def test_a_hub_that_does_not_answer_is_transient(tmp_path: Path) -> None:
