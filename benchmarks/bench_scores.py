@@ -108,10 +108,11 @@ def world_scores(store, problems: int, n: int) -> dict[str, str]:
     from data.answers import answers_match
     from data.world import build_problems
     from engines.config import EngineConfig
-    from tasks.common import read_stage, run_stage
+    from tasks.common import run_stage
     from tasks.engines import EngineHandle
     from tasks.sample import SampleConfig, sample_body
-    from tasks.score import ScoreConfig, score_body
+    from tasks.score import TARGET_COLUMNS, ScoreConfig, score_body
+    from tasks.stream import Rows
 
     torch.set_num_threads(2)
     assets = ROOT / "assets" / "world"
@@ -135,7 +136,6 @@ def world_scores(store, problems: int, n: int) -> dict[str, str]:
             grader=answers_match,
         ),
     )
-    samples = read_stage(store, "sample", 1).to_pylist()
     prompts = {r["problem_id"]: r["prompt"] for r in records}
     run_stage(
         store,
@@ -146,8 +146,8 @@ def world_scores(store, problems: int, n: int) -> dict[str, str]:
             w,
             ScoreConfig(top_k=32, context="problem"),  # the default shards: 64 traces
             engine=teacher.get(),
-            rewrites=samples,
-            samples={(s["problem_id"], s["sample_idx"]): s for s in samples},
+            targets=Rows.of(store, "sample", 1, TARGET_COLUMNS),
+            samples=None,
             problems={r["problem_id"]: r for r in records},
             rewrite_template="{problem}\n{trace}",
             round_=1,

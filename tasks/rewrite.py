@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from pydantic import Field, field_validator
 
 from data.configbase import StrictModel
@@ -16,11 +17,12 @@ from data.prompts import DEFAULT_REWRITE_PROMPT
 from data.schemas import REWRITES
 from data.store import StageWriter
 from data.tables import Table
-from tasks.common import StageResult, read_stage
+from tasks.common import StageResult
 from tasks.context import Context, Round
 from tasks.engines import stage_engine
 from tasks.generation import chat_prompt, generate_traces, grader_of, shard_seed
 from tasks.stage import Stage
+from tasks.stream import Rows
 
 log = logging.getLogger("mpd")
 
@@ -45,12 +47,24 @@ class RewriteConfig(StrictModel):
         return value
 
 
+# What rewriting reads of a sample: the trace and the counts its rewrite row carries along.
+SAMPLE_COLUMNS = [
+    "problem_id",
+    "sample_idx",
+    "completion",
+    "think_tokens",
+    "total_tokens",
+    "correct",
+    "truncated",
+]
+
+
 def rewrite_body(
     writer: StageWriter,
     cfg: RewriteConfig,
     *,
     engine: Any,
-    samples: list[dict],
+    samples: Rows,
     problems: dict[str, dict],
     round_: int,
     seed: int,
@@ -61,6 +75,7 @@ def rewrite_body(
 ) -> dict:
     """The rewriter turns each student trace into a concise one (MPD's target).
 
+    ``samples`` (:data:`SAMPLE_COLUMNS` of the round's samples) are read a shard at a time.
     When the rewriter tokenizes differently from the student (an instruction
     model behind an API), its text is tokenized once here with the student's
     tokenizer and those ids are stored: the teacher scores and the student
@@ -75,15 +90,11 @@ def rewrite_body(
         same = True
     except TokenizerMismatchError:
         same = False
-    prompts = [
-        chat_prompt(
-            tok,
-            cfg.prompt.format(problem=problems[s["problem_id"]]["prompt"], trace=s["completion"]),
-        )
-        for s in samples
-    ]
 
-    def make_rows(i: int, part: range) -> list[dict]:
+    def load(i: int, part: range) -> list[dict]:
+        return samples.take(np.arange(part.start, part.stop)).to_pylist()
+
+    def make_rows(i: int, chosen: list[dict]) -> list[dict]:
         params = GenerationParams(
             n=1,
             temperature=cfg.temperature,
@@ -92,27 +103,20 @@ def rewrite_body(
             seed=shard_seed(seed, round_, i),
             stop_token_ids=(tok.eos_token_id,),
         )
-        chosen = [samples[j] for j in part]
+        asks = [
+            cfg.prompt.format(problem=problems[s["problem_id"]]["prompt"], trace=s["completion"])
+            for s in chosen
+        ]
         records = [{**problems[s["problem_id"]], "sample_idx": s["sample_idx"]} for s in chosen]
+        prompts = [chat_prompt(tok, ask) for ask in asks]
         rows = generate_traces(
-            engine,
-            [prompts[j] for j in part],
-            records,
-            params=params,
-            round_=round_,
-            model=model,
-            grader=grader,
+            engine, prompts, records, params=params, round_=round_, model=model, grader=grader
         )
         for row, s in zip(rows, chosen, strict=True):
             row["sample_idx"] = s["sample_idx"]
             if not same:
                 _retokenize(row, student_tokenizer)
-            row.update(
-                orig_think_tokens=s["think_tokens"],
-                orig_total_tokens=s["total_tokens"],
-                orig_correct=s["correct"],
-                orig_truncated=s["truncated"],
-            )
+            row.update(_orig_columns(s))
         return rows
 
     from tasks.shards import run_shards  # Prefect: imported when a stage runs, not by config
@@ -126,8 +130,19 @@ def rewrite_body(
         stage="rewrite",
         round_=round_,
         workers=workers,
+        load=load,
     )
     return {"shards": n_shards, "same_tokenizer": same, "rewriter": model}
+
+
+def _orig_columns(sample: dict) -> dict:
+    """What a target row carries of the sample it was made from (the ``orig_*`` columns)."""
+    return {
+        "orig_think_tokens": sample["think_tokens"],
+        "orig_total_tokens": sample["total_tokens"],
+        "orig_correct": sample["correct"],
+        "orig_truncated": sample["truncated"],
+    }
 
 
 def _retokenize(row: dict, tokenizer: Any) -> None:
@@ -164,7 +179,7 @@ def run(ctx: Context, rnd: Round) -> StageResult:
             cfg,
             engine=stage_engine(ctx, "rewriter", rewriter.path),
             workers=ctx.workers("rewriter"),
-            samples=read_stage(ctx.store, "sample", r).to_pylist(),
+            samples=Rows.of(ctx.store, "sample", r, SAMPLE_COLUMNS),
             problems=ctx.problems,
             round_=r,
             seed=ctx.cfg.seed,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field, field_validator
 
 from data.configbase import StrictModel
@@ -17,11 +18,12 @@ from data.prompts import CONCISE_CUE
 from data.schemas import SCORES, encode_topk
 from data.store import StageWriter
 from data.tables import Table
-from tasks.common import StageResult, computing, read_stage
+from tasks.common import StageResult, computing
 from tasks.context import Context, Round
 from tasks.engines import stage_engine
 from tasks.generation import chat_prompt
 from tasks.stage import Stage
+from tasks.stream import Rows, aligned
 
 log = logging.getLogger("mpd")
 
@@ -70,13 +72,19 @@ class SelfDistillConfig(StrictModel):
         return value
 
 
+# What scoring reads: of each target, its ids and tokens; of its sample, the trace (context
+# ``rewrite`` only: the teacher then reads the rewrite request made from it).
+TARGET_COLUMNS = ["problem_id", "sample_idx", "token_ids"]
+SAMPLE_COLUMNS = ["completion"]
+
+
 def score_body(
     writer: StageWriter,
     cfg: ScoreConfig,
     *,
     engine: Any,
-    rewrites: list[dict],
-    samples: dict[tuple[str, int], dict],
+    targets: Rows,
+    samples: Rows | None,
     problems: dict[str, dict],
     rewrite_template: str,
     round_: int,
@@ -86,8 +94,10 @@ def score_body(
 ) -> dict:
     """The teacher's top-k next-token distribution at every token of every target trace.
 
-    ``rewrites`` are the method's targets (rewrites for MPD, the student's samples
-    for on-policy, ...), each tied to its student sample by (problem_id, sample_idx).
+    ``targets`` are the method's targets (rewrites for MPD, the student's samples
+    for on-policy, ...), each tied to its student sample by (problem_id, sample_idx);
+    both are read a shard at a time (:mod:`tasks.stream`), ``samples`` only when the
+    context needs the student's trace.
     ``context=problem`` conditions on the plain problem prompt, the student's own
     context (MPD); ``context=rewrite`` on the rewrite request (problem + the
     student's trace), sharper when the teacher rewrites better than it solves.
@@ -96,52 +106,69 @@ def score_body(
     """
     tok = engine.tokenizer
     context = "concise" if instruction is not None else cfg.context
+    where, of_sample = np.arange(len(targets)), None
+    if context == "rewrite":
+        if samples is None:
+            raise RuntimeError("score context rewrite reads the samples' traces: none given")
+        where, of_sample = aligned(targets, samples)
 
-    def make_rows(i: int, part: range) -> list[dict]:
-        chosen = [rewrites[j] for j in part]
+    def load(i: int, part: range) -> list[dict]:
+        chosen = targets.take(where[part.start : part.stop]).to_pylist()
+        if samples is not None and of_sample is not None:
+            found = samples.take(of_sample[part.start : part.stop]).column("completion")
+            for r, trace in zip(chosen, found.to_pylist(), strict=True):
+                r["trace"] = trace
+        return chosen
+
+    def make_rows(i: int, chosen: list[dict]) -> list[dict]:
         prompts = []
         for r in chosen:
             question = problems[r["problem_id"]]["prompt"]
             if instruction is not None:
                 question = instruction.format(problem=question)
             elif cfg.context == "rewrite":
-                trace = samples[(r["problem_id"], r["sample_idx"])]["completion"]
-                question = rewrite_template.format(problem=question, trace=trace)
+                question = rewrite_template.format(problem=question, trace=r["trace"])
             prompts.append(chat_prompt(tok, question))
         with computing():
             scored = engine.score(prompts, [r["token_ids"] for r in chosen], cfg.top_k)
-        rows = []
-        for r, s in zip(chosen, scored, strict=True):
-            ids, gaps, counts = encode_topk(s.topk_ids, s.topk_logprobs, cfg.mass)
-            rows.append(
-                {
-                    "round": round_,
-                    "problem_id": r["problem_id"],
-                    "sample_idx": r["sample_idx"],
-                    "k": int(s.topk_ids.shape[1]),
-                    "num_tokens": int(s.topk_ids.shape[0]),
-                    "topk_ids": ids.tolist(),
-                    "topk_logprob_gaps": gaps.tolist(),
-                    "topk_counts": None if counts is None else counts.tolist(),
-                    "context": context,
-                    "model": model,
-                }
-            )
-        return rows
+        return [
+            _score_row(r, s, cfg.mass, round_, context, model)
+            for r, s in zip(chosen, scored, strict=True)
+        ]
 
     from tasks.shards import run_shards  # Prefect: imported when a stage runs, not by config
 
     n_shards = run_shards(
         writer,
-        len(rewrites),
+        len(where),
         cfg.shard_size,
         make_rows,
         SCORES,
         stage="score",
         round_=round_,
         workers=workers,
+        load=load,
     )
     return {"shards": n_shards, "context": context, "top_k": cfg.top_k}
+
+
+def _score_row(
+    target: dict, scored: Any, mass: float, round_: int, context: str, model: str
+) -> dict:
+    """One row of ``scores``: a target's top-k, encoded for storage (``data.schemas``)."""
+    ids, gaps, counts = encode_topk(scored.topk_ids, scored.topk_logprobs, mass)
+    return {
+        "round": round_,
+        "problem_id": target["problem_id"],
+        "sample_idx": target["sample_idx"],
+        "k": int(scored.topk_ids.shape[1]),
+        "num_tokens": int(scored.topk_ids.shape[0]),
+        "topk_ids": ids.tolist(),
+        "topk_logprob_gaps": gaps.tolist(),
+        "topk_counts": None if counts is None else counts.tolist(),
+        "context": context,
+        "model": model,
+    }
 
 
 def run(ctx: Context, rnd: Round) -> StageResult:
@@ -175,14 +202,16 @@ def run(ctx: Context, rnd: Round) -> StageResult:
     )
 
     def body(w: Any) -> dict:
-        samples = [] if targets.stage == "solve" else read_stage(ctx.store, "sample", r).to_pylist()
+        samples = (
+            None if targets.stage == "solve" else Rows.of(ctx.store, "sample", r, SAMPLE_COLUMNS)
+        )
         return score_body(
             w,
             cfg,
             engine=stage_engine(ctx, role, teacher.path, slot=slot),
             workers=ctx.workers(role),
-            rewrites=read_stage(ctx.store, targets.stage, r).to_pylist(),
-            samples={(s["problem_id"], s["sample_idx"]): s for s in samples},
+            targets=Rows.of(ctx.store, targets.stage, r, TARGET_COLUMNS),
+            samples=samples,
             problems=ctx.problems,
             rewrite_template=ctx.cfg.rewrite.prompt,
             round_=r,

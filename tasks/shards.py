@@ -32,7 +32,8 @@ from tasks.common import shards
 
 log = logging.getLogger("mpd")
 
-MakeRows = Callable[[int, range], list[dict]]
+MakeRows = Callable[[int, Any], list[dict]]
+Load = Callable[[int, range], Any]
 
 
 class _Progress:
@@ -84,12 +85,19 @@ def run_shards(
     stage: str,
     round_: int,
     workers: int = 1,
+    load: Load | None = None,
 ) -> int:
     """Write every unfinished shard of ``n_items`` items; returns the number of shards.
 
     ``make_rows(i, part)`` computes shard ``i`` (item indices ``part``); it must
     be deterministic in ``i`` (per-shard seeds), so a resumed shard equals the
     one a killed run would have written.
+
+    ``load(i, part)``, when given, reads shard ``i``'s inputs (its rows of an earlier stage,
+    :mod:`tasks.stream`) here, where the workspace is, when the shard is about to be computed;
+    ``make_rows(i, inputs)`` then gets them instead of the indices. So a stage holds the inputs
+    of the shards in flight only, a resumed stage never reads its finished shards' inputs, and
+    a shard sent to a Dask worker carries its rows, never a path.
     """
     parts = shards(n_items, shard_size)
     todo = [i for i in range(len(parts)) if i not in writer.resumed]
@@ -99,15 +107,18 @@ def run_shards(
 
     from tasks import cluster
 
+    def inputs(i: int) -> Any:
+        return parts[i] if load is None else load(i, parts[i])
+
     dask = cluster.client() if todo else None
     if dask is not None:
         # Every shard to the cluster now; each is written here as it comes back. ``make_rows``
         # travels pickled: what it holds is data and an engine handle (tasks/engines.py).
-        remote = {i: dask.submit(make_rows, i, parts[i], pure=False) for i in todo}
+        remote = {i: dask.submit(make_rows, i, inputs(i), pure=False) for i in todo}
         workers = len(todo)
 
     def one(i: int) -> int:
-        made = remote[i].result() if dask is not None else make_rows(i, parts[i])
+        made = remote[i].result() if dask is not None else make_rows(i, inputs(i))
         rows = writer.write_shard(i, pa.Table.from_pylist(made), schema)
         progress.step()
         return rows

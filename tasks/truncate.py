@@ -25,17 +25,36 @@ Its key: the round's samples, rewrites and filter decisions (their keys).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from data.schemas import TRUNCATIONS
 from data.store import StageWriter
 from data.tables import Table
-from tasks.common import StageResult, read_stage
+from tasks.common import StageResult, stage_files
 from tasks.context import Context, Round
 from tasks.generation import grader_of
 from tasks.stage import Stage
+from tasks.stream import Rows, aligned
+
+# Kept rewrites per shard. No model runs here: a shard is cheap, and this bounds the stage's
+# memory. Not in the key: the rows are the same whatever the shards.
+SHARD_ROWS = 512
+# What a truncation target is made of: the kept rewrite's ids and answer, its sample's ids and
+# the sample's counts it carries along as orig_*.
+REWRITE_COLUMNS = ["round", "problem_id", "sample_idx", "token_ids"]
+SAMPLE_COLUMNS = [
+    "token_ids",
+    "prompt_tokens",
+    "model",
+    "think_tokens",
+    "total_tokens",
+    "correct",
+    "truncated",
+]
 
 
 def truncated_ids(sample_ids: list[int], rewrite_ids: list[int], close_id: int) -> list[int]:
@@ -55,25 +74,19 @@ def truncated_ids(sample_ids: list[int], rewrite_ids: list[int], close_id: int) 
 
 
 def truncate_rows(
-    samples: list[dict],
     rewrites: list[dict],
-    kept: set[tuple[str, int]],
+    samples: list[dict],
     *,
     tokenizer: Any,
     problems: dict[str, dict],
     grader: Callable[[str | None, str], bool],
 ) -> list[dict]:
-    """One truncation target per kept rewrite (in the rewrites' order)."""
+    """One truncation target per kept rewrite; ``samples[i]`` is ``rewrites[i]``'s sample."""
     from data.traces import think_close_id, trace_row
 
     close = think_close_id(tokenizer)
-    by_sample = {(s["problem_id"], s["sample_idx"]): s for s in samples}
     rows = []
-    for rw in rewrites:
-        where = (rw["problem_id"], rw["sample_idx"])
-        if where not in kept:
-            continue
-        s = by_sample[where]
+    for rw, s in zip(rewrites, samples, strict=True):
         ids = truncated_ids(list(s["token_ids"]), list(rw["token_ids"]), close)
         ends = bool(ids) and ids[-1] == tokenizer.eos_token_id
         row = trace_row(
@@ -101,22 +114,47 @@ def truncate_rows(
     return rows
 
 
-def truncate_body(writer: StageWriter, rows: list[dict]) -> dict:
-    """Write the round's truncation targets as one file (cheap: no model runs here)."""
-    writer.write_table("truncations.parquet", pa.Table.from_pylist(rows, TRUNCATIONS), TRUNCATIONS)
-    return {"targets": len(rows), "target_tokens": sum(r["total_tokens"] for r in rows)}
+def truncate_body(
+    writer: StageWriter,
+    *,
+    rewrites: Rows,
+    samples: Rows,
+    decisions: list[Path],
+    round_: int,
+    tokenizer: Any,
+    problems: dict[str, dict],
+    grader: Callable[[str | None, str], bool],
+    shard_rows: int = SHARD_ROWS,
+) -> dict:
+    """The round's truncation targets, in the rewrites' order, one resumable shard per
+    ``shard_rows`` kept rewrites (each shard's rewrites and samples read when it runs)."""
+    from tasks.shards import run_shards  # Prefect: imported when a stage runs, not by config
+
+    where, of_sample = aligned(rewrites, samples, kept=decisions)
+
+    def load(i: int, part: range) -> tuple[list[dict], list[dict]]:
+        cut = slice(part.start, part.stop)
+        return rewrites.take(where[cut]).to_pylist(), samples.take(of_sample[cut]).to_pylist()
+
+    def make_rows(i: int, pair: tuple[list[dict], list[dict]]) -> list[dict]:
+        return truncate_rows(*pair, tokenizer=tokenizer, problems=problems, grader=grader)
+
+    n_shards = run_shards(
+        writer, len(where), shard_rows, make_rows, TRUNCATIONS, stage="truncate", round_=round_,
+        load=load,
+    )  # fmt: skip
+    tokens = _staged_total(writer, n_shards, "total_tokens")
+    return {"shards": n_shards, "targets": len(where), "target_tokens": tokens}
 
 
-def kept_pairs(decisions: pa.Table) -> set[tuple[str, int]]:
-    """(problem_id, sample_idx) of the kept rewrites."""
-    kept = decisions.filter(decisions.column("kept"))
-    return set(
-        zip(
-            kept.column("problem_id").to_pylist(),
-            kept.column("sample_idx").to_pylist(),
-            strict=True,
-        )
-    )
+def _staged_total(writer: StageWriter, n_shards: int, column: str) -> int:
+    """A column's sum over the stage's shards in staging, resumed ones included, read one
+    shard and one column at a time."""
+    total = 0
+    for i in range(n_shards):
+        values = pq.read_table(writer.dir / writer.shard_name(i), columns=[column]).column(0)
+        total += pc.sum(values).as_py() or 0
+    return total
 
 
 def run(ctx: Context, rnd: Round) -> StageResult:
@@ -127,15 +165,17 @@ def run(ctx: Context, rnd: Round) -> StageResult:
     def body(w: Any) -> dict:
         from train.models import load_tokenizer
 
-        rows = truncate_rows(
-            read_stage(ctx.store, "sample", r).to_pylist(),
-            read_stage(ctx.store, "rewrite", r).to_pylist(),
-            kept_pairs(read_stage(ctx.store, "filter", r)),
+        return truncate_body(
+            w,
+            rewrites=Rows.of(ctx.store, "rewrite", r, REWRITE_COLUMNS),
+            samples=Rows.of(ctx.store, "sample", r, SAMPLE_COLUMNS),
+            decisions=stage_files(ctx.store, "filter", r),
+            round_=r,
             tokenizer=load_tokenizer(student.path),
             problems=ctx.problems,
             grader=grader_of(ctx.cfg),
+            shard_rows=SHARD_ROWS,
         )
-        return truncate_body(w, rows)
 
     return ctx.run("truncate", rnd, key, code, body)
 
