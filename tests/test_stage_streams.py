@@ -22,6 +22,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import tasks.filter
@@ -36,6 +39,7 @@ from engines.openai import EngineGaveUpError
 from tasks.common import read_stage
 from tasks.context import Context
 from tasks.engines import close_engines
+from tasks.stream import Rows, aligned
 from tests.conftest import REPO
 from tests.standin_server import StandInServer
 from tests.stream_world import (
@@ -131,6 +135,47 @@ def test_score_commits_the_whole_table_rows(
     assert committed(ws, "score") == want
     assert {r["context"] for r in want} == {score_context}
     assert len(want) == len(committed(ws, targets)) > 3 and shards(ws, "score") >= 2
+
+
+# -- tasks/stream.py ---------------------------------------------------------------------------
+def test_rows_take_any_positions_across_files_and_row_groups(tmp_path: Path) -> None:
+    """Positions in any order, repeated, across files of several row groups and an empty file:
+    the rows a naive take over the concatenated files gives."""
+    sizes, files = [7, 0, 12, 5], []
+    for f, n in enumerate(sizes):
+        start = sum(sizes[:f])
+        columns = {"x": list(range(start, start + n)), "y": [f"r{i}" for i in range(n)]}
+        table = pa.table(columns, pa.schema({"x": pa.int64(), "y": pa.string()}))
+        files.append(tmp_path / f"part-{f}.parquet")
+        pq.write_table(table, files[-1], row_group_size=3)
+    rows = Rows(files, ["x", "y"], sizes)
+    whole = pa.concat_tables([pq.read_table(f) for f in files])
+    positions = np.random.default_rng(0).integers(0, len(rows), 60)
+    assert len(rows) == whole.num_rows == 24
+    assert rows.take(positions).to_pylist() == whole.take(positions).to_pylist()
+    assert rows.take(np.arange(5, 20)).column("x").to_pylist() == list(range(5, 20))
+    assert rows.take(np.zeros(0, np.int64)).num_rows == 0
+    with pytest.raises(IndexError):
+        rows.take(np.array([24]))
+
+
+def test_a_target_without_its_sample_is_named(tmp_path: Path) -> None:
+    """Targets and samples come from the same round: a target whose (problem_id, sample_idx)
+    no sample has, or two have, is a bug, and says which."""
+
+    def stage(name: str, keys: list[tuple[str, int]]) -> Rows:
+        table = pa.table({"problem_id": [k[0] for k in keys], "sample_idx": [k[1] for k in keys]})
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        return Rows([tmp_path / f"{name}.parquet"], ["problem_id"], [len(keys)])
+
+    samples = stage("samples", [("a", 0), ("a", 1), ("b", 0)])
+    where, of_sample = aligned(stage("good", [("b", 0), ("a", 1)]), samples)
+    assert where.tolist() == [0, 1] and of_sample.tolist() == [2, 1]
+    with pytest.raises(RuntimeError, match="c sample 0: no sample row"):
+        aligned(stage("orphan", [("a", 0), ("c", 0)]), samples)
+    twice = stage("twice", [("a", 0), ("a", 0)])
+    with pytest.raises(RuntimeError, match="matches two samples"):
+        aligned(stage("dup", [("a", 0)]), twice)
 
 
 # -- memory: a shard, not the round --------------------------------------------------------------
