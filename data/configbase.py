@@ -13,6 +13,7 @@ models, rather than by a bound on each field.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -43,3 +44,32 @@ def fits_64_bits(value: Any) -> bool:
     if isinstance(value, dict):
         return all(fits_64_bits(k) and fits_64_bits(v) for k, v in value.items())
     return True
+
+
+# A field that does not shape any stage's output (a time limit, a resume granularity, a worker
+# count) says so where it is declared, ``Field(..., json_schema_extra=NOT_IN_KEY)``, and stays
+# out of every stage key (``key_view``): changing it recomputes nothing.
+NOT_IN_KEY: dict[str, Any] = {"in_key": False}
+
+
+def in_key(model: type[BaseModel], name: str) -> bool:
+    """Whether field ``name`` of ``model`` shapes output (it is not marked ``NOT_IN_KEY``)."""
+    extra = model.model_fields[name].json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("in_key") is False)
+
+
+def key_view(value: Any) -> Any:
+    """``value`` as JSON data for a stage key: a config model without its ``NOT_IN_KEY``
+    fields (nested models too), anything else as pydantic dumps it."""
+    if isinstance(value, BaseModel):
+        cls = type(value)
+        return {
+            name: key_view(getattr(value, name)) for name in cls.model_fields if in_key(cls, name)
+        }
+    if isinstance(value, dict):
+        return {str(k): key_view(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [key_view(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

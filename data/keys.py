@@ -1,15 +1,15 @@
 """Stage keys: what makes two stage runs "the same computation".
 
-A key is the sha256 of a canonical JSON document holding the stage's own
-config, the keys of the stage runs it reads, the identity of the models it uses,
-the seed, and a code version. It deliberately holds nothing run-specific (no
-run id, no timestamp, no workspace path): Prefect's default cache policy hashes
-the flow run id, which would recompute every stage every night.
+A key is the sha256 of a canonical JSON document holding everything that shapes the stage's
+output and nothing else (``tasks/stagekey.py`` builds it from the stage's declaration): the
+config it reads, the keys of the stage runs it reads, the identity of the models it uses and
+the settings of their engines, its input files by content, a code version, and the versions of
+the libraries of the interpreters that compute it. It deliberately holds nothing run-specific
+(no run id, no timestamp, no workspace path): Prefect's default cache policy hashes the flow
+run id, which would recompute every stage every night.
 
-Change one knob and only the keys that (transitively) contain it change: the
-filter ratio is in the filter's config, the filter's key is in train's inputs,
-train's key names the next round's student, and so on; sample and rewrite do
-not read the filter, so their keys are untouched.
+This module holds the parts that know nothing of stages: the canonical JSON, the code closure
+of a module (read from the source, following subprocess entry files), and library versions.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import ast
 import hashlib
 import importlib.metadata
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
-
-_MODEL_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 def canonical_json(obj: Any) -> str:
@@ -40,24 +39,8 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot hash {type(obj).__name__} in a stage key")
 
 
-def stage_key(
-    stage: str,
-    *,
-    config: Any,
-    inputs: dict[str, str] | None = None,
-    models: dict[str, str] | None = None,
-    seed: int | None = None,
-    code: str = "",
-) -> str:
-    """The stage key (64 hex digits) of one stage run."""
-    doc = {
-        "stage": stage,
-        "config": config,
-        "inputs": inputs or {},
-        "models": models or {},
-        "seed": seed,
-        "code": code,
-    }
+def stage_key(doc: dict[str, Any]) -> str:
+    """The stage key (64 hex digits) of a key document."""
     return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
 
 
@@ -68,34 +51,71 @@ def package_version() -> str:
         return "0+unknown"
 
 
-_CODE_VERSIONS: dict[tuple[str, ...], str] = {}
-
 # Top-level packages of this project: imports of these are followed, everything else is a library.
 PACKAGES = ("data", "engines", "flows", "tasks", "train")
-# Libraries whose version can change a stage's output (numerics, tokenisation, SQL, grading).
-# vllm counts where it is installed in this interpreter; its own interpreter's is in the engine.
-LIBRARIES = ("torch", "transformers", "tokenizers", "vllm", "duckdb", "pyarrow", "math-verify")
+
+# Libraries whose version can change a stage's output (numerics, tokenisation, SQL, grading), by
+# the name a module imports -> the distributions that import brings into the computation (its
+# own, and those it computes with: transformers tokenizes with tokenizers, math-verify parses
+# with sympy, vLLM runs torch and transformers). A stage's key holds the versions of exactly the
+# libraries its code closure imports (``closure_libraries``). Orchestration (prefect, dask,
+# rich, httpx) shapes no row and is in no key.
+LIBRARIES: dict[str, tuple[str, ...]] = {
+    "torch": ("torch",),
+    "transformers": ("transformers", "tokenizers", "safetensors"),
+    "tokenizers": ("tokenizers",),
+    "peft": ("peft",),
+    "accelerate": ("accelerate",),
+    "datasets": ("datasets",),
+    "reasoning_gym": ("reasoning-gym",),
+    "duckdb": ("duckdb",),
+    "pyarrow": ("pyarrow",),
+    "numpy": ("numpy",),
+    "math_verify": ("math-verify", "sympy"),
+    "sympy": ("sympy",),
+    "vllm": ("vllm", "torch", "transformers", "tokenizers"),
+}
+
+# The directory holding this project's packages (tests point it at an edited copy).
+ROOT = Path(__file__).resolve().parents[1]
 
 
-_ROOT = Path(__file__).resolve().parents[1]  # the directory holding this project's packages
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What one of our source files says about its dependencies, read from its AST."""
+
+    modules: frozenset[str]  # this project's modules it imports, anywhere in the file
+    libraries: frozenset[str]  # top-level names of the third-party modules it imports
+    starts: frozenset[str]  # modules it starts as subprocesses by file path (its ``STARTS``)
 
 
-def _module_file(name: str) -> Path | None:
+_INFO: dict[tuple[str, int, int], ModuleInfo] = {}
+
+
+def module_file(name: str, root: Path | None = None) -> Path | None:
     """The source file of one of this project's modules, found without importing it."""
     if name.split(".")[0] not in PACKAGES:
         return None
-    base = _ROOT.joinpath(*name.split("."))
+    base = (root or ROOT).joinpath(*name.split("."))
     for file in (base.with_suffix(".py"), base / "__init__.py"):
         if file.is_file():
             return file
     return None
 
 
-def _imported(name: str, file: Path) -> set[str]:
-    """This package's modules that ``file`` imports anywhere (function bodies included)."""
+def _info(name: str, file: Path, root: Path) -> ModuleInfo:
+    st = file.stat()
+    memo = (str(file), st.st_size, st.st_mtime_ns)
+    if memo not in _INFO:
+        _INFO[memo] = _parse(name, file, root)
+    return _INFO[memo]
+
+
+def _parse(name: str, file: Path, root: Path) -> ModuleInfo:
     package = name if file.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(file.read_text(), str(file))
     found: set[str] = set()
-    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -105,90 +125,121 @@ def _imported(name: str, file: Path) -> set[str]:
                 base = ".".join([*parts, base] if base else parts)
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    modules = set()
+    modules, libraries = set(), set()
     for candidate in found:
-        # `from a.b import c` names a module only if c is one; otherwise a is followed through b.
         parts = candidate.split(".")
-        while parts and parts[0] in PACKAGES:
-            if _module_file(".".join(parts)):
+        if parts[0] not in PACKAGES:
+            if parts[0] and parts[0] not in sys.stdlib_module_names:
+                libraries.add(parts[0])
+            continue
+        # `from a.b import c` names a module only if c is one; otherwise a is followed through b.
+        while parts:
+            if module_file(".".join(parts), root):
                 modules.add(".".join(parts))
                 break
             parts = parts[:-1]
-    return modules
+    return ModuleInfo(frozenset(modules), frozenset(libraries), _starts(tree))
 
 
-def module_closure(*names: str) -> dict[str, Path]:
-    """Each named module of this package and every one of its modules they import, transitively.
+def _starts(tree: ast.Module) -> frozenset[str]:
+    """A module-level ``STARTS = ("engines.vllm_worker", ...)``: the modules the file runs as
+    subprocesses by path, which no import statement names."""
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        if isinstance(target, ast.Name) and target.id == "STARTS" and node.value is not None:
+            value = ast.literal_eval(node.value)
+            return frozenset(value)
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class Closure:
+    """A module's code closure: every module of ours that runs when it runs."""
+
+    local: dict[str, Path]  # run in this interpreter
+    started: dict[str, Path]  # run in a subprocess, started by file path (and what they import)
+
+    @property
+    def files(self) -> dict[str, Path]:
+        return dict(sorted({**self.local, **self.started}.items()))
+
+
+def closure(*names: str, root: Path | None = None) -> Closure:
+    """Each named module of this package and every one of its modules they import, transitively,
+    plus the entry files they start as subprocesses (``STARTS``) and what those import.
 
     Read from the source (every ``import``, at any depth of the file), not from what happens to be
-    imported in this process: a stage's key must cover the trainer, the losses, the engines and the
-    grader it reaches, whether or not they were loaded yet.
+    imported in this process: a stage's key must cover the trainer, the losses, the engines and
+    the grader it reaches, whether or not they were loaded yet.
     """
-    seen: dict[str, Path] = {}
-    todo = list(names)
+    root = root or ROOT
+    local: dict[str, Path] = {}
+    started: dict[str, Path] = {}
+    todo = [(n, False) for n in names]
     while todo:
-        name = todo.pop()
-        if name in seen or (file := _module_file(name)) is None:
+        name, sub = todo.pop()
+        seen = started if sub else local
+        if name in seen or (file := module_file(name, root)) is None:
             continue
         seen[name] = file
-        todo.extend(_imported(name, file))
+        info = _info(name, file, root)
+        todo.extend((m, sub) for m in info.modules)
+        todo.extend((m, True) for m in info.starts)
         if "." in name:  # a package's __init__ runs before any of its modules
-            todo.append(name.rpartition(".")[0])
-    return dict(sorted(seen.items()))
+            todo.append((name.rpartition(".")[0], sub))
+    return Closure(dict(sorted(local.items())), dict(sorted(started.items())))
 
 
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for lib in LIBRARIES:
-        try:
-            versions[lib] = importlib.metadata.version(lib)
-        except importlib.metadata.PackageNotFoundError:
-            versions[lib] = "absent"
-    return versions
+def module_closure(*names: str, root: Path | None = None) -> dict[str, Path]:
+    """Every file of ours in the closure of ``names`` (see :func:`closure`), by module name."""
+    return closure(*names, root=root).files
 
 
-def code_version(*modules: ModuleType | str) -> str:
-    """Package version plus a digest of the code a stage runs.
+def libraries_of(files: dict[str, Path], root: Path | None = None) -> tuple[str, ...]:
+    """The output-shaping distributions (``LIBRARIES``) the given modules import."""
+    root = root or ROOT
+    out: set[str] = set()
+    for name, file in files.items():
+        for lib in _info(name, file, root).libraries:
+            out.update(LIBRARIES.get(lib, ()))
+    return tuple(sorted(out))
 
-    The digest covers the given modules' source and that of every module of this package they
-    import, transitively, plus the versions of the libraries that shape outputs (``LIBRARIES``):
-    change the loss, the grader or an engine and exactly the stages that reach it recompute.
+
+_CODE_VERSIONS: dict[tuple[str, tuple[str, ...]], str] = {}
+
+
+def code_version(*modules: str, root: Path | None = None) -> str:
+    """Package version plus a digest of the code a stage runs: the source of its modules and of
+    every module of this package they reach (:func:`closure`), subprocess entry files included.
+
     Memoised per process, because a key must name the code that runs: a file edited under a
     long run (a bench, a served schedule) would otherwise change the keys halfway through,
-    while the process still runs what it imported. A stage's wiring lives in its own module
-    (``tasks/<stage>.py``), so one closure covers wiring, body and everything they call; the
-    registry that imports every stage is imported by no stage.
+    while the process still runs what it imported.
     """
-    names = tuple(m if isinstance(m, str) else m.__name__ for m in modules)
-    memo = names
+    root = root or ROOT
+    memo = (str(root), modules)
     if memo not in _CODE_VERSIONS:
-        files = module_closure(*names)
         h = hashlib.sha256()
-        for name, file in sorted(files.items()):
+        for name, file in closure(*modules, root=root).files.items():
             h.update(f"{name}\0".encode() + file.read_bytes() + b"\0")
-        h.update(canonical_json(library_versions()).encode())
         _CODE_VERSIONS[memo] = f"{package_version()}+{h.hexdigest()[:12]}"
     return _CODE_VERSIONS[memo]
 
 
-def directory_digest(path: Path) -> str:
-    """Digest of a model directory's files (names and contents).
+def library_versions(dists: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Installed versions, in this interpreter, of ``dists`` (default: every shaping library)."""
+    names = dists if dists is not None else sorted({d for v in LIBRARIES.values() for d in v})
+    versions = {}
+    for dist in names:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "absent"
+    return versions
 
-    Memoised on (path, size, mtime) within the process: a multi-GB checkpoint
-    is hashed once per run, not once per stage that reads it.
-    """
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for file in files:
-        st = file.stat()
-        memo = (str(file.resolve()), st.st_size, st.st_mtime_ns)
-        if memo not in _MODEL_DIGESTS:
-            fh = hashlib.sha256()
-            with open(file, "rb") as stream:
-                while block := stream.read(1 << 20):
-                    fh.update(block)
-            _MODEL_DIGESTS[memo] = fh.hexdigest()
-        rel = file.relative_to(path).as_posix() if path.is_dir() else file.name
-        h.update(f"{rel}\0{_MODEL_DIGESTS[memo]}\n".encode())
-    return h.hexdigest()
+
+def forget_code_versions() -> None:
+    """Drop the memoised code versions (a test that edits a copy of the code, then re-keys)."""
+    _CODE_VERSIONS.clear()

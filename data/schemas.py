@@ -260,20 +260,6 @@ BOOTSTRAP_EVALS = pa.schema(
     ]
 )
 
-# table name -> schema. Table names are what SQL users see.
-TABLES: dict[str, pa.Schema] = {
-    "problems": PROBLEMS,
-    "samples": SAMPLES,
-    "solutions": SOLUTIONS,
-    "rewrites": REWRITES,
-    "truncations": TRUNCATIONS,
-    "scores": SCORES,
-    "decisions": DECISIONS,
-    "train_log": TRAIN_LOG,
-    "evals": EVALS,
-    "bootstrap_evals": BOOTSTRAP_EVALS,
-}
-
 
 class SchemaError(InternalError):
     """A table about to be written does not match its declared schema: our bug (a stage built

@@ -1,10 +1,10 @@
 """The tables SQL users see: which stage directory and files each is, and its schema.
 
-A table is declared by the stage that writes it (``tasks/<stage>.py``'s ``STAGE``), and
-``tasks/registry.py`` registers every stage's tables here when it is imported (every
-``flows`` module imports it first). The catalog builds one view per registered table,
-so a new stage's table is queryable without touching ``data/``: ``data/`` stays a plain
-library that knows no stage module, and the declaration stays in the stage's module.
+The one table registry. mpd's own tables are declared here (``BUILTIN``), so the catalog, the
+schema checks and ``mpd sql`` work with ``data/`` alone, whatever was imported first; each
+stage's declaration (``tasks/<stage>.py``'s ``STAGE``) names the tables it writes from here. A
+stage added later declares its own table in its module, and registering the stage
+(``tasks/registry.py``) registers its table: queryable without touching ``data/``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
+
+from data import schemas
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,31 @@ class Table:
         return f"{self.stage}/round=*/{self.files}"
 
 
-_TABLES: dict[str, Table] = {}
+PROBLEMS = Table("problems", "problems", "*.parquet", schemas.PROBLEMS)
+SAMPLES = Table("samples", "sample", "*.parquet", schemas.SAMPLES)
+SOLUTIONS = Table("solutions", "solve", "*.parquet", schemas.SOLUTIONS)
+REWRITES = Table("rewrites", "rewrite", "*.parquet", schemas.REWRITES)
+TRUNCATIONS = Table("truncations", "truncate", "*.parquet", schemas.TRUNCATIONS)
+SCORES = Table("scores", "score", "*.parquet", schemas.SCORES)
+DECISIONS = Table("decisions", "filter", "decisions.parquet", schemas.DECISIONS)
+TRAIN_LOG = Table("train_log", "train", "log.parquet", schemas.TRAIN_LOG)
+EVALS = Table("evals", "eval", "*.parquet", schemas.EVALS)
+BOOTSTRAP_EVALS = Table("bootstrap_evals", "bootstrap", "evals.parquet", schemas.BOOTSTRAP_EVALS)
+# In the order the catalog lists them.
+BUILTIN = (
+    BOOTSTRAP_EVALS,
+    PROBLEMS,
+    SAMPLES,
+    SOLUTIONS,
+    REWRITES,
+    SCORES,
+    DECISIONS,
+    TRUNCATIONS,
+    TRAIN_LOG,
+    EVALS,
+)
+
+_TABLES: dict[str, Table] = {t.name: t for t in BUILTIN}
 
 
 def register(*tables: Table) -> None:
@@ -43,14 +69,11 @@ def register(*tables: Table) -> None:
 
 
 def unregister(name: str) -> None:
-    """Remove a table (a test's toy stage cleans up after itself)."""
-    _TABLES.pop(name, None)
+    """Remove a table a stage added (a test's toy stage cleans up after itself)."""
+    if name not in {t.name for t in BUILTIN}:
+        _TABLES.pop(name, None)
 
 
 def tables() -> dict[str, Table]:
-    """Every registered table, by name, in registration order."""
-    if not _TABLES:
-        raise RuntimeError(
-            "no tables are registered: import tasks.registry before using the catalog"
-        )
+    """Every table, by name: mpd's own, then those registered stages added."""
     return dict(_TABLES)

@@ -7,11 +7,50 @@ the variable's name only.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from data.configbase import StrictModel
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The settings that shape an engine's output, per kind, besides ``kind`` and the weights' dtype:
+# they choose the computation (its numerics, its context limit, which random draw a row gets).
+# Every other field says where the engine runs, how fast or how patiently, and is in no stage
+# key (``NOT_SHAPING``); a field meant for another kind is ignored by this one, and so is out of
+# its key. tests/test_key_coverage.py checks that every field is in exactly one of the two.
+SHAPING: dict[str, tuple[str, ...]] = {
+    # hf draws every random number of a call from one generator, row after row of each batch:
+    # the batch sizes decide which draw a row gets.
+    "hf": ("batch_size", "max_batch_tokens"),
+    "vllm": (
+        "tensor_parallel_size",  # the all-reduce order of a sharded model
+        "max_model_len",
+        "enforce_eager",  # CUDA graphs and compiled kernels, or eager ones
+        "max_logprobs",
+        "env",  # free-form (an attention backend, a kernel switch): cannot be told apart
+        "vllm_args",  # free-form, e.g. kv_cache_dtype
+    ),
+    "openai": ("served_model_name", "max_logprobs"),
+}
+# Requests are seeded one by one (engines/remote.py), so replicas, batching and retries give
+# the same rows; the interpreter is named by its library versions, the server by its model.
+NOT_SHAPING = (
+    "shard_workers",
+    "python",
+    "data_parallel_size",
+    "gpu_memory_utilization",
+    "startup_timeout_s",
+    "base_url",
+    "api_key_env",
+    "max_concurrency",
+    "timeout_s",
+    "max_retries",
+    "retry_backoff_s",
+)
 
 
 class EngineConfig(StrictModel):
@@ -85,6 +124,21 @@ class EngineConfig(StrictModel):
         1.0, gt=0, description="openai: first retry delay; doubles each retry (capped at 60 s)."
     )
 
+    def key_settings(self, models_dtype: str) -> dict[str, Any]:
+        """What of this engine shapes a stage's output: its kind, the dtype its weights run in
+        (none for a server: it chose its own), and its kind's ``SHAPING`` settings."""
+        settings: dict[str, Any] = {"kind": self.kind}
+        if self.kind != "openai":
+            settings["dtype"] = (self.dtype if self.kind == "vllm" else None) or models_dtype
+        for name in SHAPING[self.kind]:
+            settings[name] = getattr(self, name)
+        return settings
+
+    def computing_python(self) -> Path | None:
+        """The interpreter whose libraries compute this engine's output when it is not this
+        one: vLLM's own (None: this process's, or a server's that no key can see)."""
+        return vllm_python(self.python) if self.kind == "vllm" else None
+
     @model_validator(mode="after")
     def _needs(self) -> EngineConfig:
         if self.kind == "openai" and not self.base_url:
@@ -100,3 +154,16 @@ class EnginesConfig(StrictModel):
     rewriter: EngineConfig | None = Field(
         None, description="Rewrites student traces; None means the teacher's engine."
     )
+
+
+def vllm_python(python: str | None) -> Path:
+    """The vLLM interpreter: ``python``, else $MPD_VLLM_PYTHON, else <repo>/.venv-vllm/bin/python.
+
+    Relative paths are tried from the current directory, then from the repository.
+    Not resolved through symlinks: a venv's python is a link to the base one.
+    """
+    raw = python or os.environ.get("MPD_VLLM_PYTHON") or str(REPO / ".venv-vllm/bin/python")
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        path = Path.cwd() / path if (Path.cwd() / path).exists() else REPO / path
+    return path.absolute()

@@ -40,7 +40,7 @@ from engines.base import (
     Progress,
     TokenScores,
 )
-from engines.config import EngineConfig
+from engines.config import EngineConfig, vllm_python
 from engines.remote import (
     logprobs_request_size,
     padding_bias,
@@ -51,8 +51,6 @@ from engines.remote import (
 from engines.vllm_proc import Worker
 
 log = logging.getLogger("mpd.engines.vllm")
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class VLLMEngine:
@@ -233,21 +231,14 @@ def _stop(workers: list[Worker]) -> None:
 
 
 def resolve_python(python: str | None) -> Path:
-    """The vLLM interpreter: config, else $MPD_VLLM_PYTHON, else <repo>/.venv-vllm/bin/python.
-
-    Relative paths are tried from the current directory, then from the repository.
-    Not resolved through symlinks: a venv's python is a link to the base one.
-    """
-    raw = python or os.environ.get("MPD_VLLM_PYTHON") or str(REPO / ".venv-vllm/bin/python")
-    path = Path(raw).expanduser()
-    if not path.is_absolute():
-        path = Path.cwd() / path if (Path.cwd() / path).exists() else REPO / path
+    """The vLLM interpreter (:func:`engines.config.vllm_python`), which must exist."""
+    path = vllm_python(python)
     if not (path.is_file() and os.access(path, os.X_OK)):
         raise EngineUnavailableError(
             f"vllm engine: no Python interpreter at {path}; run `make vllm-env` "
             "(or set the engine's python: to an interpreter that has vLLM)"
         )
-    return path.absolute()
+    return path
 
 
 def load_vllm_engine(model_path: Path | str, cfg: EngineConfig, *, dtype: str) -> VLLMEngine:

@@ -25,6 +25,9 @@ from typing import Any
 from data.errors import TransientError, UserError
 from data.memory import HINT, MemoryExhaustedError
 
+# The module this one runs as a subprocess, by file path: no import names it, so it is declared
+# here, and every stage key that reaches this module covers it too (data/keys.py follows STARTS).
+STARTS = ("engines.vllm_worker",)
 WORKER = Path(__file__).with_name("vllm_worker.py")
 HEADER = struct.Struct(">Q")
 

@@ -26,10 +26,9 @@ from data.diskfull import DiskFullError, naming
 from data.errors import kind_of, one_line
 from data.fsutil import atomic_write_bytes
 from data.lock import WorkspaceLock, describe_holder
-from data.store import StageStore
 from flows import modes
 from flows.artifacts import publish_round
-from flows.bootstrap import check_tokenizers, ensure_bootstrap
+from flows.bootstrap import check_tokenizers, ensure_packaged
 from flows.config import DEPLOYMENT, ConfigError, RunConfig, dump_config, load_config
 from flows.logs import setup_logging
 from flows.preflight import attach_storage, check_inputs
@@ -37,7 +36,7 @@ from flows.stopping import in_flow
 from flows.summary import print_summary
 from tasks import cluster
 from tasks.context import Context
-from tasks.problems import commit_problems
+from tasks.prefect_stage import execute
 
 log = logging.getLogger("mpd")
 
@@ -126,14 +125,13 @@ def run_campaign(cfg: RunConfig) -> None:
         if lock.stale:
             log.info("recovered a stale lock left by %s", describe_holder(lock.stale))
         atomic_write_bytes(ws / "run.yaml", dump_config(cfg).encode())
-        store = StageStore(ws)
         ctx = None
         try:
-            if any(m.startswith("builtin:") for m in (cfg.models.student, cfg.models.teacher)):
-                ensure_bootstrap(store, cfg, device=cfg.models.device)
+            ensure_packaged(cfg)
+            ctx = Context(cfg, execute)
+            modes.run_setup(ctx)  # the world's models (builtin: ones), the problems
             check_tokenizers(cfg)
             cluster.use(cfg.runner)
-            ctx = Context(cfg, commit_problems(store, cfg))
             student = ctx.starting_student()
             modes.evaluate_start(ctx, student)
             if ctx.computed(0):

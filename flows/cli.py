@@ -54,6 +54,7 @@ def _add_workspace_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from data.catalog import views  # the tables, as declared, and the views made of them
     from tasks.registry import per_round_stages  # the stages a round can have, as declared
     from train.gguf import PACKAGED
 
@@ -199,13 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="re-hash every committed file (sha256): finds damage that kept a file's size",
     )
+    p.add_argument(
+        "--keys",
+        action="store_true",
+        help="show each (round, stage)'s key under this config and what went into it: config, "
+        "inputs, files, models, engines, code, library versions of the computing interpreters",
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
         "sql",
         help="run a read-only SQL query over the workspace's tables",
-        description="Read-only DuckDB SQL over the views problems, samples, solutions, rewrites, "
-        "truncations, scores, decisions, kept, train_log, evals, stage_runs, round_summary (in a "
+        description=f"Read-only DuckDB SQL over the views {', '.join(views())} (in a "
         "bench root: the same stacked with method and seed columns, and bench). One statement, "
         "run in DuckDB's sandbox: it reads the workspace's committed files and nothing else. "
         "Statements that write files, attach databases, load extensions or change settings are "
@@ -334,6 +340,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from flows.bootstrap import bootstrap_assets, bootstrap_workspace
     from flows.errors import UserError
+    from flows.logs import setup_logging
 
     cfg = _load(args)
     device = args.device or cfg.models.device
@@ -352,6 +359,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
             parts = (args.only,) if args.only else parts
         elif args.combine is not None:
             sources, parts = dict(zip(("student", "teacher"), args.combine, strict=True)), ()
+        setup_logging()
         bootstrap_assets(
             cfg,
             args.out,
@@ -484,23 +492,28 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from flows.modes import round_stages
-    from flows.status import print_status
+    from flows.modes import plan_keys, round_stages
+    from flows.status import last_computed_round, print_keys, print_status
+
+    def last_round(ws: Path | ObjectStore) -> int:
+        return last_computed_round(ws) or 0
 
     cfg = _load(args)
+    workspace: Path | ObjectStore = cfg.workspace
     if cfg.storage.url:  # read where it is: an analyst's machine has no local copy
-        store = _object_store(cfg)
+        workspace = store = _object_store(cfg)
         if not store.fs.exists(store.root):
             from flows.errors import UserError
 
             raise UserError(f"workspace {store.url} holds nothing (nothing has run there yet?)")
-        print_status(store, cfg.rounds, round_stages(cfg), deep=args.verify)
-        return 0
-    if not Path(cfg.workspace).is_dir():
+    elif not Path(cfg.workspace).is_dir():
         from flows.errors import UserError
 
         raise UserError(f"workspace {cfg.workspace} does not exist (nothing has run there yet?)")
-    print_status(cfg.workspace, cfg.rounds, round_stages(cfg), deep=args.verify)
+    if args.keys:  # the rounds computed and the next, as status shows them
+        print_keys(workspace, plan_keys(cfg, min(cfg.rounds, last_round(workspace) + 1)))
+    else:
+        print_status(workspace, cfg.rounds, round_stages(cfg), deep=args.verify)
     return 0
 
 

@@ -30,9 +30,13 @@ Why these choices:
   all six), and rewrite and filter are shared by the three rewriting methods.
   Later rounds differ because the students differ.
 
-The round plan is computed once, by :func:`round_stages`: the campaign runs exactly those
-stages (each one's ``run`` from its declaration in ``tasks/``), ``mpd status`` lists them and
-``mpd rerun`` follows them.
+The round plan is computed from the stages' declarations (:func:`tasks.registry.round_plan`):
+a method is a :class:`Mode` (what it trains on, filtered or not, whose teacher), which with
+the config gives the round's :class:`tasks.context.Recipe`; train and eval run every round,
+and what they read, transitively, runs before them. The campaign runs exactly those stages
+(each one's ``run`` from its declaration in ``tasks/``), ``mpd status`` lists them and
+``mpd rerun`` follows them; :func:`plan_keys` computes every key of a campaign without running
+anything (``mpd status --keys``).
 
 A mode's ``preset`` holds the knobs it changes from the default recipe (``configs/<method>.yaml``
 holds the same on ``base: tiny.yaml``, a test keeps them equal); ``mpd bench`` applies it.
@@ -44,22 +48,20 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flows.config import RunConfig
-from tasks.context import Context, ModelRef, Round
-from tasks.registry import STAGES
+from tasks.common import StageResult
+from tasks.context import Context, ModelRef, Recipe, Round
+from tasks.registry import STAGES, campaign_stages, round_plan
+from tasks.stagekey import StageKey
 
 
 @dataclass(frozen=True)
 class Mode:
-    """How a method's round differs: the table it trains on, filtered or not, whose teacher.
-
-    ``extra``: stages of its own (declared in ``tasks/``) that run before ``train``.
-    """
+    """How a method's round differs: the table it trains on, filtered or not, whose teacher."""
 
     targets: Literal["sample", "solve", "rewrite", "truncate"]
     filtered: bool
     self_teacher: bool = False
     preset: dict[str, Any] = field(default_factory=dict)
-    extra: tuple[str, ...] = ()
 
 
 # LoRA adapters learn at about ten times a full fine-tune's rate (and tiny.yaml's is gentle): the SFT
@@ -80,53 +82,88 @@ def needs_score(cfg: RunConfig) -> bool:
     return cfg.train.loss != "ce" and cfg.train.teacher_mode == "offline_topk"
 
 
+def recipe(cfg: RunConfig) -> Recipe:
+    """What a round of ``cfg.method`` trains on, as the stages' declarations read it."""
+    mode = MODES[cfg.method]
+    return Recipe(
+        targets=mode.targets,
+        # a truncation exists only for a kept rewrite: its table needs no filtering
+        kept_only=mode.filtered and mode.targets != "truncate",
+        scored=needs_score(cfg),
+        self_teacher=mode.self_teacher,
+    )
+
+
+START = Recipe(start=True)  # round 0: the starting student's evaluation
+
+
 def round_stages(cfg: RunConfig) -> list[str]:
     """The stages one round of ``cfg.method`` runs, in the order it runs them."""
-    mode = MODES[cfg.method]
-    out = ["solve"] if mode.targets == "solve" else ["sample"]
-    if mode.targets in ("rewrite", "truncate"):
-        out.append("rewrite")
-    if needs_score(cfg) and mode.targets != "truncate":
-        out.append("score")  # before the filter: a filter knob must not re-score
-    if mode.filtered:
-        out.append("filter")
-    if mode.targets == "truncate":
-        out += ["truncate", "score"] if needs_score(cfg) else ["truncate"]
-    return [*out, *mode.extra, "train", "eval"]
+    return round_plan(recipe(cfg))
 
 
 def new_round(ctx: Context, r: int, student: ModelRef) -> Round:
     """Round ``r`` of ``ctx.cfg.method``, starting from ``student``: what it trains on."""
-    mode = MODES[ctx.cfg.method]
+    rc = recipe(ctx.cfg)
     return Round(
         r,
         student,
-        targets=mode.targets,
-        # a truncation exists only for a kept rewrite: its table needs no filtering
-        kept_only=mode.filtered and mode.targets != "truncate",
-        teacher=self_distill_teacher(ctx, r) if mode.self_teacher else None,
-        instruction=ctx.cfg.self_distill.instruction if mode.self_teacher else None,
+        recipe=rc,
+        teacher=self_distill_teacher(ctx, r) if rc.self_teacher else None,
+        instruction=ctx.cfg.self_distill.instruction if rc.self_teacher else None,
     )
+
+
+def run_setup(ctx: Context) -> None:
+    """The campaign-level stages the config needs (the world's models, the problems)."""
+    for name in campaign_stages(ctx.cfg):
+        STAGES[name].run(ctx, ctx.setup)
 
 
 def run_round(ctx: Context, r: int, student: ModelRef) -> ModelRef:
     """Round ``r``: every stage of its plan, in order; returns the student it trained."""
     rnd = new_round(ctx, r, student)
     for name in round_stages(ctx.cfg):
-        run = STAGES[name].run
-        assert run is not None, f"{name} is not a round stage"
-        run(ctx, rnd)
+        STAGES[name].run(ctx, rnd)
     return rnd.student
 
 
 def evaluate_start(ctx: Context, student: ModelRef) -> None:
     """Round 0: the starting student's evaluation, shared by every method."""
-    run = STAGES["eval"].run
-    assert run is not None
-    run(ctx, Round(0, student))
+    rnd = Round(0, student, recipe=START)
+    for name in round_plan(START):
+        STAGES[name].run(ctx, rnd)
 
 
 def self_distill_teacher(ctx: Context, r: int) -> ModelRef:
     """The frozen copy: the student that started round 1 + M·⌊(r−1)/M⌋, M = refresh_every."""
     every = ctx.cfg.self_distill.refresh_every
     return ctx.students[(r - 1) // every * every]
+
+
+def plan_keys(cfg: RunConfig, rounds: int | None = None) -> list[tuple[int, str, StageKey]]:
+    """Every (round, stage) key a campaign of ``cfg`` (``rounds`` rounds, default the config's)
+    would use, in run order, computed from the declarations alone: nothing runs, nothing is
+    read but the models' and input files' digests. A trained student's identity is its train
+    stage's key, so later rounds' keys need no earlier round computed.
+    """
+    ctx, out = Context(cfg), []
+
+    def dry(stage: str, rnd: Round) -> None:
+        key = ctx.key(STAGES[stage], rnd)
+        path = str(ctx.store.stage_dir(stage, rnd.r))
+        ctx.record(STAGES[stage], rnd, StageResult(stage, rnd.r, key.key, 0, True, 0.0, path))
+        out.append((rnd.r, stage, key))
+
+    for name in campaign_stages(cfg):
+        dry(name, ctx.setup)
+    student = ctx.starting_student()
+    start = Round(0, student, recipe=START)
+    for name in round_plan(START):
+        dry(name, start)
+    for r in range(1, (cfg.rounds if rounds is None else rounds) + 1):
+        rnd = new_round(ctx, r, student)
+        for name in round_stages(cfg):
+            dry(name, rnd)
+        student = rnd.student
+    return out

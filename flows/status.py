@@ -1,5 +1,9 @@
 """``mpd status``: the state of every (round, stage) of a workspace, from disk alone.
 
+``mpd status --keys`` shows instead each (round, stage)'s key under the current config and
+what went into it (config, inputs, files, models, engines, code, library versions of each
+interpreter that computes it), and whether the workspace holds a run of that key.
+
 States: ``done`` (committed, files intact), ``corrupt`` (committed but a file is
 missing or altered: the next run redoes it), ``partial`` (staging holds finished
 shards of an interrupted run: the next run with the same key reuses them),
@@ -22,7 +26,9 @@ from rich.table import Table
 from data.errors import UserError
 from data.objstore import ObjectStore
 from data.store import StageStore
-from tasks.registry import STAGES
+from tasks.context import Recipe
+from tasks.registry import STAGES, campaign_stages, round_plan
+from tasks.stagekey import StageKey
 
 # done: computed by the last run; cached: reused by it; failed: the last run failed there
 
@@ -47,8 +53,10 @@ def last_run(workspace: Path) -> dict[str, dict]:
 
 
 def planned(rounds: int, stages: list[str]) -> list[tuple[int, str]]:
-    """(round, stage) pairs a campaign of ``rounds`` rounds of ``stages`` produces."""
-    out = [(0, "problems"), (0, "eval")]
+    """(round, stage) pairs a campaign of ``rounds`` rounds of ``stages`` produces: the
+    campaign-level stages every campaign runs, round 0's plan, then ``stages`` each round."""
+    out = [(0, s) for s in campaign_stages() if STAGES[s].when is None]
+    out += [(0, s) for s in round_plan(Recipe(start=True))]
     for r in range(1, rounds + 1):
         out += [(r, s) for s in stages]
     return out
@@ -56,7 +64,7 @@ def planned(rounds: int, stages: list[str]) -> list[tuple[int, str]]:
 
 def downstream(round_: int, stage: str, rounds: int, stages: list[str]) -> list[tuple[int, str]]:
     """``stage`` of ``round_`` and every stage after it (of the method's ``stages``)."""
-    order = stages if round_ > 0 else ["eval"]
+    order = stages if round_ > 0 else round_plan(Recipe(start=True))
     if stage not in order:
         raise UserError(f"round {round_} has no {stage} stage (it has: {', '.join(order)})")
     out = [(round_, s) for s in order[order.index(stage) :]]
@@ -108,7 +116,7 @@ def collect(
     # (`rounds: 1000000` used to build six million rows); the rest is one line in print_status.
     for round_, stage in planned(min(rounds or 0, last_round_of(states) + 1), stages):
         states.setdefault((round_, stage), StageState(round_, stage, "missing"))
-    order = {s: i for i, s in enumerate(dict.fromkeys(["problems", *stages, *STAGES]))}
+    order = {s: i for i, s in enumerate(dict.fromkeys([*campaign_stages(), *stages, *STAGES]))}
     return sorted(states.values(), key=lambda s: (s.round, order.get(s.stage, 99), s.stage))
 
 
@@ -195,3 +203,49 @@ def print_status(
     if (rest := not_computed(rounds, states)) is not None:
         console.print(rest)
     return states
+
+
+def key_lines(r: int, stage: str, key: StageKey, committed: str | None) -> list[str]:
+    """What went into one (round, stage)'s key, as ``mpd status --keys`` prints it."""
+    doc = key.doc
+    if committed is None:
+        disk = "not computed"
+    elif committed == key.key:
+        disk = "committed with this key: cached"
+    else:
+        disk = f"committed with {committed[:12]}: recomputed by the next run"
+    config = ", ".join(doc["config"]) or "-"
+    inputs = ", ".join(f"{s} {k[:12]}" for s, k in doc["inputs"].items()) or "-"
+    files = ", ".join(f"{n} {d[:12]}" for n, d in doc["files"].items()) or "-"
+    models = ", ".join(f"{role} {i[:12]}" for role, i in doc["models"].items()) or "-"
+    if doc["dtype"]:
+        models += f" (weights in {doc['dtype']})"
+    engines = "; ".join(
+        f"{role}: " + " ".join(f"{k}={v}" for k, v in settings.items())
+        for role, settings in doc["engines"].items()
+    )
+    lines = [
+        f"round {r} {stage:<9} key {key.key[:12]}  {disk}",
+        f"  config     {config}",
+        f"  inputs     {inputs}",
+        f"  files      {files}",
+        f"  models     {models}",
+        f"  engines    {engines or '-'}",
+        f"  code       {doc['code']}",
+    ]
+    for where, versions in doc["libraries"].items():
+        libs = ", ".join(f"{d} {v}" for d, v in versions.items()) or "-"
+        lines.append(f"  libraries  {where}: {libs}")
+    return lines
+
+
+def print_keys(workspace: Path | ObjectStore, keys: list[tuple[int, str, StageKey]]) -> list[str]:
+    """Every (round, stage) key the config gives, what went into it, and whether the workspace
+    holds its output (a committed run of another key is what the next run recomputes)."""
+    store = workspace if isinstance(workspace, ObjectStore) else StageStore(workspace)
+    committed = {(m.round, m.stage): m.key for m in store.committed()}
+    lines: list[str] = []
+    for r, stage, key in keys:
+        lines += key_lines(r, stage, key, committed.get((r, stage)))
+    print("\n".join(lines))
+    return lines

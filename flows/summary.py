@@ -10,6 +10,7 @@ from data import catalog
 from data.fsutil import atomic_write_bytes
 from data.store import StageStore
 from flows.sqlout import format_table
+from tasks.registry import campaign_stages
 
 log = logging.getLogger("mpd")
 
@@ -30,7 +31,7 @@ def stage_times(workspace: Path) -> dict[int, str]:
     """Per round, the wall time of each stage (from the manifests), as one string."""
     out: dict[int, list[str]] = {}
     for man in StageStore(workspace).committed():
-        if man.stage in ("problems", "bootstrap"):
+        if man.stage in campaign_stages():  # once per campaign: no round's time
             continue
         out.setdefault(man.round, []).append(f"{man.stage} {man.duration_s:.0f}s")
     return {r: ", ".join(v) for r, v in out.items()}

@@ -1,7 +1,7 @@
 """Evaluate stage: held-out accuracy and token counts under one fixed scorer.
 
-Its key: the problems, the round's student and the evaluate config (not the round: the same
-student evaluates once, whichever round it ends).
+Its key (declared below): the problems, the round's student and its engine, the evaluate config
+and the seed (not the round: the same student evaluates once, whichever round it ends).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pydantic import Field
 from data.configbase import StrictModel
 from data.schemas import EVALS
 from data.store import StageWriter
-from data.tables import Table
+from data.tables import EVALS as EVALS_TABLE
 from tasks.common import StageResult
 from tasks.context import Context, Round
 from tasks.engines import stage_engine
@@ -90,19 +90,12 @@ def evaluate_body(
 def run(ctx: Context, rnd: Round) -> StageResult:
     """Evaluate the round's student: the one ``train`` made, or the starting one in round 0."""
     cfg, student = ctx.cfg.evaluate, rnd.student
-    key, code = ctx.key(
-        "eval",
-        __name__,
-        config=cfg,
-        inputs={"problems": ctx.problems_key},
-        models={"student": student.identity},
-    )
+    key = ctx.key(STAGE, rnd)
     records = eval_problems(list(ctx.problems.values()), cfg)
     return ctx.run(
-        "eval",
+        STAGE,
         rnd,
         key,
-        code,
         lambda w: evaluate_body(
             w,
             cfg,
@@ -121,7 +114,11 @@ STAGE = Stage(
     name="eval",
     summary="the round's student answers the fixed test and held-out problems (greedy)",
     run=run,
-    tables=(Table("evals", "eval", "*.parquet", EVALS),),
-    reads=("problems", "train"),
-    config="evaluate",
+    tables=(EVALS_TABLE,),
+    # the student it evaluates is train's (its identity is train's key): after train, if any
+    reads=lambda recipe: ("problems",) if recipe.start else ("problems", "train"),
+    config=("evaluate", "seed"),
+    engines=("student",),
+    runs="every_round",
+    round0=True,
 )

@@ -1,12 +1,12 @@
 """Filter stage: a DuckDB SQL rule keeps or drops each rewrite, with a reason.
 
-Its key: the round's rewrites (their key), the filter config and the SQL text. A filter that
+Its key (declared below): the round's rewrites and samples (their keys), the filter config and
+the SQL file's content. A filter that
 keeps nothing ends the round with one line: training on nothing is no round.
 """
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from data.configbase import StrictModel
+from data.configbase import NOT_IN_KEY, StrictModel
 from data.errors import UserError
 from data.sandbox import QueryTimeoutError, arrow_view, open_sandbox, parquet_view, run_query_on
 from data.schemas import DECISIONS, REWRITES, SAMPLES, SchemaError, conform
 from data.sql_guard import SqlError, check_read_only, one_line
 from data.store import StageWriter
-from data.tables import Table
+from data.tables import DECISIONS as DECISIONS_TABLE
 from tasks.common import StageResult, read_stage, stage_files
 from tasks.context import Context, Round
 from tasks.stage import Stage
@@ -39,7 +39,11 @@ class FilterConfig(StrictModel):
         "a wrong step. Needs traces that state their steps as equations.",
     )
     sql: Path | None = Field(
-        None, description="Your own filter SQL file; None uses the built-in data/sql/filter.sql."
+        None,
+        description="Your own filter SQL file; None uses the built-in data/sql/filter.sql. The "
+        "stage key holds the file's content, not its path: edit it in place and the filter "
+        "recomputes; move it and nothing does.",
+        json_schema_extra=NOT_IN_KEY,
     )
     timeout_s: float = Field(
         600.0,
@@ -48,6 +52,7 @@ class FilterConfig(StrictModel):
         description="Stop the filter query after this many seconds (one line, exit 2): a "
         "runaway query (an unbounded recursive CTE, a cross join) must not hold a nightly run. "
         "Not part of the stage key: it does not change the rows.",
+        json_schema_extra=NOT_IN_KEY,
     )
 
 
@@ -60,9 +65,14 @@ class FilterError(UserError):
     """The filter SQL failed, or produced rows that do not fit the decisions table."""
 
 
+def sql_path(cfg: FilterConfig) -> Path:
+    """The filter's SQL file: the user's, or the built-in one."""
+    return Path(cfg.sql).expanduser() if cfg.sql is not None else DEFAULT_SQL
+
+
 def filter_sql(cfg: FilterConfig) -> str:
     """The filter's SQL text: the user's file (read as UTF-8) or the built-in one."""
-    path = Path(cfg.sql).expanduser() if cfg.sql is not None else DEFAULT_SQL
+    path = sql_path(cfg)
     if not path.is_file():
         raise FilterError(f"filter.sql: file not found: {path}")
     try:
@@ -250,28 +260,15 @@ def check_kept(result: StageResult, decisions: pa.Table) -> None:
 
 def run(ctx: Context, rnd: Round) -> StageResult:
     cfg, r = ctx.cfg.filter, rnd.r
-    rewritten = rnd.result("rewrite", "filter")
-    sql = filter_sql(cfg)
-    key, code = ctx.key(
-        "filter",
-        __name__,
-        # the time limit does not change the rows
-        config={
-            "filter": cfg.model_dump(mode="json", exclude={"timeout_s"}),
-            "sql": hashlib.sha256(sql.encode()).hexdigest(),
-        },
-        inputs={"rewrite": rewritten.key},
-    )
     result = ctx.run(
-        "filter",
+        STAGE,
         rnd,
-        key,
-        code,
+        ctx.key(STAGE, rnd),
         lambda w: filter_body(
             w,
             cfg,
             rewrites=stage_files(ctx.store, "rewrite", r),
-            # what the rewrites were made from (an input of the rewrite's key already)
+            # what the rewrites were made from
             samples=stage_files(ctx.store, "sample", r),
             round_=r,
         ),
@@ -284,7 +281,8 @@ STAGE = Stage(
     name="filter",
     summary="a DuckDB SQL rule keeps or drops each rewrite, with a reason",
     run=run,
-    tables=(Table("decisions", "filter", "decisions.parquet", DECISIONS),),
+    tables=(DECISIONS_TABLE,),
     reads=("rewrite", "sample"),
-    config="filter",
+    config=("filter",),
+    files=lambda cfg: {"filter.sql": sql_path(cfg.filter)},
 )

@@ -13,6 +13,7 @@ keeps nothing, a bad SQL file), a full disk or a bug fails the stage at once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,11 +22,12 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import CachePolicy
-from prefect.states import Failed
+from prefect.context import FlowRunContext
 
-from data.errors import is_retried, kind_of, one_line
+from data.errors import is_retried
 from data.store import StageStore
 from tasks.common import StageResult
+from tasks.failing import failed_quietly
 
 
 @dataclass
@@ -49,21 +51,20 @@ class StageKeyPolicy(CachePolicy):
         return None
 
 
-def failed_quietly(run: Callable[[], Any]) -> Any:
-    """``run()``, with a user mistake or a full disk turned into a Failed state that carries it.
-
-    Prefect logs a raised exception with its whole traceback (~50 lines before the CLI's one
-    line); a returned Failed state is logged as one line, and ``state.result()`` (or a
-    future's ``result()``) still raises the exception for the caller. Neither kind is retried.
-    Bugs and transient failures are raised as usual: their traceback helps, and the retry
-    condition sees them.
-    """
-    try:
+def execute(
+    workspace: str, stage: str, round_: int, key: str, run: Callable[[], StageResult]
+) -> StageResult:
+    """Run a stage through :func:`stage_task` inside a flow, else directly (the executor the
+    flows hand :class:`tasks.context.Context`); a Prefect cache hit counts as cached."""
+    if FlowRunContext.get() is None:
         return run()
-    except Exception as exc:  # boundary: the stage's failure to a Failed state, by its kind
-        if kind_of(exc) not in ("user", "resource"):
-            raise
-        return Failed(message=one_line(exc), data=exc)
+    state = stage_task(
+        workspace=workspace, stage=stage, round_=round_, key=key, run=run, return_state=True
+    )
+    result = state.result()  # raises the stage's exception if it failed
+    # A Prefect cache hit hands back the result of the run that computed it.
+    cached = result.cached or state.name == "Cached"
+    return dataclasses.replace(result, cached=cached)
 
 
 def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:

@@ -1,19 +1,27 @@
-"""Problems stage: the problem set of a campaign (built-in world or the user's file)."""
+"""Problems stage: the problem set of a campaign (built-in world or the user's file).
+
+It runs once per campaign, before any round, and every stage that reads problems has its key
+among its inputs. Its key (declared below): the problems section, the run's seed where the
+problem set takes it, and the problem file's content (a file, or a directory's files): edit
+the file in place and the problem set is rebuilt. A Hugging Face dataset named by its hub id
+(no local path) is keyed by that id and its config only.
+"""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from data.configbase import StrictModel
 from data.gym import GymConfig
-from data.keys import code_version, stage_key
 from data.schemas import PROBLEMS
 from data.sources import ProblemSourceConfig
-from data.store import StageStore
-from data.tables import Table
+from data.tables import PROBLEMS as PROBLEMS_TABLE
+from tasks.common import StageResult
+from tasks.context import Context, Round
 from tasks.stage import Stage
 
 log = logging.getLogger("mpd")
@@ -94,32 +102,53 @@ def problem_records(cfg: ProblemsConfig, seed: int) -> list[dict]:
     return [{"round": 0, **r} for r in records]
 
 
-def commit_problems(store: StageStore, cfg: Any) -> str:
-    """Commit the problem set (round 0) unless a valid one with the same key exists; its key.
-
-    It runs once per campaign, before any round, and every stage that reads problems has this
-    key among its inputs. ``cfg`` is the run config (``flows.config.RunConfig``).
-    """
+def run(ctx: Context, rnd: Round) -> StageResult:
+    """Commit the problem set (round 0) unless a valid one with the same key exists."""
     import pyarrow as pa
 
-    code = code_version(__name__)
-    key = stage_key("problems", config=cfg.problems, seed=cfg.seed, code=code)
-    if man := store.lookup("problems", 0, key):
-        log.info("problems: cached (%d rows, key %s)", man.rows, key[:12])
-        return key
-    records = problem_records(cfg.problems, cfg.seed)
-    writer = store.writer("problems", 0, key, code_version=code)
-    writer.write_shard(0, pa.Table.from_pylist(records), PROBLEMS)
-    man = writer.commit({"config": cfg.problems.model_dump(mode="json")}, expected_shards=1)
-    log.info("problems: wrote %d rows in %.1fs (key %s)", man.rows, man.duration_s, key[:12])
-    return key
+    cfg, store, key = ctx.cfg, ctx.store, ctx.key(STAGE, rnd)
+    path = str(store.stage_dir("problems", 0))
+    if man := store.lookup("problems", 0, key.key):
+        log.info("problems: cached (%d rows, key %s)", man.rows, key.key[:12])
+        result = StageResult("problems", 0, key.key, man.rows, True, 0.0, path)
+    else:
+        records = problem_records(cfg.problems, cfg.seed)
+        writer = store.writer("problems", 0, key.key, code_version=key.code)
+        writer.write_shard(0, pa.Table.from_pylist(records), PROBLEMS)
+        man = writer.commit({"config": cfg.problems.model_dump(mode="json")}, expected_shards=1)
+        log.info(
+            "problems: wrote %d rows in %.1fs (key %s)", man.rows, man.duration_s, key.key[:12]
+        )
+        result = StageResult("problems", 0, key.key, man.rows, False, man.duration_s, path)
+    ctx.record(STAGE, rnd, result)
+    return result
+
+
+def problems_config(cfg: Any, rnd: Round) -> dict[str, Any]:
+    """The problems section, and the run's seed only where the problem set takes it."""
+    config: dict[str, Any] = {"problems": cfg.problems}
+    if cfg.problems.seed is None:
+        config["seed"] = cfg.seed
+    return config
+
+
+def problem_files(cfg: Any) -> dict[str, Path]:
+    """The user's problem file (or directory), where it is a local path."""
+    file = cfg.problems.file
+    if cfg.problems.source != "file" or file is None:
+        return {}
+    path = Path(file.path).expanduser()
+    if file.format == "hf_dataset" and not path.exists():
+        return {}  # a hub dataset id: keyed by its id (in the config)
+    return {"problems.file": path}
 
 
 STAGE = Stage(
     name="problems",
     summary="the campaign's problem set: the built-in world's, or your file's (once, round 0)",
-    run=None,  # commit_problems, before the rounds
-    tables=(Table("problems", "problems", "*.parquet", PROBLEMS),),
-    config="problems",
+    run=run,
+    tables=(PROBLEMS_TABLE,),
+    config=problems_config,
+    files=problem_files,
     per_round=False,
 )

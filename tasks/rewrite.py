@@ -1,6 +1,8 @@
 """Rewrite stage: the teacher rewrites each student trace concisely (MPD).
 
-Its key: the round's samples (their key), the rewriter and the rewrite config.
+Its key (declared below): the round's samples (their key), the rewriter and its engine, the
+rewrite config and the seed. The student's tokenizer it re-tokenizes with is the samples'
+student's, in the samples' key.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from data.configbase import StrictModel
 from data.prompts import DEFAULT_REWRITE_PROMPT
 from data.schemas import REWRITES
 from data.store import StageWriter
-from data.tables import Table
+from data.tables import REWRITES as REWRITES_TABLE
 from tasks.common import StageResult
 from tasks.context import Context, Round
 from tasks.engines import stage_engine
@@ -158,22 +160,14 @@ def _retokenize(row: dict, tokenizer: Any) -> None:
 
 def run(ctx: Context, rnd: Round) -> StageResult:
     cfg, name = ctx.cfg.rewrite, ctx.cfg.models.rewriter
-    rewriter, r = ctx.model(name), rnd.r
-    sampled, student = rnd.result("sample", "rewrite"), rnd.student
-    key, code = ctx.key(
-        "rewrite",
-        __name__,
-        config=cfg,
-        inputs={"sample": sampled.key},
-        models={"rewriter": rewriter.identity},
-    )
+    rewriter, r, student = ctx.role_model("rewriter", rnd), rnd.r, rnd.student
+    key = ctx.key(STAGE, rnd)
     from train.models import load_tokenizer
 
     return ctx.run(
-        "rewrite",
+        STAGE,
         rnd,
         key,
-        code,
         lambda w: rewrite_body(
             w,
             cfg,
@@ -194,7 +188,8 @@ STAGE = Stage(
     name="rewrite",
     summary="the teacher rewrites each sample concisely, keeping the student's path",
     run=run,
-    tables=(Table("rewrites", "rewrite", "*.parquet", REWRITES),),
+    tables=(REWRITES_TABLE,),
     reads=("sample",),
-    config="rewrite",
+    config=("rewrite", "seed"),
+    engines=("rewriter",),
 )

@@ -1,6 +1,7 @@
 """Sample stage: the current student answers the round's training problems.
 
-Its key: the problems, the student, the sample config and the round (each round draws anew).
+Its key (declared below): the problems, the student and its engine, the sample config, the
+seed and the round (each round draws anew).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pydantic import Field
 from data.configbase import StrictModel
 from data.schemas import SAMPLES
 from data.store import StageWriter
-from data.tables import Table
+from data.tables import SAMPLES as SAMPLES_TABLE
 from tasks.common import StageResult
-from tasks.context import Context, ModelRef, Round
+from tasks.context import Context, Round
 from tasks.engines import stage_engine
 from tasks.generation import generate_stage, grader_of
 from tasks.stage import Stage
@@ -30,7 +31,12 @@ class SampleConfig(StrictModel):
     temperature: float = Field(1.0, ge=0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(512, ge=1, description="Completion budget; longer traces truncate.")
-    shard_size: int = Field(64, ge=1, description="Prompts per resumable shard.")
+    shard_size: int = Field(
+        64,
+        ge=1,
+        description="Prompts per resumable shard. Each shard draws with its own seed, so it "
+        "shapes the samples (it is in the stage key).",
+    )
 
 
 def round_problems(problems: list[dict], n: int, seed: int, round_: int) -> list[dict]:
@@ -72,25 +78,16 @@ def sample_body(
     )
 
 
-def generate_answers(
-    ctx: Context, rnd: Round, stage: str, role: str, model: ModelRef, label: str
-) -> StageResult:
-    """``cfg.sample`` traces of round r's problems by ``model`` in ``role``: the student's
+def generate_answers(ctx: Context, rnd: Round, stage: Stage, role: str, label: str) -> StageResult:
+    """``cfg.sample`` traces of round r's problems by the model of ``role``: the student's
     ``sample`` stage, and off_policy's ``solve`` (the teacher answering as a student would)."""
     cfg, r = ctx.cfg.sample, rnd.r
-    key, code = ctx.key(
-        stage,
-        __name__,
-        config={"sample": cfg, "round": r},
-        inputs={"problems": ctx.problems_key},
-        models={role: model.identity},
-    )
+    key, model = ctx.key(stage, rnd), ctx.role_model(role, rnd)
     records = round_problems(list(ctx.problems.values()), cfg.problems_per_round, ctx.cfg.seed, r)
     return ctx.run(
         stage,
         rnd,
         key,
-        code,
         lambda w: sample_body(
             w,
             cfg,
@@ -101,20 +98,26 @@ def generate_answers(
             model=label,
             grader=grader_of(ctx.cfg),
             workers=ctx.workers(role),
-            stage=stage,
+            stage=stage.name,
         ),
     )
 
 
 def run(ctx: Context, rnd: Round) -> StageResult:
-    return generate_answers(ctx, rnd, "sample", "student", rnd.student, rnd.student.identity[:12])
+    return generate_answers(ctx, rnd, STAGE, "student", rnd.student.identity[:12])
+
+
+def answers_config(cfg: Any, rnd: Round) -> dict[str, Any]:
+    """What sample and solve read of the config: each round draws anew."""
+    return {"sample": cfg.sample, "seed": cfg.seed, "round": rnd.r}
 
 
 STAGE = Stage(
     name="sample",
     summary="the student answers the round's training problems",
     run=run,
-    tables=(Table("samples", "sample", "*.parquet", SAMPLES),),
+    tables=(SAMPLES_TABLE,),
     reads=("problems",),
-    config="sample",
+    config=answers_config,
+    engines=("student",),
 )

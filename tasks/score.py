@@ -1,8 +1,9 @@
 """Score stage: the teacher's top-k logprobs for every target token.
 
 It scores the round's targets (``Round.targets``: rewrites, samples, solutions or truncations),
-whichever the method trains on. Its key: the targets' key, the teacher and the score config (with
-the rewrite template, and self_distill's instruction when the teacher is the frozen student).
+whichever the method trains on. Its key (declared below): the targets' key, the teacher and its
+engine, and the score config (with the rewrite template when it scores in the rewrite's
+context, and self_distill's instruction when the teacher is the frozen student).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from data.configbase import StrictModel
 from data.prompts import CONCISE_CUE
 from data.schemas import SCORES, encode_topk
 from data.store import StageWriter
-from data.tables import Table
+from data.tables import SCORES as SCORES_TABLE
 from tasks.common import StageResult, computing
-from tasks.context import Context, Round
+from tasks.context import Context, Recipe, Round
 from tasks.engines import stage_engine
 from tasks.generation import chat_prompt
 from tasks.stage import Stage
@@ -44,7 +45,13 @@ class ScoreConfig(StrictModel):
         "top_k. 0.999 on a real vocabulary: about a fifth fewer bytes, the loss moved no more "
         "than int16 quantisation moves it (docs/floors.md).",
     )
-    shard_size: int = Field(64, ge=1)
+    shard_size: int = Field(
+        64,
+        ge=1,
+        description="Targets per resumable shard. In the stage key: scoring draws nothing at "
+        "random, but a shard is what an engine batches, and another batch changes the padding "
+        "and the kernels (hf on CPU: logprobs moved by up to 6e-6 between shards of 7 and 64).",
+    )
 
 
 class SelfDistillConfig(StrictModel):
@@ -178,28 +185,14 @@ def run(ctx: Context, rnd: Round) -> StageResult:
     the problem inside the "be concise" template (``rnd.instruction``). The teacher's own
     solutions are scored under the plain problem, the context they were generated in.
     """
-    cfg, r = ctx.cfg.score, rnd.r
+    cfg, r = score_config(ctx.cfg, rnd.recipe), rnd.r
     targets = rnd.result(rnd.targets, "score")
-    if targets.stage == "solve":
-        cfg = cfg.model_copy(update={"context": "problem"})
     name, instruction = ctx.cfg.models.teacher, rnd.instruction
-    if rnd.teacher is None:
-        role, teacher, label = "teacher", ctx.model(name), name
-    else:
-        role, teacher = "student", rnd.teacher
-        label = f"self:{teacher.identity[:12]}"
+    teacher, role = ctx.role_model("teacher", rnd), ctx.engine_role("teacher", rnd)
+    label = name if rnd.teacher is None else f"self:{teacher.identity[:12]}"
     # the frozen self-distillation teacher has its own slot: it must not evict the student's
     slot = "teacher" if rnd.teacher is None else "self_teacher"
-    config: dict[str, Any] = {"score": cfg, "template": ctx.cfg.rewrite.prompt}
-    if instruction is not None:
-        config["instruction"] = instruction
-    key, code = ctx.key(
-        "score",
-        __name__,
-        config=config,
-        inputs={targets.stage: targets.key},
-        models={"teacher": teacher.identity},
-    )
+    key = ctx.key(STAGE, rnd)
 
     def body(w: Any) -> dict:
         samples = (
@@ -219,14 +212,42 @@ def run(ctx: Context, rnd: Round) -> StageResult:
             instruction=instruction,
         )
 
-    return ctx.run("score", rnd, key, code, body)
+    return ctx.run(STAGE, rnd, key, body)
+
+
+def score_config(cfg: Any, recipe: Recipe) -> ScoreConfig:
+    """The score config as it runs: the teacher's own solutions are scored under the plain
+    problem, the context they were generated in."""
+    if recipe.targets == "solve":
+        return cfg.score.model_copy(update={"context": "problem"})
+    return cfg.score
+
+
+def score_reads(recipe: Recipe) -> tuple[str, ...]:
+    """The method's targets, and the samples they were made from (a rewrite's original trace)."""
+    if recipe.targets in ("sample", "solve"):
+        return (recipe.targets,)
+    return (recipe.targets, "sample")
+
+
+def reads_config(cfg: Any, rnd: Round) -> dict[str, Any]:
+    """What scoring reads of the config: the rewrite prompt only in the rewrite's context, the
+    "be concise" instruction only for self_distill's frozen teacher."""
+    score = score_config(cfg, rnd.recipe)
+    config: dict[str, Any] = {"score": score}
+    if score.context == "rewrite" and not rnd.recipe.self_teacher:
+        config["rewrite.prompt"] = cfg.rewrite.prompt
+    if rnd.recipe.self_teacher:
+        config["self_distill.instruction"] = cfg.self_distill.instruction
+    return config
 
 
 STAGE = Stage(
     name="score",
     summary="the teacher's top-k logprobs for every target token (offline KL)",
     run=run,
-    tables=(Table("scores", "score", "*.parquet", SCORES),),
-    reads=("sample", "solve", "rewrite", "truncate"),
-    config="score",
+    tables=(SCORES_TABLE,),
+    reads=score_reads,
+    config=reads_config,
+    engines=("teacher",),
 )

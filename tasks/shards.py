@@ -29,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from data.errors import best_effort
 from data.store import StageWriter
 from tasks.common import shards
+from tasks.failing import failed_quietly
 
 log = logging.getLogger("mpd")
 
@@ -70,8 +71,6 @@ class _Progress:
 @task(name="shard", task_run_name="{stage}-round-{round_}-shard-{index}", cache_policy=NO_CACHE)
 def shard_task(stage: str, round_: int, index: int, run: Callable[[int], int]) -> int:
     """One shard: generate, write, mark. Its rows live in the shard file, not in Prefect."""
-    from tasks.prefect_stage import failed_quietly
-
     return failed_quietly(lambda: run(index))
 
 

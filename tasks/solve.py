@@ -6,24 +6,23 @@ rows are the targets that off_policy trains on.
 
 from __future__ import annotations
 
-from data.schemas import SOLUTIONS
-from data.tables import Table
+from data.tables import SOLUTIONS
 from tasks.common import StageResult
 from tasks.context import Context, Round
-from tasks.sample import generate_answers
+from tasks.sample import answers_config, generate_answers
 from tasks.stage import Stage
 
 
 def run(ctx: Context, rnd: Round) -> StageResult:
-    name = ctx.cfg.models.teacher
-    return generate_answers(ctx, rnd, "solve", "teacher", ctx.model(name), name)
+    return generate_answers(ctx, rnd, STAGE, "teacher", ctx.cfg.models.teacher)
 
 
 STAGE = Stage(
     name="solve",
     summary="the teacher answers the round's problems (off_policy's targets)",
     run=run,
-    tables=(Table("solutions", "solve", "*.parquet", SOLUTIONS),),
+    tables=(SOLUTIONS,),
     reads=("problems",),
-    config="sample",
+    config=answers_config,
+    engines=("teacher",),
 )

@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 
 from data.schemas import SCORES, TRAIN_LOG, decode_topk
 from data.store import StageWriter
-from data.tables import Table
+from data.tables import TRAIN_LOG as TRAIN_LOG_TABLE
 from tasks.common import StageResult, add_compute, stage_files
-from tasks.context import Context, ModelRef, Round
+from tasks.context import Context, Recipe, Round
 from tasks.generation import chat_prompt
 from tasks.stage import Stage
 from train.config import TrainConfig
@@ -262,24 +262,14 @@ def train_body(
 
 
 def run(ctx: Context, rnd: Round) -> StageResult:
-    """Train the round's student on its targets; the result is the round's new student."""
+    """Train the round's student on its targets; the result is the round's new student
+    (``makes_student``: :meth:`tasks.context.Context.record`)."""
     cfg, m, r, student = ctx.cfg.train, ctx.cfg.models, rnd.r, rnd.student
     data = rnd.result(rnd.targets, "train")
     filtered = rnd.result("filter", "train") if rnd.kept_only else None
     scored = rnd.done.get("score")
-    inputs = {
-        data.stage: data.key,
-        **({"filter": filtered.key} if filtered else {}),
-        **({"score": scored.key} if scored else {}),
-    }
-    models = {"student": student.identity}
-    online = cfg.teacher_mode == "online" and cfg.loss != "ce"
-    # the teacher's identity (a digest of its files) only where it shapes the result
+    online = is_online(ctx.cfg)
     teacher_path = rnd.teacher.path if rnd.teacher else str(ctx.model_path(m.teacher))
-    if online:
-        models["teacher"] = rnd.teacher.identity if rnd.teacher else ctx.identity(m.teacher)
-    config: Any = cfg if rnd.instruction is None else {"train": cfg, "teacher": rnd.instruction}
-    key, code = ctx.key("train", __name__, config=config, inputs=inputs, models=models)
 
     def body(w: Any) -> dict:
         from train.models import load_tokenizer
@@ -304,16 +294,40 @@ def run(ctx: Context, rnd: Round) -> StageResult:
             teacher_path=teacher_path,
         )
 
-    result = ctx.run("train", rnd, key, code, body)
-    rnd.student = ctx.students[r] = ModelRef(str(Path(result.path) / "model"), result.key)
-    return result
+    return ctx.run(STAGE, rnd, ctx.key(STAGE, rnd), body)
+
+
+def is_online(cfg: Any) -> bool:
+    """The trainer runs the teacher itself (its weights, not stored top-k, shape the loss)."""
+    return cfg.train.teacher_mode == "online" and cfg.train.loss != "ce"
+
+
+def train_reads(recipe: Recipe) -> tuple[str, ...]:
+    """The targets; the filter's decisions when only kept rows train; the stored top-k."""
+    return (
+        recipe.targets,
+        *(("filter",) if recipe.kept_only else ()),
+        *(("score",) if recipe.scored else ()),
+    )
+
+
+def train_config(cfg: Any, rnd: Round) -> dict[str, Any]:
+    """The train section and the seed; an online frozen teacher's "be concise" context."""
+    config: dict[str, Any] = {"train": cfg.train, "seed": cfg.seed}
+    if rnd.recipe.self_teacher and is_online(cfg):
+        config["self_distill.instruction"] = cfg.self_distill.instruction
+    return config
 
 
 STAGE = Stage(
     name="train",
     summary="distil the student toward the teacher on the round's targets (KL or CE)",
     run=run,
-    tables=(Table("train_log", "train", "log.parquet", TRAIN_LOG),),
-    reads=("sample", "solve", "rewrite", "truncate", "filter", "score"),
-    config="train",
+    tables=(TRAIN_LOG_TABLE,),
+    reads=train_reads,
+    config=train_config,
+    # its own weights, and the teacher's only where the trainer runs it (an online loss)
+    models=lambda cfg: ("student", "teacher") if is_online(cfg) else ("student",),
+    runs="every_round",
+    makes_student=True,
 )

@@ -19,7 +19,7 @@ A record (table ``truncations``, the columns of ``rewrites``; ``orig_*`` = the s
      "think_tokens": 14, "answer_tokens": 5, "total_tokens": 19, "correct": True,
      "orig_think_tokens": 120, ...}
 
-Its key: the round's samples, rewrites and filter decisions (their keys).
+Its key (declared below): the round's samples, rewrites and filter decisions (their keys).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from data.schemas import TRUNCATIONS
 from data.store import StageWriter
-from data.tables import Table
+from data.tables import TRUNCATIONS as TRUNCATIONS_TABLE
 from tasks.common import StageResult, stage_files
 from tasks.context import Context, Round
 from tasks.generation import grader_of
@@ -159,8 +159,6 @@ def _staged_total(writer: StageWriter, n_shards: int, column: str) -> int:
 
 def run(ctx: Context, rnd: Round) -> StageResult:
     r, student = rnd.r, rnd.student
-    inputs = {s: rnd.result(s, "truncate").key for s in ("sample", "rewrite", "filter")}
-    key, code = ctx.key("truncate", __name__, config={}, inputs=inputs)
 
     def body(w: Any) -> dict:
         from train.models import load_tokenizer
@@ -177,13 +175,13 @@ def run(ctx: Context, rnd: Round) -> StageResult:
             shard_rows=SHARD_ROWS,
         )
 
-    return ctx.run("truncate", rnd, key, code, body)
+    return ctx.run(STAGE, rnd, ctx.key(STAGE, rnd), body)
 
 
 STAGE = Stage(
     name="truncate",
     summary="each kept rewrite's sample, cut to the rewrite's length (truncation's targets)",
     run=run,
-    tables=(Table("truncations", "truncate", "*.parquet", TRUNCATIONS),),
+    tables=(TRUNCATIONS_TABLE,),
     reads=("sample", "rewrite", "filter"),
 )

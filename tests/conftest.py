@@ -34,8 +34,6 @@ os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_HOME / "prefect" / "storage")
 
 REPO = Path(__file__).resolve().parents[1]
 
-import tasks.registry  # noqa: E402, F401  (every stage's tables, for tests that use the catalog alone)
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads() -> None:

@@ -29,7 +29,7 @@ from data.store import StageStore
 from engines.base import Completion, GenerationParams, TokenScores
 from flows.config import RunConfig
 from tasks.common import StageResult
-from tasks.context import Context, Round
+from tasks.context import Context, Recipe, Round
 from tests.conftest import REPO
 
 STUDENT = REPO / "assets" / "world" / "student"
@@ -43,7 +43,10 @@ def context(ws: Path, **sections: Any) -> Context:
     cfg = RunConfig.model_validate({"workspace": ws, "models": models, **sections})
     man = StageStore(ws).manifest("problems", 0)
     assert man is not None, "commit the problems first"
-    return Context(cfg, man.key)
+    ctx = Context(cfg)
+    path = str(ctx.store.stage_dir("problems", 0))  # committed: what the campaign's setup finds
+    ctx.setup.done["problems"] = StageResult("problems", 0, man.key, man.rows, True, 0.0, path)
+    return ctx
 
 
 def commit(store: StageStore, stage: str, round_: int, key: str, shards: list[pa.Table]) -> None:
@@ -62,7 +65,7 @@ def commit_problems(store: StageStore, records: list[dict]) -> None:
 
 def new_round(ctx: Context, targets: str = "rewrite") -> Round:
     """Round 1 of ``ctx``, with every stage committed in its workspace marked done."""
-    rnd = Round(r=1, student=ctx.starting_student(), targets=targets)
+    rnd = Round(r=1, student=ctx.starting_student(), recipe=Recipe(targets=targets))
     for man in ctx.store.committed():
         if man.round != 1:
             continue

@@ -567,7 +567,9 @@ def test_failed_stage_is_reported_and_the_next_run_resumes_there(
     for where in ["0/eval", "1/sample", "1/rewrite", "1/score"]:
         assert shown[where][0] == "cached", where
 
-    user_sql.write_text(KEEP_FIRST.read_text())
+    # fixed (not a copy of the base run's rule: the key holds the file's content, and the same
+    # content would find the base run's decisions committed with the same key)
+    user_sql.write_text(KEEP_FIRST.read_text() + "\n-- fixed: one row per candidate\n")
     ok(run(ws, changes={"filter.sql": user_sql}))
     assert outcomes(ws) == {
         **dict.fromkeys(["0/eval", "1/sample", "1/rewrite", "1/score"], "cached"),
@@ -593,6 +595,36 @@ def test_filter_keeping_nothing_stops_the_round(base: Path, tmp_path: Path) -> N
     decisions = sql(ws, "select kept, count(*) as n from decisions where round = 1 group by kept")
     assert decisions == [{"kept": False, "n": SAMPLE_SHARDS}]
     assert outcomes(ws)["1/filter"] == "done" and "1/train" not in outcomes(ws)
+
+
+def test_status_keys_derives_every_committed_key_and_names_the_libraries(base: Path) -> None:
+    """``mpd status --keys`` computes every key from the config and the declarations alone and
+    finds the run's own (the derivation a run uses is the one shown), with what went into each:
+    the library versions of the interpreter that computed it among them."""
+    import importlib.metadata
+
+    out = ok(mpd("status", "--keys", "-w", base, *sets())).stdout
+    heads = {line.split()[2]: line for line in out.splitlines() if line.startswith("round 1 ")}
+    assert list(heads) == ROUND_STAGES
+    for line in heads.values():
+        assert "committed with this key: cached" in line, line
+    assert "round 0 problems" in out and "round 0 eval" in out
+    libraries = [line for line in out.splitlines() if line.strip().startswith("libraries")]
+    assert len(libraries) >= len(ROUND_STAGES)
+    blocks = {b.split()[0]: b for b in out.split("round 1 ")[1:]}  # stage -> its lines
+    problems = out.split("round 0 problems")[1].split("round 0 ")[0]
+
+    def shown(dist: str) -> str:
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            return f"{dist} absent"
+
+    for dist in ("torch", "transformers", "peft"):
+        assert shown(dist) in blocks["train"], blocks["train"]
+    for dist in ("datasets", "reasoning-gym"):
+        assert shown(dist) in problems, problems
+    assert "filter.sql" in blocks["filter"]  # the filter's SQL file, by content
 
 
 def test_round_publishes_prefect_artifacts_and_shard_tasks(base: Path) -> None:

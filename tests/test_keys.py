@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from data.keys import code_version, library_versions, module_closure
+import os
+import subprocess
+import sys
+
+from data.keys import closure, code_version, libraries_of, library_versions, module_closure
+from tests.conftest import REPO
 
 
 def test_a_stage_key_covers_the_code_it_imports_transitively() -> None:
@@ -36,3 +41,36 @@ def test_code_version_names_the_libraries_and_the_stage_module() -> None:
     # a stage that runs no engine does not recompute when an engine's code changes
     for stage in ("tasks.filter", "tasks.problems"):
         assert not {"engines.hf", "engines.vllm", "tasks.engines"} & set(module_closure(stage))
+
+
+def test_closure_follows_the_entry_files_a_module_starts() -> None:
+    """engines/vllm_worker.py is started by path (no import names it): every stage that reaches
+    the vLLM engine covers it, and its libraries are its interpreter's, not this one's."""
+    sample = closure("tasks.sample")
+    assert "engines.vllm_worker" in sample.started
+    assert "engines.vllm_worker" not in sample.local
+    assert "engines.vllm_worker" in module_closure("tasks.score")
+    assert libraries_of(sample.started) == ("tokenizers", "torch", "transformers", "vllm")
+    assert "vllm" not in libraries_of(sample.local)
+
+
+def test_data_needs_no_stage_module_imported_first() -> None:
+    """The table registry and the catalog work with data/ alone (4c4a540 raised unless
+    tasks.registry had been imported)."""
+    code = (
+        "import sys\n"
+        "from data.catalog import views\n"
+        "from data.tables import tables\n"
+        "assert {'samples', 'decisions', 'evals', 'problems'} <= set(tables()), tables()\n"
+        "assert 'round_summary' in views()\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('tasks', 'flows')]\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr

@@ -1,14 +1,15 @@
 """Adding a stage: one module (tests/toy_stage.py) and one registration, and the rest follows.
 
-The toy stage ``lengths`` is registered and put into method on_policy's plan (``Mode.extra``),
-then one tiny round runs through ``mpd run`` (in this process, on the session's Prefect server).
-Nothing else in mpd is changed: ``mpd status`` lists the stage, its table is a SQL view with its
-rows, ``mpd rerun --from lengths`` accepts it and recomputes it, and a second run finds it cached.
+The toy stage ``lengths`` is registered (one line); its declaration (``runs="beside"``, reads
+``sample``) puts it into the plan of every method that samples, then one tiny round of on_policy
+runs through ``mpd run`` (in this process, on the session's Prefect server). Nothing else in
+mpd is changed: ``mpd status`` lists the stage, its table is a SQL view with its rows,
+``mpd rerun --from lengths`` accepts it and recomputes it, and a second run finds it cached.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,8 @@ import pytest
 import tests.toy_stage
 from data.catalog import run_query, views
 from flows import modes
-from flows.cli import main
+from flows.cli import build_parser, main
+from flows.config import RunConfig
 from tasks import registry
 from tests.test_modes import TINY
 
@@ -27,14 +29,35 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 
 @pytest.fixture
 def toy_registered() -> Iterator[None]:
-    mode = modes.MODES["on_policy"]
     registry.register(tests.toy_stage.STAGE)  # the one registration line
-    modes.MODES["on_policy"] = dataclasses.replace(mode, extra=("lengths",))
     try:
         yield
     finally:
-        modes.MODES["on_policy"] = mode
         registry.unregister("lengths")
+
+
+def test_the_plan_picks_the_new_stage_up_from_its_declaration(toy_registered: None) -> None:
+    """Every method whose round samples runs it, after sample; off_policy (no sample) does not."""
+    for method in modes.MODES:
+        cfg = RunConfig.model_validate({"method": method})
+        plan = modes.round_stages(cfg)
+        if "sample" in plan:
+            assert plan.index("sample") < plan.index("lengths"), (method, plan)
+        else:
+            assert "lengths" not in plan, (method, plan)
+
+
+def test_the_cli_names_the_new_stage_and_its_view(toy_registered: None) -> None:
+    """``mpd rerun --from``'s choices and ``mpd sql``'s list of views come from the
+    declarations: the toy stage and its table appear there once registered."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sql_help = sub.choices["sql"].format_help()
+    assert all(view in " ".join(sql_help.split()) for view in views()), sql_help
+    assert "lengths" in sql_help
+    rerun = sub.choices["rerun"]
+    choices = next(a.choices for a in rerun._actions if "--from" in a.option_strings)
+    assert "lengths" in choices
 
 
 def args(ws: Path) -> list[str]:

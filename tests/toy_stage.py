@@ -1,8 +1,9 @@
 """A toy stage, written as a user adding a stage would: one module, registered in one line.
 
 ``lengths``: for every sample of the round, its think tokens and the words of its completion.
-It reads the ``sample`` stage and writes table ``lengths``. tests/test_new_stage.py registers it,
-puts it in a method's plan and checks that ``mpd status``, ``mpd sql`` and ``mpd rerun`` see it.
+It reads the ``sample`` stage and writes table ``lengths``; it runs ``beside`` the plan, in every
+method whose round samples. tests/test_new_stage.py registers it and checks that the plan picks
+it up, and that ``mpd status``, ``mpd sql`` and ``mpd rerun`` see it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ LENGTHS = pa.schema(
 
 
 def run(ctx: Context, rnd: Round) -> StageResult:
-    sampled = rnd.result("sample", "lengths")
-    key, code = ctx.key("lengths", __name__, config={}, inputs={"sample": sampled.key})
+    key = ctx.key(STAGE, rnd)  # from the declaration below: the samples' key, this code
 
     def body(writer: Any) -> dict:
         samples = read_stage(ctx.store, "sample", rnd.r)
@@ -41,7 +41,7 @@ def run(ctx: Context, rnd: Round) -> StageResult:
         writer.write_table("lengths.parquet", out, LENGTHS)
         return {"rows": out.num_rows}
 
-    return ctx.run("lengths", rnd, key, code, body)
+    return ctx.run(STAGE, rnd, key, body)
 
 
 STAGE = Stage(
@@ -50,4 +50,5 @@ STAGE = Stage(
     run=run,
     tables=(Table("lengths", "lengths", "lengths.parquet", LENGTHS),),
     reads=("sample",),
+    runs="beside",  # whenever a round samples: no method has to name it
 )

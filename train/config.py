@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from data.configbase import StrictModel
+from data.configbase import NOT_IN_KEY, StrictModel
 
 
 class ModelsConfig(StrictModel):
@@ -64,5 +64,11 @@ class TrainConfig(StrictModel):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(1024, ge=16, description="Prompt + target tokens; longer are cut.")
-    checkpoint_every: int = Field(25, ge=1, description="Steps between resumable checkpoints.")
+    checkpoint_every: int = Field(
+        25,
+        ge=1,
+        description="Steps between resumable checkpoints. A resumed run ends with the weights "
+        "an uninterrupted one would have, so it is in no stage key.",
+        json_schema_extra=NOT_IN_KEY,
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
