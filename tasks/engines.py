@@ -7,10 +7,12 @@ the engine it used, so a campaign holds one engine per role, not one per round.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data.model_fetch import StoredModel, cache_root, stored_model
 from engines.config import EngineConfig
 
 _ENGINES: dict[tuple[str, str, str], Any] = {}
@@ -72,11 +74,17 @@ def close_engines() -> None:
 
 @dataclass(frozen=True)
 class EngineHandle:
-    """An engine by identity: what loads it (model path, engine config), not the loaded thing.
+    """An engine by identity: what loads it (model, engine config), not the loaded thing.
 
     It stands for the engine (attribute access loads it through :func:`engine_for`, once per
     process), so a stage body uses it as an engine; and it pickles small, so a shard sent to a
     Dask worker (``tasks/cluster.py``) carries the handle and the worker loads its own engine.
+
+    What it pickles never holds a path of the flow's host (:meth:`__reduce__`): a model a
+    stage made travels as ``stored`` (workspace URL and content key) and the worker fetches
+    it into its own cache (:mod:`data.model_fetch`); the openai engine's request journal is
+    the worker's own, in its cache. ``path`` travels only for a model outside the workspace
+    (a directory the config names): that one must exist on every worker at that path.
     """
 
     cfg: EngineConfig
@@ -85,12 +93,13 @@ class EngineHandle:
     device: str
     journal_dir: str | None = None
     role: str | None = None
+    stored: StoredModel | None = None
 
     def get(self) -> Any:
         """The engine, loaded in this process on first use and reused after."""
         return engine_for(
             self.cfg,
-            self.path,
+            self.stored.fetch() if self.stored is not None and not self.path else self.path,
             dtype=self.dtype,
             device=self.device,
             journal_dir=self.journal_dir,
@@ -102,6 +111,35 @@ class EngineHandle:
             raise AttributeError(name)  # pickling and copying look for dunders: never load
         return getattr(self.get(), name)
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """The handle as another process (a Dask worker, maybe on another host) gets it."""
+        path = "" if self.stored is not None else self.path
+        journal = None
+        if self.journal_dir is not None:  # the flow's journal dir names it, never a path there
+            journal = hashlib.sha256(self.journal_dir.encode()).hexdigest()[:12]
+        args = (self.cfg, path, self.dtype, self.device, journal, self.role, self.stored)
+        return (_unpickled, args)
+
+
+def _unpickled(
+    cfg: EngineConfig,
+    path: str,
+    dtype: str,
+    device: str,
+    journal: str | None,
+    role: str | None,
+    stored: StoredModel | None,
+) -> EngineHandle:
+    """A handle in the process that unpickled it: its journal (openai) in this machine's cache.
+
+    Per worker machine, not returned to the flow: a journal only spares a call resending the
+    requests that finished before it was interrupted, and a shard interrupted on a worker is
+    rerun by Dask on whichever worker lives, where a flow-host file could not be written. The
+    rows of a finished shard go back to the flow, which writes them; the journal is then done.
+    """
+    journal_dir = str(cache_root().parent / "requests" / journal) if journal else None
+    return EngineHandle(cfg, path, dtype, device, journal_dir, role, stored)
+
 
 def stage_engine(ctx: Any, role: str, path: Path | str, *, slot: str | None = None) -> EngineHandle:
     """The engine a stage of campaign ``ctx`` (:class:`tasks.context.Context`) uses for
@@ -110,8 +148,9 @@ def stage_engine(ctx: Any, role: str, path: Path | str, *, slot: str | None = No
     ecfg, m = ctx.engine_config(role), ctx.cfg.models
     # a served endpoint keeps finished requests, so a restarted stage resends only the rest
     journal = ctx.store.workspace / ".requests" if ecfg.kind == "openai" else None
+    stored = stored_model(ctx.store.workspace, ctx.store.remote, str(path))
     handle = EngineHandle(
-        ecfg, str(path), m.dtype, m.device, str(journal) if journal else None, slot or role
+        ecfg, str(path), m.dtype, m.device, str(journal) if journal else None, slot or role, stored
     )
     handle.get()  # load now: the role's previous engine is closed before the stage starts
     return handle
