@@ -2,10 +2,15 @@
 
 ``runner: {kind: dask}`` sends each shard's generation to a Dask cluster (a scheduler at
 ``address``, or a ``LocalCluster`` of ``n_workers`` processes started here). The Prefect shard
-task stays in the flow's process and waits for its Dask future; the shard is written and marked
-there, so resuming works as with threads. What travels to a worker is the shard's inputs and an
-:class:`tasks.engines.EngineHandle` (the model's path and engine config), never an engine: each
-worker process loads its engine once and reuses it for every shard it gets. Dask reruns the
+task stays in the flow's process and waits for its Dask future; the shard's rows come back to it
+and are written and marked there (and, for an ``s3://`` workspace, uploaded to the store's
+staging area by the flow's writer), so resuming works as with threads and a worker writes
+nothing. What travels to a worker is the shard's inputs and an
+:class:`tasks.engines.EngineHandle` (engine config; a model a stage made named by workspace URL
+and content key, :mod:`data.model_fetch`), never an engine and never a path of the flow's host:
+each worker process fetches the model into its own cache once, loads its engine once and
+reuses it for every shard it gets. So a worker needs mpd installed and access to the store, not
+the flow's disk. Dask reruns the
 shard of a worker that dies on another worker; shards are deterministic in their index (per-shard
 seeds), so the rows equal a clean run's.
 

@@ -49,8 +49,10 @@ def loaded_engines() -> int:
 
 
 @pytest.fixture
-def runner() -> Iterator[None]:
-    """Each test picks its runner; threads again (and no cluster left) afterwards."""
+def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test picks its runner; threads again (and no cluster left) afterwards. The local
+    cluster's workers inherit this test's cache (where they fetch models), not ~/.cache."""
+    monkeypatch.setenv("MPD_CACHE_DIR", str(tmp_path / "machine-cache"))
     try:
         yield
     finally:
