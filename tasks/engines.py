@@ -113,11 +113,15 @@ class EngineHandle:
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """The handle as another process (a Dask worker, maybe on another host) gets it."""
-        path = "" if self.stored is not None else self.path
+        path, cfg = ("" if self.stored is not None else self.path), self.cfg
+        if cfg.kind == "openai" and self.stored is not None and cfg.served_model_name is None:
+            # the server knows the model by the flow's path (the default name): a name there,
+            # never opened; the worker's tokenizer comes from its fetched copy
+            cfg = cfg.model_copy(update={"served_model_name": self.path})
         journal = None
         if self.journal_dir is not None:  # the flow's journal dir names it, never a path there
             journal = hashlib.sha256(self.journal_dir.encode()).hexdigest()[:12]
-        args = (self.cfg, path, self.dtype, self.device, journal, self.role, self.stored)
+        args = (cfg, path, self.dtype, self.device, journal, self.role, self.stored)
         return (_unpickled, args)
 
 

@@ -113,3 +113,24 @@ def test_multihost_a_replaced_stage_fails_the_fetch_in_one_line(
     gone = StoredModel(str(tmp_path / "nowhere"), "{}", "train", 1, KEY, "model")
     with pytest.raises(StaleModelError, match="no commit"):
         fetch(gone)
+
+
+def test_multihost_an_openai_handle_keeps_the_served_name_and_journals_on_the_worker(
+    tmp_path: Path, cache: Path
+) -> None:
+    ws = tmp_path / "flow-workspace"
+    path = committed_model(ws)
+    stored = stored_model(ws, None, str(path))
+    cfg = EngineConfig(kind="openai", base_url="http://127.0.0.1:1/v1")
+    journal = str(ws / ".requests")
+    there = pickle.loads(
+        pickle.dumps(EngineHandle(cfg, str(path), "f32", "cpu", journal, "t", stored))
+    )
+    # the server's default name for the model stays the flow's (a name, never opened there)
+    assert there.cfg.served_model_name == str(path) and there.path == ""
+    assert there.journal_dir is not None and Path(there.journal_dir).parent == cache / "requests"
+    named = cfg.model_copy(update={"served_model_name": "student-v2"})
+    again = pickle.loads(
+        pickle.dumps(EngineHandle(named, str(path), "f32", "cpu", journal, "t", stored))
+    )
+    assert again.cfg.served_model_name == "student-v2"
