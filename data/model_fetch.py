@@ -36,7 +36,7 @@ from data.diskfull import naming
 from data.errors import UserError
 from data.fsutil import atomic_write_json, fsync_dir, removed_on_failure, sha256_file
 from data.manifest import MANIFEST, Manifest
-from data.objstore import ObjectStore
+from data.objstore import ObjectStore, is_url
 
 _FETCHED: dict[StoredModel, Path] = {}  # this process's fetched models
 _LOCK = threading.Lock()  # a worker's threads fetch a model once between them
@@ -107,6 +107,11 @@ def fetch(model: StoredModel) -> Path:
     with _LOCK:
         if (done := _FETCHED.get(model)) is not None:
             return done
+        if not is_url(model.workspace) and not Path(model.workspace).is_dir():
+            raise UserError(
+                f"workspace {model.workspace} is not on this host: Dask workers on other hosts "
+                "need an s3:// workspace, or the local one mounted at the same path"
+            )
         store = model.store()
         man = store.manifest(model.stage, model.round)
         if man is None or man.key != model.key:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from data import model_fetch
+from data.errors import UserError
 from data.model_fetch import StaleModelError, StoredModel, fetch, stored_model
 from data.store import StageStore
 from engines.config import EngineConfig
@@ -110,9 +111,19 @@ def test_multihost_a_replaced_stage_fails_the_fetch_in_one_line(
     with pytest.raises(StaleModelError) as err:
         fetch(stored)
     assert "\n" not in str(err.value) and "no longer committed" in str(err.value)
-    gone = StoredModel(str(tmp_path / "nowhere"), "{}", "train", 1, KEY, "model")
+    (ws / "train" / "round=1" / "_manifest.json").unlink()
     with pytest.raises(StaleModelError, match="no commit"):
-        fetch(gone)
+        fetch(stored)
+
+
+def test_multihost_a_local_workspace_this_host_cannot_see_is_one_line(
+    tmp_path: Path, cache: Path
+) -> None:
+    """A worker on another host, handed a local-disk workspace without a shared file system."""
+    elsewhere = StoredModel(str(tmp_path / "not-here"), "{}", "train", 1, KEY, "model")
+    with pytest.raises(UserError, match=r"not on this host.*s3://") as err:
+        fetch(elsewhere)
+    assert "\n" not in str(err.value)
 
 
 def test_multihost_an_openai_handle_keeps_the_served_name_and_journals_on_the_worker(
