@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,24 @@ def _runs(values: np.ndarray) -> list[np.ndarray]:
     return np.split(np.arange(len(values)), cuts)
 
 
+def example_prompts(
+    problems: dict[str, dict], tokenizer: Any, *, teacher_template: str | None = None
+) -> Callable[[str], tuple[list[int], list[int] | None]]:
+    """problem id -> (the student's chat prompt, the online teacher's or None), each made once."""
+    prompts: dict[str, tuple[list[int], list[int] | None]] = {}
+
+    def prompt(pid: str) -> tuple[list[int], list[int] | None]:
+        if pid not in prompts:
+            question = problems[pid]["prompt"]
+            teacher = None
+            if teacher_template is not None:
+                teacher = chat_prompt(tokenizer, teacher_template.format(problem=question))
+            prompts[pid] = (chat_prompt(tokenizer, question), teacher)
+        return prompts[pid]
+
+    return prompt
+
+
 def build_examples(
     batches: Iterable[pa.RecordBatch],
     problems: dict[str, dict],
@@ -151,17 +169,7 @@ def build_examples(
     """
     from train.batching import Example
 
-    prompts: dict[str, tuple[list[int], list[int] | None]] = {}
-
-    def prompt(pid: str) -> tuple[list[int], list[int] | None]:
-        if pid not in prompts:
-            question = problems[pid]["prompt"]
-            teacher = None
-            if teacher_template is not None:
-                teacher = chat_prompt(tokenizer, teacher_template.format(problem=question))
-            prompts[pid] = (chat_prompt(tokenizer, question), teacher)
-        return prompts[pid]
-
+    prompt = example_prompts(problems, tokenizer, teacher_template=teacher_template)
     for batch in batches:
         pids = batch.column("problem_id").to_pylist()
         tok_off, tok = _flat(batch.column("token_ids"))
@@ -212,13 +220,14 @@ def train_body(
     cfg: TrainConfig,
     *,
     student_path: str,
-    examples: list[Any],
+    examples: Sequence[Any],
     round_: int,
     seed: int,
     dtype: str,
     device: str,
     teacher_path: str | None = None,
 ) -> dict:
+    from train.example_file import EXAMPLES_FILE, target_tokens
     from train.models import load_model, load_tokenizer
     from train.trainer import train
 
@@ -252,12 +261,13 @@ def train_body(
     )
     add_compute(result.step_seconds)  # the optimizer steps: this stage's compute floor
     shutil.rmtree(writer.dir / "checkpoints", ignore_errors=True)
+    (writer.dir / EXAMPLES_FILE).unlink(missing_ok=True)  # staging only, like the checkpoints
     writer.write_table("log.parquet", pa.Table.from_pylist(result.log), TRAIN_LOG)
     return {
         "examples": len(examples),
         "skipped_steps": result.skipped_steps,
         "resumed_from": result.resumed_from,
-        "target_tokens": int(sum(len(e.target_ids) for e in examples)),
+        "target_tokens": target_tokens(examples),
     }
 
 
@@ -272,6 +282,7 @@ def run(ctx: Context, rnd: Round) -> StageResult:
     teacher_path = rnd.teacher.path if rnd.teacher else str(ctx.model_path(m.teacher))
 
     def body(w: Any) -> dict:
+        from train.example_file import EXAMPLES_FILE, stored_examples  # torch: imported late
         from train.models import load_tokenizer
 
         rows = training_rows(
@@ -281,7 +292,8 @@ def run(ctx: Context, rnd: Round) -> StageResult:
         )
         instruction = rnd.instruction if online else None
         tokenizer = load_tokenizer(student.path)
-        examples = list(build_examples(rows, ctx.problems, tokenizer, teacher_template=instruction))
+        prompts = example_prompts(ctx.problems, tokenizer, teacher_template=instruction)
+        examples = stored_examples(w.path(EXAMPLES_FILE), rows, prompts)  # memory-mapped
         return train_body(
             w,
             cfg,

@@ -117,7 +117,7 @@ class BatchPlan:
     """
 
     def __init__(self, lengths: Sequence[int], global_size: int, seed: int) -> None:
-        if not lengths:
+        if len(lengths) == 0:  # a list, or an examples file's lengths array
             raise ValueError("no examples to train on")
         self.lengths = np.asarray(lengths)
         self.size = global_size

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -61,6 +62,7 @@ from train.checkpoint import (
     write_checkpoint,
 )
 from train.config import LoraConfig, TrainConfig
+from train.example_file import ExampleView, open_examples
 from train.fused import (
     chunked_cross_entropy_loss,
     chunked_divergence_loss,
@@ -173,7 +175,8 @@ class Run:
     peft: Any  # its PeftModel wrapper, or None
     module: nn.Module  # HiddenStates(lm), DDP-wrapped under several processes
     teacher: Any
-    examples: list[Example]
+    examples: Sequence[Example]  # a list, or an ExampleView of a memory-mapped examples file
+    target_lengths: np.ndarray  # per example: the steps' token counts without building one
     plan: BatchPlan
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -238,7 +241,27 @@ def train(
     )
 
 
-def _check_inputs(examples: list[Example], cfg: TrainConfig, model: Any, teacher: Any) -> None:
+def _fit(
+    examples: Sequence[Example], max_length: int
+) -> tuple[Sequence[Example], np.ndarray, np.ndarray, int, int]:
+    """`fit_examples`, and the kept examples' (lengths, target lengths): read from a file's
+    offsets when the examples are an ExampleView, so that none is built before its step."""
+    if isinstance(examples, ExampleView):
+        kept, dropped, truncated = examples.fit(max_length)
+        return kept, kept.lengths, kept.target_lengths, dropped, truncated
+    fitted, dropped, truncated = fit_examples(examples, max_length)
+    lengths = np.array([ex.length for ex in fitted], dtype=np.int64)
+    targets = np.array([len(ex.target_ids) for ex in fitted], dtype=np.int64)
+    return fitted, lengths, targets, dropped, truncated
+
+
+def _topk_sizes(examples: Sequence[Example]) -> set[int | None]:
+    if isinstance(examples, ExampleView):
+        return examples.topk_sizes()
+    return {None if ex.topk_ids is None else ex.topk_ids.shape[-1] for ex in examples}
+
+
+def _check_inputs(examples: Sequence[Example], cfg: TrainConfig, model: Any, teacher: Any) -> None:
     """Refuse a run that could only fail later, or silently train on the wrong thing."""
     if not examples:
         raise TrainInputError(f"no example fits max_length={cfg.max_length}: nothing to train on")
@@ -252,7 +275,7 @@ def _check_inputs(examples: list[Example], cfg: TrainConfig, model: Any, teacher
                 "the teacher must be a frozen copy, not the student being trained"
             )
         return
-    ks = {None if ex.topk_ids is None else ex.topk_ids.shape[-1] for ex in examples}
+    ks = _topk_sizes(examples)
     if None in ks:
         raise ValueError(
             "teacher_mode 'offline_topk' needs topk_ids/topk_logprobs on every example"
@@ -277,7 +300,7 @@ def prepare_run(
     pieces are public so that a benchmark can interleave single steps of several runs.
     """
     dist = Dist(accelerator)
-    kept, dropped, truncated = fit_examples(examples, cfg.max_length)
+    kept, lengths, target_lengths, dropped, truncated = _fit(examples, cfg.max_length)
     _check_inputs(kept, cfg, model, teacher)
     torch.manual_seed(seed)  # LoRA's initial adapters: the same on every process
     peft = _with_lora(model, cfg.lora) if cfg.lora.enabled else None
@@ -289,7 +312,7 @@ def prepare_run(
         teacher.eval().to(device)
     torch.manual_seed(seed + dist.rank)  # dropout: one stream per process
     optimizer = _optimizer(lm, cfg)
-    plan = BatchPlan([ex.length for ex in kept], _global_size(cfg, dist), seed)
+    plan = BatchPlan(lengths, _global_size(cfg, dist), seed)
     pad_id = getattr(tokenizer, "pad_token_id", None)  # any id works: masks come from lengths
     return Run(
         cfg,
@@ -299,6 +322,7 @@ def prepare_run(
         module,
         teacher,
         kept,
+        target_lengths,
         plan,
         optimizer,
         build_scheduler(optimizer, cfg),
@@ -363,7 +387,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     """
     cfg, dist = run.cfg, run.dist
     indices = run.plan.batch(step - 1)
-    n_tokens = sum(len(run.examples[i].target_ids) for i in indices)
+    n_tokens = int(run.target_lengths[indices].sum())
     micro = micro_batches(indices, cfg.batch_size, dist.world, dist.rank)
     local = torch.zeros((), device=run.device)
     for a, idx in enumerate(micro):
@@ -531,7 +555,10 @@ class LaunchSpec(StrictModel):
     """Everything a launched process needs, as one JSON file (no Python objects cross processes)."""
 
     model: str = Field(description="Hugging Face model directory of the student.")
-    examples: str = Field(description="JSON lines written by batching.save_examples.")
+    examples: str = Field(
+        description="JSON lines written by batching.save_examples, or an examples file (.arrow,"
+        " train.example_file: memory-mapped by every process)"
+    )
     out_dir: str = Field(description="Checkpoints, out_dir/model and out_dir/log.json go here.")
     config: TrainConfig = Field(default_factory=TrainConfig)
     teacher: str | None = Field(None, description="Teacher directory (online mode).")
@@ -557,7 +584,7 @@ def run_spec(path: Path | str) -> TrainResult:
     teacher = load_model(spec.teacher, dtype=spec.dtype, device="cpu") if spec.teacher else None
     result = train(
         model,
-        load_examples(Path(spec.examples)),
+        _launch_examples(Path(spec.examples)),
         spec.config,
         out_dir=spec.out_dir,
         teacher=teacher,
@@ -570,6 +597,10 @@ def run_spec(path: Path | str) -> TrainResult:
         atomic_write_json(Path(spec.out_dir) / "log.json", result.log)
     accelerator.end_training()
     return result
+
+
+def _launch_examples(path: Path) -> Sequence[Example]:
+    return open_examples(path) if path.suffix == ".arrow" else load_examples(path)
 
 
 if __name__ == "__main__":

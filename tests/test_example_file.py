@@ -1,0 +1,259 @@
+"""The train stage's examples as a memory-mapped Arrow file (train/example_file.py): the same
+examples, in the same order, in the same batches as the list it replaces, and the same data
+order after a kill -9 and a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tasks.train import build_examples, example_prompts, training_rows
+from tests.conftest import REPO
+from train.batching import BatchPlan, collate, fit_examples, micro_batches
+from train.checkpoint import latest_checkpoint
+from train.config import TrainConfig
+from train.example_file import EXAMPLES_FILE, open_examples, stored_examples, write_examples
+from train.tiny import TinyModelConfig, build_tiny_model
+from train.trainer import LaunchSpec, train
+
+K = 4
+SMALL = TinyModelConfig(
+    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+    intermediate_size=64,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from train.models import load_tokenizer
+
+    return load_tokenizer(REPO / "assets" / "world" / "tokenizer")
+
+
+def write_round(tmp: Path, rows: int = 60, shards: int = 3, seed: int = 0) -> dict[str, list]:
+    """Targets, filter decisions and scores of a synthetic round: 1..30 target tokens, half the
+    rows with a per-position k (score.mass), the others all k; about 2/3 kept."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list] = {"targets": [], "decisions": [], "scores": []}
+    for shard in range(shards):
+        t, d, s = [], [], []
+        for j in range(rows // shards):
+            pid, idx = f"p{(shard * 7 + j * 3) % 11}", shard * 1000 + j
+            n = int(rng.integers(1, 31))
+            t.append({"problem_id": pid, "sample_idx": idx, "token_ids": rng.integers(0, 500, n)})
+            d.append({"problem_id": pid, "sample_idx": idx, "kept": bool(rng.random() < 0.66)})
+            counts = rng.integers(1, K + 1, n) if j % 2 else None
+            entries = n * K if counts is None else int(counts.sum())
+            s.append(
+                {
+                    "problem_id": pid,
+                    "sample_idx": idx,
+                    "k": K,
+                    "num_tokens": n,
+                    "topk_ids": rng.integers(0, 500, entries).tolist(),
+                    "topk_logprob_gaps": rng.integers(0, 900, entries).tolist(),
+                    "topk_counts": None if counts is None else counts.tolist(),
+                }
+            )
+        for name, table in (("targets", t), ("decisions", d), ("scores", s)):
+            path = tmp / f"{name}-{shard:05d}.parquet"
+            pq.write_table(pa.Table.from_pylist(table), path)
+            out[name].append(path)
+    return out
+
+
+PROBLEMS = {f"p{i}": {"prompt": f"question {i} " + "and more " * i} for i in range(11)}
+
+
+def both(tmp: Path, tok, files: dict, template: str | None = None, batch_rows: int = 7):
+    """The round's examples as the list the stage built before, and as the file it writes now."""
+
+    def rows():
+        return training_rows(
+            files["targets"],
+            decisions=files["decisions"],
+            scores=files["scores"],
+            batch_rows=batch_rows,
+        )
+
+    listed = list(build_examples(rows(), PROBLEMS, tok, teacher_template=template))
+    prompts = example_prompts(PROBLEMS, tok, teacher_template=template)
+    write_examples(tmp / EXAMPLES_FILE, rows(), prompts)
+    return listed, open_examples(tmp / EXAMPLES_FILE)
+
+
+def same_example(a, b) -> None:
+    assert a.prompt_ids == b.prompt_ids and a.target_ids == b.target_ids
+    assert a.teacher_prompt_ids == b.teacher_prompt_ids
+    assert np.array_equal(a.topk_ids, b.topk_ids)
+    assert np.array_equal(a.topk_logprobs, b.topk_logprobs)  # +inf (not stored) included
+
+
+@pytest.mark.parametrize("template", [None, "Be concise. {problem}"])
+def test_the_file_holds_the_examples_the_list_held(tmp_path: Path, tok, template) -> None:
+    listed, stored = both(tmp_path, tok, write_round(tmp_path), template)
+    assert 20 < len(stored) == len(listed) < 60  # the filter dropped some
+    for a, b in zip(listed, stored, strict=True):
+        same_example(a, b)
+    assert any(np.isposinf(ex.topk_logprobs).any() for ex in stored)  # per-position k
+    assert (template is None) == all(ex.teacher_prompt_ids is None for ex in stored)
+
+
+@pytest.mark.parametrize("max_length", [1024, 24])  # 24: most targets cut, a few prompts dropped
+def test_every_step_gets_the_batches_the_list_gave(tmp_path: Path, tok, max_length) -> None:
+    """The trainer's order (BatchPlan over the fitted examples' lengths) and each collated
+    micro-batch are the same from the file as from the list, over several epochs."""
+    listed, stored = both(tmp_path, tok, write_round(tmp_path, rows=90))
+    kept, dropped, truncated = fit_examples(listed, max_length)
+    view, v_dropped, v_truncated = stored.fit(max_length)
+    assert (v_dropped, v_truncated) == (dropped, truncated)
+    assert max_length == 1024 or (dropped > 0 and truncated > 0)
+    assert view.lengths.tolist() == [ex.length for ex in kept]
+    old, new = BatchPlan([ex.length for ex in kept], 8, seed=3), BatchPlan(view.lengths, 8, 3)
+    epochs = 3 * old.per_epoch
+    for step in range(epochs):
+        indices = old.batch(step)
+        assert new.batch(step) == indices
+        for idx in micro_batches(indices, 4, world=1, rank=0):
+            a, b = collate([kept[i] for i in idx], 0), collate([view[i] for i in idx], 0)
+            for name, tensor in vars(a).items():
+                other = getattr(b, name)
+                assert (tensor is None) == (other is None), name
+                assert tensor is None or torch.equal(tensor, other), name
+
+
+def test_training_from_the_file_equals_training_from_the_list(tmp_path: Path, tok) -> None:
+    """train() over the file: the same losses, token counts and weights as over the list."""
+    listed, stored = both(tmp_path, tok, write_round(tmp_path))
+    cfg = TrainConfig(steps=4, batch_size=2, grad_accum=2, warmup_steps=1, max_length=40)
+    runs = [
+        train(build_tiny_model(tok, SMALL, seed=1), data, cfg, tokenizer=tok, seed=5)
+        for data in (listed, stored)
+    ]
+    assert [r["tokens"] for r in runs[0].log] == [r["tokens"] for r in runs[1].log]
+    assert [r["loss"] for r in runs[0].log] == [r["loss"] for r in runs[1].log]
+    assert runs[0].truncated_examples == runs[1].truncated_examples > 0
+    for (name, a), (_, b) in zip(
+        runs[0].model.named_parameters(), runs[1].model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("counts", "scores hold"),  # the counts sum to more entries than stored
+        ("short", "scores cover"),  # one position fewer than the target
+        ("zero", "outside 1..k"),
+    ],
+)
+def test_bad_scores_are_named_before_training(tmp_path: Path, tok, change, message) -> None:
+    files = write_round(tmp_path, rows=6, shards=1)
+    table = pq.read_table(files["scores"][0]).to_pylist()
+    row = table[1]  # per-position k
+    if change == "counts":
+        row["topk_counts"][0] += 1
+    elif change == "short":
+        row["topk_ids"] = row["topk_ids"][: -row["topk_counts"][-1]]
+        row["topk_logprob_gaps"] = row["topk_logprob_gaps"][: len(row["topk_ids"])]
+        row["topk_counts"] = row["topk_counts"][:-1]
+    else:  # the same entries, one position keeping none of them
+        row["topk_counts"][1] += row["topk_counts"][0]
+        row["topk_counts"][0] = 0
+    pq.write_table(pa.Table.from_pylist(table), files["scores"][0])
+    rows = training_rows(files["targets"], scores=files["scores"])
+    out = tmp_path / EXAMPLES_FILE
+    with pytest.raises(ValueError, match=f"p\\d+ sample 1: .*{message}"):
+        write_examples(out, rows, example_prompts(PROBLEMS, tok))
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp")), "nothing half-written"
+
+
+def test_a_complete_file_is_reused_and_a_broken_one_rewritten(tmp_path: Path, tok) -> None:
+    files = write_round(tmp_path)
+    prompts = example_prompts(PROBLEMS, tok)
+    path = tmp_path / EXAMPLES_FILE
+    first = stored_examples(path, training_rows(files["targets"], scores=files["scores"]), prompts)
+
+    def never():
+        raise AssertionError("the join ran again")
+        yield
+
+    again = stored_examples(path, never(), prompts)
+    assert len(again) == len(first) == 60
+    broken = path.read_bytes()[:1000]  # what no rename leaves, but a disk might
+    path.unlink()  # a new file: the views above still map the old one (cut under them: SIGBUS)
+    path.write_bytes(broken)
+    rewritten = stored_examples(
+        path, training_rows(files["targets"], scores=files["scores"]), prompts
+    )
+    for a, b in zip(first, rewritten, strict=True):
+        same_example(a, b)
+
+
+def test_kill_9_mid_train_resumes_the_same_data_order(tmp_path: Path, tok) -> None:
+    """A launched run over an examples file, killed with SIGKILL while it trains step 7 (its last
+    checkpoint: step 6), then run again: every micro-batch after the resume is the one an
+    uninterrupted run collates at that step, and so is every loss."""
+    files = write_round(tmp_path, rows=90)
+    data = tmp_path / EXAMPLES_FILE
+    write_examples(
+        data,
+        training_rows(files["targets"], decisions=files["decisions"], scores=files["scores"]),
+        example_prompts(PROBLEMS, tok),
+    )
+    model_dir = tmp_path / "student"
+    build_tiny_model(tok, SMALL, seed=0).save_pretrained(model_dir)
+    cfg = TrainConfig(
+        steps=12, batch_size=2, grad_accum=2, warmup_steps=1, checkpoint_every=3, max_length=40
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def launch(name: str, hold_at: int | None = None) -> tuple[subprocess.Popen, Path, Path]:
+        out, digests = tmp_path / name, tmp_path / f"{name}.digests"
+        spec = LaunchSpec(
+            model=str(model_dir), examples=str(data), out_dir=str(out), config=cfg,
+            tokenizer=str(REPO / "assets" / "world" / "tokenizer"), threads=1, cpu=True, seed=7,
+        )  # fmt: skip
+        (tmp_path / f"{name}.json").write_text(spec.model_dump_json())
+        cmd = [sys.executable, "-m", "tests.order_child", str(tmp_path / f"{name}.json")]
+        cmd += [str(digests)] + ([str(hold_at)] if hold_at else [])
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE), out, digests
+
+    def lines(path: Path) -> list[str]:
+        return path.read_text().split() if path.exists() else []
+
+    proc, out, digests = launch("killed", hold_at=2 * 7)  # 2 micro-batches a step
+    deadline = time.monotonic() + 180
+    while len(lines(digests)) < 14:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest_checkpoint(out).name == "step-000006" and not (out / "model").exists()
+    before = lines(digests)
+    resumed, _, _ = launch("killed")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    straight, straight_out, straight_digests = launch("straight")
+    assert straight.wait(timeout=300) == 0, straight.stderr.read().decode()[-2000:]
+    want = lines(straight_digests)
+    assert len(want) == 24 and len(set(want)) > 12
+    assert before == want[:14]
+    assert lines(digests)[14:] == want[12:], "after the resume: steps 7..12, in order"
+    got_log = json.loads((out / "log.json").read_text())
+    want_log = json.loads((straight_out / "log.json").read_text())
+    assert [r["step"] for r in got_log] == list(range(1, 13))
+    assert [(r["tokens"], r["loss"]) for r in got_log] == [
+        (r["tokens"], r["loss"]) for r in want_log
+    ]
