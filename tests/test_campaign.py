@@ -313,6 +313,50 @@ def test_score_mass_stores_fewer_candidates_and_trains_on_them(base: Path, tmp_p
     assert losses and all(math.isfinite(x) for x in losses)
 
 
+def test_the_world_round_trains_the_same_from_the_examples_file(base: Path, tmp_path: Path) -> None:
+    """The base campaign's round 1 (the test world's targets, decisions and scores): its examples
+    as the list the train stage built before and as the memory-mapped file it writes now give
+    the same batches at every step, and training over each gives the same losses and weights
+    (so the round's student, and `make run`'s table, are what they were)."""
+    import torch
+
+    from tasks.common import stage_files
+    from tasks.train import build_examples, example_prompts, training_rows
+    from train.config import TrainConfig
+    from train.example_file import open_examples, write_examples
+    from train.models import load_model, load_tokenizer
+    from train.trainer import train
+
+    store = StageStore(base)
+
+    def rows():
+        return training_rows(
+            stage_files(store, "rewrite", 1),
+            decisions=stage_files(store, "filter", 1),
+            scores=stage_files(store, "score", 1),
+        )
+
+    problems = {r["problem_id"]: r for r in table(base, "problems", 0).to_pylist()}
+    model = base / "train" / "round=1" / "model"
+    tok = load_tokenizer(model)
+    listed = list(build_examples(rows(), problems, tok))
+    write_examples(tmp_path / "examples.arrow", rows(), example_prompts(problems, tok))
+    stored = open_examples(tmp_path / "examples.arrow")
+    assert len(stored) == len(listed) > 0
+    cfg = TrainConfig(steps=TINY["train.steps"], batch_size=TINY["train.batch_size"])
+    runs = [
+        train(load_model(model, device="cpu"), data, cfg, tokenizer=tok, seed=0)
+        for data in (listed, stored)
+    ]
+    assert [(r["tokens"], r["loss"]) for r in runs[0].log] == [
+        (r["tokens"], r["loss"]) for r in runs[1].log
+    ]
+    for (name, a), (_, b) in zip(
+        runs[0].model.named_parameters(), runs[1].model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
 def test_rerun_from_filter_recomputes_only_downstream(two_rounds: Path, tmp_path: Path) -> None:
     """``mpd rerun --round 1 --from filter`` moves filter onward (and round 2) aside and
     recomputes exactly those, under the same keys; sample, rewrite, score stay."""
