@@ -163,6 +163,10 @@ def build_examples(
     """ModelRef context (plain problem prompt) + target ids (+ the teacher's stored top-k), one
     Example per row of :func:`training_rows`' batches; arrays are cut from each batch's buffers.
 
+    The stage itself writes these rows into a memory-mapped examples file instead
+    (``train.example_file``, the same examples without a list of them); this is their reference,
+    which tests and benchmarks compare with.
+
     ``teacher_template`` (self-distillation with an online teacher): the teacher
     reads the problem inside this "be concise" template while the student reads
     the plain problem; both score the same target ids.
@@ -227,7 +231,7 @@ def train_body(
     device: str,
     teacher_path: str | None = None,
 ) -> dict:
-    from train.example_file import EXAMPLES_FILE, target_tokens
+    from train.example_file import EXAMPLES_FILE, remove_examples, target_tokens
     from train.models import load_model, load_tokenizer
     from train.trainer import train
 
@@ -261,7 +265,7 @@ def train_body(
     )
     add_compute(result.step_seconds)  # the optimizer steps: this stage's compute floor
     shutil.rmtree(writer.dir / "checkpoints", ignore_errors=True)
-    (writer.dir / EXAMPLES_FILE).unlink(missing_ok=True)  # staging only, like the checkpoints
+    remove_examples(writer.dir / EXAMPLES_FILE)  # staging only, like the checkpoints
     writer.write_table("log.parquet", pa.Table.from_pylist(result.log), TRAIN_LOG)
     return {
         "examples": len(examples),

@@ -23,7 +23,13 @@ from tests.conftest import REPO
 from train.batching import BatchPlan, collate, fit_examples, micro_batches
 from train.checkpoint import latest_checkpoint
 from train.config import TrainConfig
-from train.example_file import EXAMPLES_FILE, open_examples, stored_examples, write_examples
+from train.example_file import (
+    EXAMPLES_FILE,
+    lengths_path,
+    open_examples,
+    stored_examples,
+    write_examples,
+)
 from train.tiny import TinyModelConfig, build_tiny_model
 from train.trainer import LaunchSpec, train
 
@@ -176,7 +182,8 @@ def test_bad_scores_are_named_before_training(tmp_path: Path, tok, change, messa
     out = tmp_path / EXAMPLES_FILE
     with pytest.raises(ValueError, match=f"p\\d+ sample 1: .*{message}"):
         write_examples(out, rows, example_prompts(PROBLEMS, tok))
-    assert not out.exists() and not list(tmp_path.glob(".*.tmp")), "nothing half-written"
+    assert not out.exists() and not lengths_path(out).exists(), "nothing half-written"
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_a_complete_file_is_reused_and_a_broken_one_rewritten(tmp_path: Path, tok) -> None:
@@ -199,6 +206,9 @@ def test_a_complete_file_is_reused_and_a_broken_one_rewritten(tmp_path: Path, to
     )
     for a, b in zip(first, rewritten, strict=True):
         same_example(a, b)
+    lengths_path(path).unlink()  # the lengths beside it lost: the file cannot be read alone
+    again = stored_examples(path, training_rows(files["targets"], scores=files["scores"]), prompts)
+    assert len(again) == 60 and lengths_path(path).is_file()
 
 
 def test_kill_9_mid_train_resumes_the_same_data_order(tmp_path: Path, tok) -> None:

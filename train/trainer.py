@@ -9,7 +9,10 @@ One optimizer step, and why it is built this way:
 
 1. Its global batch (cfg.batch_size × cfg.grad_accum × processes sequences) comes from
    `batching.BatchPlan`, a function of (seed, step): resuming needs only the step number, and one
-   process accumulating 2 micro-batches sees exactly what 2 data-parallel processes see.
+   process accumulating 2 micro-batches sees exactly what 2 data-parallel processes see. The
+   examples are a list or a `train.example_file.ExampleView` (the train stage's: a memory-mapped
+   Arrow file, each example cut from it when its micro-batch is collated); the plan and each
+   step's token count read their lengths, never the examples.
 2. N = the target tokens of the whole global batch, and each micro-batch contributes
    Σ per-token loss / N, so accumulation and data parallelism give the gradient of one big batch
    (a per-micro-batch mean would over-weight short ones). Every process holds the same examples
