@@ -93,7 +93,7 @@ def _payload_batches(
     for f in np.unique(tf):  # ascending: the committed order of the target files
         rows = np.flatnonzero(tf == f)
         part = pq.read_table(targets[f], columns=["problem_id", "sample_idx", "token_ids"])
-        part = part.take(pa.array(tr[rows]))
+        part = _take(part, tr[rows])
         if scores is not None:
             sf = keys.column("sf").take(pa.array(rows))
             if sf.null_count:
@@ -108,11 +108,11 @@ def _payload_batches(
                 if file not in score_file:
                     score_file.clear()
                     score_file[file] = _score_columns(scores[file])
-                pieces.append(score_file[file].take(pa.array(sr_np[g])))
+                pieces.append(_take(score_file[file], sr_np[g]))
             payload = pa.concat_tables(pieces)
             for name in SCORE_COLUMNS:
                 part = part.append_column(name, payload.column(name))
-        yield from part.combine_chunks().to_batches(max_chunksize=batch_rows)
+        yield from part.to_batches(max_chunksize=batch_rows)
 
 
 SCORE_COLUMNS = ["num_tokens", "k", "topk_ids", "topk_logprob_gaps", "topk_counts"]
@@ -127,6 +127,16 @@ def _score_columns(path: Path) -> pa.Table:
         counts = pa.nulls(table.num_rows, SCORES.field("topk_counts").type)
         table = table.append_column("topk_counts", counts)
     return table.select(SCORE_COLUMNS).cast(pa.schema([SCORES.field(c) for c in SCORE_COLUMNS]))
+
+
+def _take(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """``table.take(rows)``, but runs of consecutive rows as zero-copy slices: the kept rows of
+    a file are mostly such runs, and copying ~0.2 MB of top-k a row was the join's main cost."""
+    starts = np.flatnonzero(np.diff(rows) != 1) + 1
+    if len(starts) + 1 > len(rows) // 4:  # scattered: one copy is cheaper than many slices
+        return table.take(pa.array(rows))
+    bounds = zip(np.concatenate([[0], starts]), np.concatenate([starts, [len(rows)]]), strict=True)
+    return pa.concat_tables([table.slice(int(rows[a]), int(b - a)) for a, b in bounds])
 
 
 def _runs(values: np.ndarray) -> list[np.ndarray]:

@@ -20,6 +20,7 @@ import torch
 
 from tasks.train import build_examples, example_prompts, training_rows
 from tests.conftest import REPO
+from tests.test_training_rows import _naive
 from train.batching import BatchPlan, collate, fit_examples, micro_batches
 from train.checkpoint import latest_checkpoint
 from train.config import TrainConfig
@@ -47,9 +48,12 @@ def tok():
     return load_tokenizer(REPO / "assets" / "world" / "tokenizer")
 
 
-def write_round(tmp: Path, rows: int = 60, shards: int = 3, seed: int = 0) -> dict[str, list]:
+def write_round(
+    tmp: Path, rows: int = 60, shards: int = 3, seed: int = 0, drop_every: int | None = None
+) -> dict[str, list]:
     """Targets, filter decisions and scores of a synthetic round: 1..30 target tokens, half the
-    rows with a per-position k (score.mass), the others all k; about 2/3 kept."""
+    rows with a per-position k (score.mass), the others all k; about 2/3 kept (or all but
+    every ``drop_every``-th: long runs of kept rows)."""
     rng = np.random.default_rng(seed)
     out: dict[str, list] = {"targets": [], "decisions": [], "scores": []}
     for shard in range(shards):
@@ -58,7 +62,8 @@ def write_round(tmp: Path, rows: int = 60, shards: int = 3, seed: int = 0) -> di
             pid, idx = f"p{(shard * 7 + j * 3) % 11}", shard * 1000 + j
             n = int(rng.integers(1, 31))
             t.append({"problem_id": pid, "sample_idx": idx, "token_ids": rng.integers(0, 500, n)})
-            d.append({"problem_id": pid, "sample_idx": idx, "kept": bool(rng.random() < 0.66)})
+            kept = rng.random() < 0.66 if drop_every is None else j % drop_every != 1
+            d.append({"problem_id": pid, "sample_idx": idx, "kept": bool(kept)})
             counts = rng.integers(1, K + 1, n) if j % 2 else None
             entries = n * K if counts is None else int(counts.sum())
             s.append(
@@ -114,6 +119,18 @@ def test_the_file_holds_the_examples_the_list_held(tmp_path: Path, tok, template
         same_example(a, b)
     assert any(np.isposinf(ex.topk_logprobs).any() for ex in stored)  # per-position k
     assert (template is None) == all(ex.teacher_prompt_ids is None for ex in stored)
+
+
+@pytest.mark.parametrize("drop_every", [None, 9])  # 9: runs of 8 rows, sliced rather than taken
+def test_the_join_gives_what_a_naive_join_gives(tmp_path: Path, tok, drop_every) -> None:
+    files = write_round(tmp_path, rows=90, drop_every=drop_every)
+    listed, stored = both(tmp_path, tok, files, batch_rows=5)
+    want = _naive(files["targets"], files["decisions"], files["scores"], PROBLEMS, tok)
+    assert len(want) == len(stored) == len(listed) > 30
+    for ex, (prompt, target, ids, lps) in zip(stored, want, strict=True):
+        assert ex.prompt_ids == prompt and ex.target_ids == list(target)
+        assert np.array_equal(ex.topk_ids, ids)
+        np.testing.assert_allclose(ex.topk_logprobs, lps, rtol=1e-6)
 
 
 @pytest.mark.parametrize("max_length", [1024, 24])  # 24: most targets cut, a few prompts dropped
