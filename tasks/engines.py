@@ -14,6 +14,7 @@ from typing import Any
 
 from data.model_fetch import StoredModel, cache_root, stored_model
 from engines.config import EngineConfig
+from tasks.packaged_fetch import PackagedModel, packaged_model
 
 _ENGINES: dict[tuple[str, str, str], Any] = {}
 _ROLES: dict[str, tuple[str, str, str]] = {}  # role -> the key of the engine serving it now
@@ -82,8 +83,9 @@ class EngineHandle:
 
     What it pickles never holds a path of the flow's host (:meth:`__reduce__`): a model a
     stage made travels as ``stored`` (workspace URL and content key) and the worker fetches
-    it into its own cache (:mod:`data.model_fetch`); the openai engine's request journal is
-    the worker's own, in its cache. ``path`` travels only for a model outside the workspace
+    it into its own cache (:mod:`data.model_fetch`), a ``packaged:`` model as its name and
+    content digest, imported by the worker (:mod:`tasks.packaged_fetch`); the openai engine's
+    request journal is the worker's own, in its cache. ``path`` travels only for a model outside the workspace
     (a directory the config names): that one must exist on every worker at that path.
     """
 
@@ -93,7 +95,7 @@ class EngineHandle:
     device: str
     journal_dir: str | None = None
     role: str | None = None
-    stored: StoredModel | None = None
+    stored: StoredModel | PackagedModel | None = None
 
     def get(self) -> Any:
         """The engine, loaded in this process on first use and reused after."""
@@ -132,7 +134,7 @@ def _unpickled(
     device: str,
     journal: str | None,
     role: str | None,
-    stored: StoredModel | None,
+    stored: StoredModel | PackagedModel | None,
 ) -> EngineHandle:
     """A handle in the process that unpickled it: its journal (openai) in this machine's cache.
 
@@ -152,7 +154,9 @@ def stage_engine(ctx: Any, role: str, path: Path | str, *, slot: str | None = No
     ecfg, m = ctx.engine_config(role), ctx.cfg.models
     # a served endpoint keeps finished requests, so a restarted stage resends only the rest
     journal = ctx.store.workspace / ".requests" if ecfg.kind == "openai" else None
-    stored = stored_model(ctx.store.workspace, ctx.store.remote, str(path))
+    stored = stored_model(ctx.store.workspace, ctx.store.remote, str(path)) or packaged_model(
+        ctx.store.workspace, str(path), ctx.cache
+    )
     handle = EngineHandle(
         ecfg, str(path), m.dtype, m.device, str(journal) if journal else None, slot or role, stored
     )

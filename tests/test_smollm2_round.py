@@ -68,3 +68,54 @@ def test_one_round_of_the_smollm2_config_runs_every_stage(
     # no <think> tags: the whole reply counts as the trace
     (tags,) = run_query(ws, "select count(*) n from samples where answer_tokens > 0").to_pylist()
     assert tags["n"] == 0
+
+    # A Dask worker on another host gets the packaged model by name and content, never the
+    # flow's path: it imports the packaged file into its own cache and checks the files.
+    _a_worker_imports_the_packaged_model(ws, tmp_path)
+
+
+WORKER = """
+import pickle, sys
+from tasks.packaged_fetch import weights_digest
+handle = pickle.loads(sys.stdin.buffer.read())
+try:
+    path = handle.stored.fetch()
+except Exception as exc:  # the test reads the error's one line
+    print("error:", type(exc).__name__, exc)
+else:
+    print(path, weights_digest(path))
+"""
+
+
+def _a_worker_imports_the_packaged_model(ws: Path, tmp_path: Path) -> None:
+    import os
+    import pickle
+    import shutil
+    import subprocess
+    import sys
+
+    from engines.config import EngineConfig
+    from tasks.engines import EngineHandle
+    from tasks.packaged_fetch import PackagedModel, packaged_model
+
+    flow_copy = ws / "models" / "smollm2"
+    model = packaged_model(ws, str(flow_copy))
+    assert isinstance(model, PackagedModel) and model.name == "smollm2"
+    handle = EngineHandle(EngineConfig(), str(flow_copy), "float32", "cpu", None, "student", model)
+    sent = pickle.dumps(handle)
+    assert str(tmp_path).encode() not in sent, "a flow-host path travels to the worker"
+
+    def worker() -> str:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MPD_CACHE_DIR": str(tmp_path / "worker")}
+        done = subprocess.run(
+            [sys.executable, "-c", WORKER], input=sent, env=env, capture_output=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        return done.stdout.decode().strip().splitlines()[-1]
+
+    path, digest = worker().split()
+    assert Path(path).is_relative_to(tmp_path / "worker") and digest == model.digest
+    shutil.rmtree(ws / "models")  # the flow's copy is not what the worker reads
+    (Path(path) / "config.json").write_text("{}")  # a damaged (or another version's) copy
+    said = worker()
+    assert said.startswith("error: UserError packaged:smollm2 imported on this host has other")
