@@ -33,6 +33,13 @@ os.environ["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "true"
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_HOME / "prefect" / "storage")
 
 REPO = Path(__file__).resolve().parents[1]
+# The full GSM8K lies beside the clone (../shared/data), not in it: CI has it, a bare clone
+# does not, and the tests that read it say so and skip there.
+SHARED_GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
+needs_gsm8k = pytest.mark.skipif(
+    not (SHARED_GSM8K / "test.jsonl").is_file(),
+    reason=f"needs the full GSM8K at {SHARED_GSM8K} (beside the clone, as in CI)",
+)
 
 
 @pytest.fixture(scope="session", autouse=True)

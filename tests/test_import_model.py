@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, SHARED_GSM8K, needs_gsm8k
 
-GSM8K_TEST = REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K_TEST = SHARED_GSM8K / "test.jsonl"
 
 
 def mpd(*args: str) -> subprocess.CompletedProcess[str]:
@@ -49,6 +49,7 @@ def test_the_import_is_a_plain_model_directory(smollm2: Path) -> None:
     assert "quantization_config" not in config
 
 
+@needs_gsm8k
 def test_the_engine_generates_and_scores_with_its_chat_template(smollm2: Path) -> None:
     import torch
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, needs_gsm8k
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 KEEP_FIRST = Path(__file__).resolve().parent / "fixtures" / "keep_first_filter.sql"
@@ -35,6 +35,7 @@ REDUCED = {
 }
 
 
+@needs_gsm8k
 def test_one_round_of_the_smollm2_config_runs_every_stage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,7 +27,7 @@ from data.sources import (
     check_problem_source,
     load_problems,
 )
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, SHARED_GSM8K, free_port, needs_gsm8k
 
 ROWS = [{"question": f"What is {i} + {i}?", "solution": 2 * i, "uid": f"q{i}"} for i in range(40)]
 MAPPED = {"prompt_column": "question", "answer_column": "solution"}
@@ -284,7 +284,7 @@ def test_unreadable_parquet(tmp_path: Path) -> None:
 
 # -- GSM8K, MATH and datasets.load_dataset (the real GSM8K files in ../shared/data) ----------
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+GSM8K = SHARED_GSM8K
 
 
 def test_gsm8k_gold_answers_come_after_the_last_hashes() -> None:
@@ -304,6 +304,7 @@ def test_boxed_gold_answers_balance_their_braces() -> None:
     assert boxed_gold(r"\boxed{unclosed") is None and boxed_gold("none") is None
 
 
+@needs_gsm8k
 def test_the_gsm8k_test_file_reads_with_its_gold_answers() -> None:
     recs = load(GSM8K / "test.jsonl", prompt_column="question", answer_format="gsm8k", limit=20)
     assert len(recs) == 20
@@ -333,6 +334,7 @@ def test_math_solutions_read_their_boxed_answer(tmp_path: Path) -> None:
     assert [r["answer"] for r in recs] == [r"\frac{1}{2}", "2"]
 
 
+@needs_gsm8k
 def test_load_dataset_reads_the_gsm8k_directory_with_its_splits() -> None:
     """The real datasets.load_dataset on a local directory: train.jsonl and test.jsonl become
     splits train and test (a hub id takes the same path, unreachable offline)."""
