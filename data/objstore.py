@@ -36,10 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data import fence
 from data.diskfull import naming
 from data.errors import is_disk_full
 from data.fsutil import atomic_write_json, fsync_dir, removed_on_failure, sha256_file
 from data.manifest import MANIFEST, SHARD_MARKERS, STAGING, Manifest
+from data.objwrite import FencedWrites, _etag
 from data.storage_errors import (
     StorageError,
     StorageUnreachableError,
@@ -69,7 +71,7 @@ def default_cache(url: str) -> Path:
 
 
 @dataclass
-class ObjectStore:
+class ObjectStore(FencedWrites):
     """One workspace prefix on an fsspec filesystem: manifests, commits, staging."""
 
     url: str
@@ -219,30 +221,7 @@ class ObjectStore:
             runs.setdefault((stage, int(rdir.removeprefix("round=")), key16), []).append(rows)
         return [(s, r, k, len(v), sum(v)) for (s, r, k), v in sorted(runs.items())]
 
-    # -- writing ------------------------------------------------------------
-    def publish(self, man: Manifest, local_dir: Path) -> Manifest:
-        """Upload a local commit's files under a fresh prefix, then its manifest (the commit).
-
-        Returns the manifest as published (``objects`` and each file's ETag filled in); the
-        older commit's objects and the run's staging are deleted after the manifest is up.
-        """
-        objects = f"{man.key[:16]}-{time.time_ns():x}"
-        published = Manifest.from_dict({**man.to_dict(), "objects": objects})
-        for entry in published.files:
-            self._call(
-                self.fs.put_file,
-                str(local_dir / entry.path),
-                self.object_path(published, entry.path),
-            )
-        listed = self._listing(published)
-        for entry in published.files:
-            entry.etag = _etag(listed.get(entry.path, {}))
-        body = (json.dumps(published.to_dict(), indent=2, sort_keys=True) + "\n").encode()
-        self._call(self.fs.pipe_file, f"{self.round_path(man.stage, man.round)}/{MANIFEST}", body)
-        self._drop_dirs(self.round_path(man.stage, man.round), keep=objects)
-        self.drop_staging(man.stage, man.round)
-        return published
-
+    # -- writing (commits: data/objwrite.py) --------------------------------
     def download(self, man: Manifest, target: Path) -> None:
         """Download a commit into local directory ``target`` (made by rename from a temporary
         one), each file checked against the manifest's sha256; raise on a mismatch."""
@@ -264,21 +243,13 @@ class ObjectStore:
         tmp.replace(target)
         fsync_dir(target.parent)
 
-    def retract(self, stage: str, round_: int) -> bool:
-        """Uncommit (``mpd rerun``): the manifest first, so no reader follows it, then objects."""
-        manifest = f"{self.round_path(stage, round_)}/{MANIFEST}"
-        if not self._call(self.fs.exists, manifest):
-            return False
-        self._call(self.fs.rm_file, manifest)
-        self._drop_dirs(self.round_path(stage, round_), keep=None)
-        return True
-
     # -- staging ------------------------------------------------------------
     def push_shard(self, stage: str, round_: int, key16: str, shard: Path, marker: Path) -> None:
         """Upload a finished shard, then its marker: a marker up implies its whole shard."""
         base = self.staging_path(stage, round_, key16)
-        self._call(self.fs.put_file, str(shard), f"{base}/{shard.name}")
-        self._call(self.fs.put_file, str(marker), f"{base}/{SHARD_MARKERS}/{marker.name}")
+        with fence.guarded(self.url):  # a writer that lost its lease adds nothing
+            self._call(self.fs.put_file, str(shard), f"{base}/{shard.name}")
+            self._call(self.fs.put_file, str(marker), f"{base}/{SHARD_MARKERS}/{marker.name}")
 
     def pull_staging(self, stage: str, round_: int, key16: str, local_dir: Path) -> int:
         """Download the shards another process finished for this key; returns how many.
@@ -307,8 +278,10 @@ class ObjectStore:
         return pulled
 
     def drop_staging(self, stage: str, round_: int, *, keep: str | None = None) -> None:
-        """Delete the staging of ``(stage, round_)`` (all keys, or all but ``keep``)."""
-        self._drop_dirs(self.staging_path(stage, round_), keep=keep)
+        """Delete the staging of ``(stage, round_)`` (all keys, or all but ``keep``). Fenced: a
+        writer that lost its lease must not delete the shards its successor is writing."""
+        with fence.guarded(self.url):
+            self._drop_dirs(self.staging_path(stage, round_), keep=keep)
 
     # -- internals ----------------------------------------------------------
     def _listing(self, man: Manifest) -> dict[str, dict[str, Any]]:
@@ -325,17 +298,6 @@ class ObjectStore:
         data = self._call(self.fs.cat_file, self.object_path(man, entry.path))
         return hashlib.sha256(data).hexdigest() == entry.sha256
 
-    def _drop_dirs(self, path: str, *, keep: str | None) -> None:
-        """Delete every directory directly under ``path`` except ``keep`` (None: all)."""
-        try:
-            entries = self._call(self.fs.ls, path, detail=True, refresh=True)
-        except FileNotFoundError:
-            return
-        for entry in entries:
-            name = entry["name"].rstrip("/")
-            if entry.get("type") == "directory" and name.rsplit("/", 1)[1] != keep:
-                self._call(self.fs.rm, name, recursive=True)
-
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """One filesystem call, its failure told apart by meaning: a store that did not answer
         is transient (:class:`StorageUnreachableError`, retried), a refused request the user's
@@ -349,11 +311,6 @@ class ObjectStore:
             if is_disk_full(exc) or (error := classify(exc, self.url, self.options)) is None:
                 raise
             raise error from None
-
-
-def _etag(info: dict[str, Any]) -> str | None:
-    value = info.get("ETag") or info.get("etag")
-    return str(value).strip('"') if value else None
 
 
 def attached(workspace: Path) -> ObjectStore | None:

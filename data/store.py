@@ -39,6 +39,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data import fence
 from data.diskfull import DiskFullError, naming
 from data.errors import InternalError
 from data.fsutil import atomic_write_json, fsync_dir, removed_on_failure, sha256_file
@@ -182,9 +183,10 @@ class StageStore:
         atomic_write_json(tmp / MANIFEST, man.to_dict())
         target = self.stage_dir(stage, round_)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            _move_to_trash(self.workspace, target, f"{stage}-round={round_}")
-        tmp.replace(target)
+        with fence.guarded(self.workspace):  # a writer that lost its lease replaces nothing
+            if target.exists():
+                _move_to_trash(self.workspace, target, f"{stage}-round={round_}")
+            tmp.replace(target)
         fsync_dir(target.parent)
         _prune_empty(parent, self.workspace / STAGING)
         return man if self.remote is None else self.publish(man)
@@ -196,9 +198,10 @@ class StageStore:
         """
         retracted = self.remote.retract(stage, round_) if self.remote is not None else False
         target = self.stage_dir(stage, round_)
-        if not target.exists():
-            return retracted
-        _move_to_trash(self.workspace, target, f"{stage}-round={round_}")
+        with fence.guarded(self.workspace):
+            if not target.exists():
+                return retracted
+            _move_to_trash(self.workspace, target, f"{stage}-round={round_}")
         return True
 
     def partial_runs(self) -> list[tuple[str, int, str, int, int]]:
@@ -230,7 +233,8 @@ class StageWriter:
         self.dir = store.workspace / STAGING / stage / f"round={round_}" / key[:16]
         self.markers = self.dir / SHARD_MARKERS
         self.started_at = time.time()
-        self._drop_other_keys()
+        with fence.guarded(store.workspace):  # never another writer's staging, once ours is lost
+            self._drop_other_keys()
         self.markers.mkdir(parents=True, exist_ok=True)
         self._clean_temporaries()
         if (remote := store.remote) is not None:  # shards finished elsewhere resume here
@@ -265,6 +269,7 @@ class StageWriter:
     ) -> int:
         """Write a whole Parquet file into staging (checked against ``schema``)."""
         table = conform(table, schema, name=f"{self.stage}/{name}")
+        fence.verify(self.store.workspace)  # a lost lease ends the run here, in one line
         path = self.dir / name
         tmp = path.with_name(f".{name}.tmp")
         # A full disk: one line naming the shard, no partial file left.
@@ -303,6 +308,7 @@ class StageWriter:
         With ``expected_shards``, refuse to publish unless shards ``0..n-1`` are
         all present and intact: a stage must never commit with a hole in it.
         """
+        fence.verify(self.store.workspace)  # staging may be the new writer's by now
         if expected_shards is not None:
             missing = set(range(expected_shards)) - self.done_shards()
             if missing:
@@ -335,16 +341,20 @@ class StageWriter:
         atomic_write_json(self.dir / MANIFEST, man.to_dict())
         target = self.store.stage_dir(self.stage, self.round)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            _move_to_trash(self.store.workspace, target, f"{self.stage}-round={self.round}")
-        self.dir.replace(target)
+        # The commit: the lease checked and held (a flock on .lock) through both renames, so a
+        # writer that lost its lease replaces nothing (data/fence.py).
+        with fence.guarded(self.store.workspace):
+            if target.exists():
+                _move_to_trash(self.store.workspace, target, f"{self.stage}-round={self.round}")
+            self.dir.replace(target)
         fsync_dir(target.parent)
         _prune_empty(self.dir.parent, self.store.workspace / STAGING)
         return man if self.store.remote is None else self.store.publish(man)
 
     def abandon(self) -> None:
         """Delete this run's staging (finished shards included)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        with fence.guarded(self.store.workspace):
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- internals ----------------------------------------------------------
     def _check_shard(self, name: str, entry: dict[str, Any]) -> None:

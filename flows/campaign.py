@@ -24,6 +24,7 @@ from prefect.states import Failed
 from data import catalog
 from data.diskfull import DiskFullError, naming
 from data.errors import kind_of, one_line
+from data.fence import LeaseLostError
 from data.fsutil import atomic_write_bytes
 from data.lock import WorkspaceLock, describe_holder
 from flows import modes
@@ -146,10 +147,13 @@ def run_campaign(cfg: RunConfig) -> None:
             close_engines()
             cluster.close()
             failing = sys.exc_info()[1] is not None
-            if ctx is not None:
+            # A run that lost its lease writes nothing more: the workspace is another writer's.
+            fenced_out = lock.lost or isinstance(sys.exc_info()[1], LeaseLostError)
+            if ctx is not None and not fenced_out:
                 with _bookkeeping(ws / LAST_RUN, failing):
                     write_last_run(ws, ctx.outcomes)
-            with _bookkeeping(ws / "catalog.duckdb", failing):
-                catalog.write_catalog(ws)
+            if not fenced_out:
+                with _bookkeeping(ws / "catalog.duckdb", failing):
+                    catalog.write_catalog(ws)
         changed = any(o["state"] != "cached" for o in ctx.outcomes.values()) if ctx else True
         print_summary(ws, replot=changed)

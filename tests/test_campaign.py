@@ -30,6 +30,13 @@ import pyarrow as pa
 import pytest
 
 from data.store import StageStore
+from tests.fencing import (
+    LEASE_S,
+    fenced_out,
+    pause_outside_lease_steps,
+    resume_and_wait,
+    stop_group,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -91,7 +98,13 @@ def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[st
     return proc
 
 
-def start(ws: Path, log: Path, rounds: int = 1, changes: dict[str, object] | None = None):
+def start(
+    ws: Path,
+    log: Path,
+    rounds: int = 1,
+    changes: dict[str, object] | None = None,
+    env: dict[str, str] | None = None,
+):
     """``mpd run`` in the background, in its own process group (killed as a whole)."""
     with open(log, "w") as fh:
         return subprocess.Popen(
@@ -99,7 +112,7 @@ def start(ws: Path, log: Path, rounds: int = 1, changes: dict[str, object] | Non
             stdout=fh,
             stderr=subprocess.STDOUT,
             cwd=REPO,
-            env={**os.environ, **ENV},
+            env={**os.environ, **ENV, **(env or {})},
             start_new_session=True,
         )
 
@@ -416,6 +429,45 @@ def test_kill_during_sampling_resumes_finished_shards(
     assert len(rows(ws)) == SAMPLE_SHARDS
     assert rows(ws) == rows(base)
     assert finished(ws)["1/rewrite"] == base_finished["1/rewrite"]
+
+
+def test_fencing_a_paused_writer_publishes_and_deletes_nothing(base: Path, tmp_path: Path) -> None:
+    """A run paused (SIGSTOP) mid-sampling past its lease's expiry loses the workspace to a
+    second run, which commits; resumed (SIGCONT), the first changes nothing in the workspace
+    (no commit, no delete, no bookkeeping), exits 1 with one line, and the second's rows stand."""
+    ws = copy(base, tmp_path / "ws")
+    shutil.rmtree(ws / "sample" / "round=1")  # round 1 must be sampled again
+    log = tmp_path / "a.log"
+    proc = start(ws, log, env={"MPD_LEASE_S": str(LEASE_S)})
+    try:
+        wait_for(ws, ".staging/sample/round=1/*/_shards/part-*.json", proc, log)
+        pause_outside_lease_steps(proc, ws / ".lock")
+        time.sleep(LEASE_S + 1)  # past the first run's expiry: stale, though alive
+        out = ok(run(ws))
+        assert "recovered a stale lock" in out.stderr
+        token = json.loads((ws / ".lock").read_text())["generation"]
+        committed = _every_file(ws)
+        resume_and_wait(proc)
+    finally:
+        stop_group(proc)
+    errors = fenced_out(log.read_text())
+    assert proc.returncode == 1 and len(errors) == 1, log.read_text()[-3000:]
+    assert "lost the lease" in errors[0] and f"(token {token})" in errors[0], errors
+    assert _every_file(ws) == committed, "the first run wrote, replaced or deleted nothing"
+    assert sorted(table(ws, "sample", 1).to_pylist(), key=str) == sorted(
+        table(base, "sample", 1).to_pylist(), key=str
+    )
+    assert status(ws, 1)["1/sample"][0] == "done"
+
+
+def _every_file(ws: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file of the workspace: (inode, size, mtime) by relative path."""
+    out = {}
+    for path in ws.rglob("*"):
+        if path.is_file():
+            st = path.stat()
+            out[path.relative_to(ws).as_posix()] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
 
 
 def test_kill_during_training_resumes_from_checkpoint(base: Path, tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from data.lock import WorkspaceBusyError, WorkspaceLock
+from data.lock import FileLease, WorkspaceBusyError, WorkspaceLock
+from tests.fencing import check_same_host_name_never_taken_over
 
 HOLD = """
 import sys, time
@@ -63,18 +64,31 @@ def test_clean_release_is_not_reported_stale(tmp_path: Path) -> None:
         assert lock.stale is None
 
 
-def test_check_free_refuses_a_held_workspace_and_leaves_the_record(tmp_path: Path) -> None:
+def test_check_free_refuses_a_held_workspace_and_leaves_the_record(
+    tmp_path: Path, python: str
+) -> None:
     """The pre-Prefect check takes nothing and writes nothing: a killed holder's record stays
     for the real run to report as a stale lock."""
     WorkspaceLock(tmp_path).check_free()  # no lock file yet: free
-    held = WorkspaceLock(tmp_path, command="mpd run (nightly)").acquire()
+    held = _holder(tmp_path, python)
     try:
-        with pytest.raises(WorkspaceBusyError, match="mpd run \\(nightly\\)"):
+        with pytest.raises(WorkspaceBusyError, match=r"mpd run -c nightly\.yaml"):
             WorkspaceLock(tmp_path).check_free()
     finally:
-        record = (tmp_path / ".lock").read_text()
-        os.close(held._fd)  # dies without releasing: the record stays, the lock goes
+        held.kill()  # dies without releasing: the record stays, its pid names no process
+        held.wait()
+    record = (tmp_path / ".lock").read_text()
     WorkspaceLock(tmp_path).check_free()
     assert (tmp_path / ".lock").read_text() == record
     with WorkspaceLock(tmp_path) as lock:
-        assert lock.stale is not None and lock.stale["command"] == "mpd run (nightly)"
+        assert lock.stale is not None and lock.stale["command"] == "mpd run -c nightly.yaml"
+
+
+def test_fencing_same_host_name_never_takes_over_a_live_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A workspace two machines mount (the lease file judged by expiry): holders with the same
+    host name but other machine or boot ids never take over each other's live lease, even when
+    the holder's pid names no process here (tests/fencing.py)."""
+    lock = tmp_path / ".lock"
+    check_same_host_name_never_taken_over(lambda rec, ttl: FileLease(lock, rec, ttl), monkeypatch)

@@ -23,11 +23,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.errors import is_retried, kind_of
+from data.hostid import identity
 from data.lock import ObjectLease, WorkspaceBusyError, WorkspaceLock
 from data.manifest import FileEntry, Manifest
-from data.objstore import ObjectStore, attach
+from data.objstore import ObjectStore, attach, default_cache
 from tests.conftest import REPO, free_port
-from tests.test_objstore import BUCKET, s3  # noqa: F401  (the S3 server fixture)
+from tests.fencing import other_machine
+from tests.test_objstore import BUCKET, held, s3  # noqa: F401  (the S3 server fixture)
 
 MACHINE_A = {"pid": 1, "host": "elsewhere", "command": "mpd run (machine A)"}
 
@@ -111,6 +113,67 @@ def test_object_storage_fault_is_one_line(
         assert not (tmp_path / "cache").exists(), "nothing was written on this machine"
 
 
+def _fresh(cache: Path, url: str) -> None:
+    pass
+
+
+def _working_copy(cache: Path, url: str) -> None:
+    """A working copy this machine made in an earlier run (released its lease cleanly)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MPD_CACHE_DIR", str(cache))
+        copy = default_cache(url)
+    copy.mkdir(parents=True)
+    attach(copy, url)
+    WorkspaceLock(copy, command="mpd run (earlier)").acquire().release()
+
+
+def _killed_here(cache: Path, url: str) -> None:
+    """A working copy whose local lease names a run of this machine that was killed."""
+    _working_copy(cache, url)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MPD_CACHE_DIR", str(cache))
+        lock = default_cache(url) / ".lock"
+    gone = other_machine("mpd run (killed)")
+    lock.write_text(json.dumps({**gone, **identity(), "pid": gone["pid"], "expires": 1e12}))
+
+
+@pytest.mark.parametrize(
+    "cache_holds",
+    [_fresh, _working_copy, _killed_here],
+    ids=["nothing", "a working copy", "a killed run's local lease"],
+)
+def test_fencing_early_refusal_before_prefect_whatever_the_cache_holds(
+    s3: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+    cache_holds: Callable[[Path, str], None],
+) -> None:
+    """A live lease on the bucket, held by another machine with this one's host name (its pid
+    names no process here), refuses ``mpd run`` in one line before Prefect starts, whatever
+    this machine's cache holds; nothing is written to the bucket or the cache."""
+    url = f"s3://{BUCKET}/{tmp_path.name}"
+    store = ObjectStore(url)
+    cache = tmp_path / "cache"
+    cache_holds(cache, url)
+    body = {**other_machine("mpd run (machine B)"), "expires": time.time() + 600}
+    store.fs.pipe_file(store.path(".lock"), json.dumps({**body, "generation": 7}).encode())
+    before = {p: store.fs.info(p)["ETag"] for p in store.fs.find(store.root)}
+    files = sorted((p.as_posix(), p.stat().st_mtime_ns) for p in cache.rglob("*"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MPD_CACHE_DIR": str(cache)}
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "-w", url, "--rounds", "1"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+    )  # fmt: skip
+    seconds = time.monotonic() - started
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "prefect" not in out.stderr.lower(), out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "is in use by pid" in line and "(machine bbbbbbbb, boot other-bo)" in line, line
+    assert seconds < 8, seconds
+    assert {p: store.fs.info(p)["ETag"] for p in store.fs.find(store.root)} == before
+    assert sorted((p.as_posix(), p.stat().st_mtime_ns) for p in cache.rglob("*")) == files
+
+
 # (case id, the lease object's body, whether it is taken over (else: a live holder, refused))
 LEASES: list[tuple[str, bytes, bool]] = [
     ("a JSON list", b"[1, 2]", True),
@@ -148,7 +211,7 @@ def test_a_damaged_lease_object(
     ObjectLease(store, {}).check_free()
     with WorkspaceLock(local, command="mpd run (machine B)"):
         assert "machine B" in json.loads(store.fs.cat_file(store.path(".lock")))["command"]
-    assert not store.fs.exists(store.path(".lock")), "released"
+    assert not held(store), "released"
 
 
 def test_a_store_gone_during_a_commit_is_transient(
