@@ -452,7 +452,7 @@ def test_fencing_a_paused_writer_publishes_and_deletes_nothing(base: Path, tmp_p
         stop_group(proc)
     errors = fenced_out(log.read_text())
     assert proc.returncode == 1 and len(errors) == 1, log.read_text()[-3000:]
-    assert "lost the lease" in errors[0] and f"(token {token})" in errors[0], errors
+    assert "lost the lease" in errors[0] and f"(token {token}" in errors[0], errors
     assert _every_file(ws) == committed, "the first run wrote, replaced or deleted nothing"
     assert sorted(table(ws, "sample", 1).to_pylist(), key=str) == sorted(
         table(base, "sample", 1).to_pylist(), key=str

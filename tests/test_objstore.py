@@ -522,7 +522,7 @@ def test_fencing_a_paused_writer_publishes_and_deletes_nothing_on_object_storage
         stop_group(proc)
     errors = fenced_out(log.read_text())
     assert proc.returncode == 1 and len(errors) == 1, log.read_text()[-3000:]
-    assert "lost the lease" in errors[0] and f"(token {b_token})" in errors[0], errors
+    assert "lost the lease" in errors[0] and f"(token {b_token}" in errors[0], errors
     after = {p: i["ETag"] for p, i in s.fs.find(s.root, detail=True).items()}
     assert after == committed, "A published, replaced and deleted nothing"
     assert status(url, env_b, "--verify")["1/sample"][0] == "done"
