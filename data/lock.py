@@ -168,6 +168,7 @@ class FileLease(Lease):
     def acquire(self) -> FileLease:
         """Take the lease or raise :class:`WorkspaceBusyError` naming its live holder."""
         with self._locked(create=True) as fd:
+            assert fd is not None  # created if missing
             holder = _read_holder(fd)
             if holder and not lease_stale(holder):
                 raise busy_error(self.where, holder)
@@ -179,7 +180,7 @@ class FileLease(Lease):
 
     def check_free(self) -> None:
         with self._locked(create=False) as fd:
-            holder = _read_holder(fd)
+            holder = {} if fd is None else _read_holder(fd)
         if holder and not lease_stale(holder):
             raise busy_error(self.where, holder)
 
@@ -189,7 +190,7 @@ class FileLease(Lease):
         is held through it: a takeover waits)."""
         self.check()
         with self._locked(create=False) as fd:
-            holder = _read_holder(fd)
+            holder = {} if fd is None else _read_holder(fd)
             if not self.mine(holder):
                 raise self.mark_lost(holder)
             yield
@@ -200,21 +201,21 @@ class FileLease(Lease):
         self.stop_heartbeat()
         if self.lost is not None or self.token == 0:
             return
-        with contextlib.suppress(FileNotFoundError), self._locked(create=False) as fd:
-            if self.mine(_read_holder(fd)):
+        with self._locked(create=False) as fd:
+            if fd is not None and self.mine(_read_holder(fd)):
                 self._write(fd, self.released_body())
 
     # -- internals ----------------------------------------------------------
     def _renew(self) -> bool:
         with self._locked(create=False) as fd:
-            if not self.mine(_read_holder(fd)):
+            if fd is None or not self.mine(_read_holder(fd)):
                 return False
             self._write(fd, self.body())
         return True
 
     def _holder(self) -> dict[str, Any]:
         with self._locked(create=False) as fd:
-            return _read_holder(fd)
+            return {} if fd is None else _read_holder(fd)
 
     def _write(self, fd: int, body: bytes) -> None:
         with naming(self.path):  # a full disk: one line naming .lock
@@ -223,12 +224,17 @@ class FileLease(Lease):
             os.fsync(fd)
 
     @contextlib.contextmanager
-    def _locked(self, *, create: bool) -> Iterator[int]:
+    def _locked(self, *, create: bool) -> Iterator[int | None]:
         """The lease file open and ``flock``-ed for one short step. A fresh open file each
         time, so that threads of this process (the heartbeat, a commit) exclude each other
-        too. Waits up to FLOCK_WAIT_S for a holder inside its own step."""
+        too. Waits up to FLOCK_WAIT_S for a holder inside its own step. None: there is no
+        lease file (``create`` False), so nobody, this process included, holds the lease."""
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
-        fd = os.open(self.path, flags, 0o644)
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except FileNotFoundError:  # no lease file (any more): it names nobody, ours neither
+            yield None
+            return
         try:
             deadline = time.monotonic() + FLOCK_WAIT_S
             while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -204,3 +205,45 @@ def test_adopt_links_a_valid_commit_of_the_same_key_and_nothing_else(tmp_path: P
     part.unlink()  # the source loses a file: adopting again is a miss, the copy stays whole
     assert StageStore(tmp_path / "c").adopt(source, "filter", 1, key) is None
     assert target.lookup("filter", 1, key) is not None
+
+
+def test_fencing_a_local_writer_that_lost_its_lease_commits_and_deletes_nothing(
+    tmp_path: Path,
+) -> None:
+    """The local store's fenced steps, in one process: once another writer has taken the
+    lease over (ours expired: we were paused) or the lease file is gone, our shard writes,
+    commit (the rename under the lease file's flock), a new writer's staging clean-up, a rerun's
+    delete and an abandon all refuse with the one line, and change nothing."""
+    from data.fence import LeaseLostError
+    from data.lock import FileLease, WorkspaceLock
+
+    store = StageStore(tmp_path)
+    lock = WorkspaceLock(tmp_path, command="writer A").acquire()
+    try:
+        w = store.writer("filter", 1, "k" * 64, code_version="test")
+        w.write_shard(0, decisions(1, 0, 10), DECISIONS)
+        ours = lock._file
+        assert ours is not None
+        ours.stop_heartbeat()  # paused: the lease runs out
+        record = {"pid": os.getpid(), "host": "b", "command": "writer B", "expires": 0}
+        (tmp_path / ".lock").write_text(json.dumps({**record, "generation": 1}))
+        other = FileLease(tmp_path / ".lock", {**record, "command": "writer B"}).acquire()
+        other.stop_heartbeat()
+        for step in (
+            lambda: w.write_shard(1, decisions(1, 10, 15), DECISIONS),
+            lambda: w.commit(expected_shards=1),
+            lambda: store.writer("filter", 1, "z" * 64),
+            lambda: store.invalidate("filter", 1),
+            w.abandon,
+        ):
+            with pytest.raises(LeaseLostError, match=r"lost the lease .*writer B"):
+                step()
+        assert (w.dir / "part-00000.parquet").exists(), "A's own staging left as it was"
+        assert store.manifest("filter", 1) is None, "A committed nothing"
+        assert lock.lost is not None
+        (tmp_path / ".lock").unlink()  # the lease file gone: nobody's, ours neither
+        with pytest.raises(LeaseLostError):
+            ours.guard().__enter__()
+    finally:
+        lock.release()  # lost: writes nothing
+    assert not (tmp_path / ".lock").exists()
