@@ -19,8 +19,9 @@ process (so one step's peak does not hide in another's; Linux VmHWM of that proc
 "Into the trainer" is the kept rows over (join + read) seconds: every row joined, written and
 delivered once, as a ratio to the bare scan's kept rows per second (the issue asks >= 0.5); the
 trainer's reads alone (every later epoch, a resume) are printed beside it. The join writes an
-uncompressed file about twice the Parquet it reads, so at sizes past the page cache's dirty
-limit the disk's write bandwidth bounds it (see docs/floors.md). The trainer unmaps the pages of
+uncompressed file (uint16 ids: the world tokenizer's 805) about 1.4x the Parquet it reads, so
+at sizes past the page cache's dirty limit the disk's write bandwidth bounds it (see
+docs/floors.md). The trainer unmaps the pages of
 each example it read (they stay in the page cache), so ``read`` and ``train`` report what the
 process itself holds; ``read`` prints its anonymous and file-backed RSS at the end. At the
 largest size a launched training run is killed with SIGKILL mid-run and run again, and its
@@ -29,8 +30,8 @@ micro-batches compared with an uninterrupted run's (``--no-kill`` skips it). The
 
     python benchmarks/bench_real_size.py [--sizes 5000 20000 50000] [--tokens 1024] [--k 32]
 
-Disk: ~0.3 MB a kept row at 1,024 x top-32 (0.1 MB of Parquet inputs, 0.2 MB of uncompressed
-examples file), so 50,000 rows need ~15 GB free (``MPD_BENCH_DIR`` picks the directory); the
+Disk: ~0.23 MB a kept row at 1,024 x top-32 (0.1 MB of Parquet inputs, 0.13 MB of uncompressed
+examples file), so 50,000 rows need ~12 GB free (``MPD_BENCH_DIR`` picks the directory); the
 issue's 200,000 would need 60 GB, more than this machine's disk spares.
 """
 

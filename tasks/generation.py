@@ -58,6 +58,24 @@ def chat_prompt(tokenizer: Any, question: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def chat_prompts(tokenizer: Any, questions: list[str]) -> list[list[int]]:
+    """:func:`chat_prompt` of many questions in one batched call of the template and of the
+    tokenizer (the same ids; one call a question was ~18% of a large round's training join)."""
+    from data.answers import format_prompt
+
+    if not questions:
+        return []
+    if getattr(tokenizer, "chat_template", None):
+        texts = tokenizer.apply_chat_template(
+            [[{"role": "user", "content": q}] for q in questions],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+    else:
+        texts = [format_prompt(q) for q in questions]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def generate_traces(
     engine: Any,
     prompts: list[list[int]],

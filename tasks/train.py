@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from data.store import StageWriter
 from data.tables import TRAIN_LOG as TRAIN_LOG_TABLE
 from tasks.common import StageResult, add_compute, stage_files
 from tasks.context import Context, Recipe, Round
-from tasks.generation import chat_prompt
+from tasks.generation import chat_prompts
 from tasks.stage import Stage
 from train.config import TrainConfig
 
@@ -145,22 +145,40 @@ def _runs(values: np.ndarray) -> list[np.ndarray]:
     return np.split(np.arange(len(values)), cuts)
 
 
+class ExamplePrompts:
+    """problem id -> (the student's chat prompt, the online teacher's or None), each made once;
+    :meth:`many` formats a record batch's new problems in one batched tokenizer call."""
+
+    def __init__(
+        self, problems: dict[str, dict], tokenizer: Any, teacher_template: str | None = None
+    ) -> None:
+        self.problems, self.tokenizer, self.teacher_template = problems, tokenizer, teacher_template
+        self.vocab_size = len(tokenizer)  # the largest id + 1 a target of it can hold
+        self._made: dict[str, tuple[list[int], list[int] | None]] = {}
+
+    def __call__(self, pid: str) -> tuple[list[int], list[int] | None]:
+        return self.many([pid])[0]
+
+    def many(self, pids: list[str]) -> list[tuple[list[int], list[int] | None]]:
+        new = list(dict.fromkeys(p for p in pids if p not in self._made))
+        if new:
+            questions = [self.problems[p]["prompt"] for p in new]
+            student = chat_prompts(self.tokenizer, questions)
+            teacher: list[list[int] | None] = [None] * len(new)
+            if self.teacher_template is not None:
+                template = self.teacher_template
+                teacher = list(
+                    chat_prompts(self.tokenizer, [template.format(problem=q) for q in questions])
+                )
+            self._made.update(zip(new, zip(student, teacher, strict=True), strict=True))
+        return [self._made[p] for p in pids]
+
+
 def example_prompts(
     problems: dict[str, dict], tokenizer: Any, *, teacher_template: str | None = None
-) -> Callable[[str], tuple[list[int], list[int] | None]]:
+) -> ExamplePrompts:
     """problem id -> (the student's chat prompt, the online teacher's or None), each made once."""
-    prompts: dict[str, tuple[list[int], list[int] | None]] = {}
-
-    def prompt(pid: str) -> tuple[list[int], list[int] | None]:
-        if pid not in prompts:
-            question = problems[pid]["prompt"]
-            teacher = None
-            if teacher_template is not None:
-                teacher = chat_prompt(tokenizer, teacher_template.format(problem=question))
-            prompts[pid] = (chat_prompt(tokenizer, question), teacher)
-        return prompts[pid]
-
-    return prompt
+    return ExamplePrompts(problems, tokenizer, teacher_template)
 
 
 def build_examples(

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from data.readahead import read_ahead
 from tasks.train import build_examples, example_prompts, training_rows
 from tests.conftest import REPO
 from tests.test_training_rows import _naive
@@ -87,8 +89,9 @@ def write_round(
 PROBLEMS = {f"p{i}": {"prompt": f"question {i} " + "and more " * i} for i in range(11)}
 
 
-def both(tmp: Path, tok, files: dict, template: str | None = None, batch_rows: int = 7):
-    """The round's examples as the list the stage built before, and as the file it writes now."""
+def both(tmp: Path, tok, files: dict, template: str | None = None, batch_rows: int = 7, vocab=None):
+    """The round's examples as the list the stage built before, and as the file it writes now
+    (``vocab``: the vocabulary size the file's id width is chosen for; None: the tokenizer's)."""
 
     def rows():
         return training_rows(
@@ -100,8 +103,14 @@ def both(tmp: Path, tok, files: dict, template: str | None = None, batch_rows: i
 
     listed = list(build_examples(rows(), PROBLEMS, tok, teacher_template=template))
     prompts = example_prompts(PROBLEMS, tok, teacher_template=template)
+    prompts.vocab_size = vocab or prompts.vocab_size
     write_examples(tmp / EXAMPLES_FILE, rows(), prompts)
+    ids = pa.ipc.open_file(tmp / EXAMPLES_FILE).schema.field("topk_ids").type.value_type
+    assert ids == (pa.uint16() if prompts.vocab_size <= 2**16 else pa.int32())
     return listed, open_examples(tmp / EXAMPLES_FILE)
+
+
+WIDTHS = [None, 2**16 + 1]  # the world's 805 ids as uint16; a vocabulary too large: int32
 
 
 def same_example(a, b) -> None:
@@ -111,9 +120,10 @@ def same_example(a, b) -> None:
     assert np.array_equal(a.topk_logprobs, b.topk_logprobs)  # +inf (not stored) included
 
 
+@pytest.mark.parametrize("vocab", WIDTHS)
 @pytest.mark.parametrize("template", [None, "Be concise. {problem}"])
-def test_the_file_holds_the_examples_the_list_held(tmp_path: Path, tok, template) -> None:
-    listed, stored = both(tmp_path, tok, write_round(tmp_path), template)
+def test_the_file_holds_the_examples_the_list_held(tmp_path: Path, tok, template, vocab) -> None:
+    listed, stored = both(tmp_path, tok, write_round(tmp_path), template, vocab=vocab)
     assert 20 < len(stored) == len(listed) < 60  # the filter dropped some
     for a, b in zip(listed, stored, strict=True):
         same_example(a, b)
@@ -133,11 +143,13 @@ def test_the_join_gives_what_a_naive_join_gives(tmp_path: Path, tok, drop_every)
         np.testing.assert_allclose(ex.topk_logprobs, lps, rtol=1e-6)
 
 
+@pytest.mark.parametrize("vocab", WIDTHS)
 @pytest.mark.parametrize("max_length", [1024, 24])  # 24: most targets cut, a few prompts dropped
-def test_every_step_gets_the_batches_the_list_gave(tmp_path: Path, tok, max_length) -> None:
+def test_every_step_gets_the_batches_the_list_gave(tmp_path: Path, tok, max_length, vocab) -> None:
     """The trainer's order (BatchPlan over the fitted examples' lengths) and each collated
-    micro-batch are the same from the file as from the list, over several epochs."""
-    listed, stored = both(tmp_path, tok, write_round(tmp_path, rows=90))
+    micro-batch (every tensor, its dtype included) are the same from the file as from the
+    list, over several epochs, whatever width the file stores its ids in."""
+    listed, stored = both(tmp_path, tok, write_round(tmp_path, rows=90), vocab=vocab)
     kept, dropped, truncated = fit_examples(listed, max_length)
     view, v_dropped, v_truncated = stored.fit(max_length)
     assert (v_dropped, v_truncated) == (dropped, truncated)
@@ -154,11 +166,13 @@ def test_every_step_gets_the_batches_the_list_gave(tmp_path: Path, tok, max_leng
                 other = getattr(b, name)
                 assert (tensor is None) == (other is None), name
                 assert tensor is None or torch.equal(tensor, other), name
+                assert tensor is None or tensor.dtype == other.dtype, name
 
 
-def test_training_from_the_file_equals_training_from_the_list(tmp_path: Path, tok) -> None:
+@pytest.mark.parametrize("vocab", WIDTHS)
+def test_training_from_the_file_equals_training_from_the_list(tmp_path: Path, tok, vocab) -> None:
     """train() over the file: the same losses, token counts and weights as over the list."""
-    listed, stored = both(tmp_path, tok, write_round(tmp_path))
+    listed, stored = both(tmp_path, tok, write_round(tmp_path), vocab=vocab)
     cfg = TrainConfig(steps=4, batch_size=2, grad_accum=2, warmup_steps=1, max_length=40)
     runs = [
         train(build_tiny_model(tok, SMALL, seed=1), data, cfg, tokenizer=tok, seed=5)
@@ -226,6 +240,94 @@ def test_a_complete_file_is_reused_and_a_broken_one_rewritten(tmp_path: Path, to
     lengths_path(path).unlink()  # the lengths beside it lost: the file cannot be read alone
     again = stored_examples(path, training_rows(files["targets"], scores=files["scores"]), prompts)
     assert len(again) == 60 and lengths_path(path).is_file()
+
+
+def test_an_id_a_narrow_file_cannot_hold_is_named(tmp_path: Path, tok) -> None:
+    """A vocabulary that fits uint16 but a stored top-k id that does not (a corrupt score, or
+    a tokenizer that does not describe the teacher's ids): one line naming the row, nothing
+    written; never an id wrapped around modulo 65,536."""
+    files = write_round(tmp_path, rows=6, shards=1)
+    table = pq.read_table(files["scores"][0]).to_pylist()
+    table[2]["topk_ids"][3] = 70_000
+    pq.write_table(pa.Table.from_pylist(table), files["scores"][0])
+    out = tmp_path / EXAMPLES_FILE
+    rows = training_rows(files["targets"], scores=files["scores"])
+    with pytest.raises(ValueError, match=r"p\d+ sample 2: topk_ids holds 70000, outside"):
+        write_examples(out, rows, example_prompts(PROBLEMS, tok))
+    assert not out.exists() and not lengths_path(out).exists()
+
+
+def _with_metadata(path: Path, **changes: bytes) -> None:
+    """Rewrite an examples file's lengths file with its metadata changed."""
+    lengths = pa.ipc.open_file(lengths_path(path)).read_all()
+    meta = {**lengths.schema.metadata, **{k.encode(): v for k, v in changes.items()}}
+    with pa.ipc.new_file(lengths_path(path), lengths.schema.with_metadata(meta)) as out:
+        out.write_table(lengths.replace_schema_metadata(meta))
+
+
+@pytest.mark.parametrize("damage", ["other boot", "garbled, other boot", "grown", "no record"])
+def test_an_unsynced_file_from_another_boot_is_written_again(tmp_path: Path, tok, damage) -> None:
+    """The examples file is not fsynced: one written before a reboot (whose pages a power loss
+    may have lost: here zeros under an intact footer) or not of its recorded size is written
+    again, never trained on; one of this boot is reused."""
+    files = write_round(tmp_path)
+    prompts = example_prompts(PROBLEMS, tok)
+    path = tmp_path / EXAMPLES_FILE
+
+    def rows():
+        return training_rows(files["targets"], scores=files["scores"])
+
+    first = [(ex.target_ids, ex.topk_ids) for ex in stored_examples(path, rows(), prompts)]
+    meta = pa.ipc.open_file(lengths_path(path)).schema.metadata
+    assert meta[b"boot"] == Path("/proc/sys/kernel/random/boot_id").read_bytes().strip()
+    data = bytearray(path.read_bytes())
+    if damage.startswith("garbled"):
+        data[len(data) // 3 : len(data) // 2] = bytes(len(data) // 2 - len(data) // 3)
+    if damage == "grown":
+        data += b"x" * 64  # the footer read from its end no longer
+    path.unlink()
+    path.write_bytes(bytes(data))
+    if "other boot" in damage:
+        _with_metadata(path, boot=b"00000000-0000-0000-0000-000000000000")
+    if damage == "no record":  # a pair written before files recorded their boot
+        lengths = pa.ipc.open_file(lengths_path(path)).read_all().replace_schema_metadata(None)
+        with pa.ipc.new_file(lengths_path(path), lengths.schema) as out:
+            out.write_table(lengths)
+    if damage == "other boot":  # a launched rank on another host opens what it was handed
+        assert len(open_examples(path)) == len(first)
+    joined = []
+
+    def counted():
+        for batch in rows():
+            joined.append(batch.num_rows)
+            yield batch
+
+    again = stored_examples(path, counted(), prompts)
+    assert sum(joined) == len(first), "the join ran again"
+    for (target, ids), ex in zip(first, again, strict=True):
+        assert target == ex.target_ids and np.array_equal(ids, ex.topk_ids)
+    assert pa.ipc.open_file(lengths_path(path)).schema.metadata[b"boot"] == meta[b"boot"]
+
+
+def test_read_ahead_keeps_order_raises_where_it_failed_and_stops_with_its_caller() -> None:
+    def items(n: int, fail_at: int | None = None):
+        for i in range(n):
+            if i == fail_at:
+                raise ValueError(f"item {i}")
+            yield i
+
+    assert list(read_ahead(items(50), depth=3)) == list(range(50))
+    got = []
+    with pytest.raises(ValueError, match="item 7"):
+        for i in read_ahead(items(50, fail_at=7)):
+            got.append(i)
+    assert got == list(range(7))
+    source = items(10**6)
+    ahead = read_ahead(source, depth=2)
+    assert next(ahead) == 0
+    ahead.close()  # the caller stops: the worker stops and closes the source
+    assert source.gi_frame is None, "the source was not closed"
+    assert not [t for t in threading.enumerate() if t.name == "mpd-read-ahead"]
 
 
 def test_kill_9_mid_train_resumes_the_same_data_order(tmp_path: Path, tok) -> None:

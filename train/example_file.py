@@ -5,16 +5,18 @@ of GB as Python objects. So the train stage never holds its examples as a whole.
 once, a record batch at a time as the DuckDB join streams them (``tasks/train.py``), into one
 uncompressed Arrow IPC file in its staging directory::
 
-    prompt_ids          list<int32>  the student's chat prompt
-    teacher_prompt_ids  list<int32>  the online teacher's own prompt (null: it reads prompt_ids)
-    target_ids          list<int32>  the completion, its EOS included
+    prompt_ids          list<ids>    the student's chat prompt
+    teacher_prompt_ids  list<ids>    the online teacher's own prompt (null: it reads prompt_ids)
+    target_ids          list<ids>    the completion, its EOS included
     k                   int32        top-k size (null: no stored scores, CE or online teacher)
-    topk_ids            list<int32>  the scores' encoding, as the score stage stores it:
+    topk_ids            list<ids>    the scores' encoding, as the score stage stores it:
     topk_logprob_gaps   list<int16>  rank-order gaps (data.schemas.decode_topk)
     topk_counts         list<int16>  candidates kept per position (null: all k)
 
-and reads it memory-mapped (``mmap``, read-only): every column of a record batch is a numpy view
-of the map. The per-row lengths (prompt, teacher prompt, target, k: a few integers a row, what
+where ``ids`` is uint16 when the tokenizer's vocabulary fits in 65,536 ids, int32 otherwise
+(:func:`id_type`; the file's schema says which, and an Example's ids are Python ints and int64
+arrays either way), and reads it memory-mapped (``mmap``, read-only): every column of a record
+batch is a numpy view of the map. The per-row lengths (prompt, teacher prompt, target, k: a few integers a row, what
 the batch plan sorts by) are written beside it (``examples.lengths.arrow``) and read whole, so
 opening touches none of the big file. :class:`ExampleView` is the ``Sequence[Example]`` the
 trainer indexes; an Example is cut from the buffers when its micro-batch is collated (top-k
@@ -29,9 +31,11 @@ stream), but a row read through it is formatted per call; random reads of decode
 (1,024 tokens x top-32) measured 3,792/s here against 2,087/s for ``datasets``' numpy format
 and 731/s for its Python lists (docs/floors.md).
 
-Both files are written to temporary names and renamed, fsynced, the examples file last: a
-killed stage finds either a complete pair, which it reuses (same stage key, same staging
-directory, same rows), or writes them again.
+Both files are written to temporary names and renamed, the examples file last: a killed stage
+finds either a complete pair, which it reuses (same stage key, same staging directory, same
+rows), or writes them again. They are not fsynced (scratch of this stage only): the lengths file
+records the boot they were written in, and a pair from an earlier boot, which a power loss may
+have left with unwritten pages, is written again (:func:`write_examples`).
 """
 
 from __future__ import annotations
@@ -40,38 +44,31 @@ import functools
 import logging
 import mmap
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import overload
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from data.diskfull import naming
 from data.fsutil import fsync_dir, removed_on_failure
+from data.readahead import read_ahead
 from data.schemas import decode_topk
 from train.batching import Example
+from train.example_batch import (
+    EXAMPLES,
+    NARROW,
+    Prompts,
+    example_batch,
+    examples_schema,
+    id_type,
+    list_lengths,
+)
 
 log = logging.getLogger("mpd")
 
 EXAMPLES_FILE = "examples.arrow"
-_IDS = pa.list_(pa.int32())
-_SMALL = pa.list_(pa.int16())
-EXAMPLES = pa.schema(
-    [
-        pa.field("prompt_ids", _IDS, nullable=False),
-        pa.field("teacher_prompt_ids", _IDS),
-        pa.field("target_ids", _IDS, nullable=False),
-        pa.field("k", pa.int32()),
-        pa.field("topk_ids", _IDS),
-        pa.field("topk_logprob_gaps", _SMALL),
-        pa.field("topk_counts", _SMALL),
-    ]
-)
-
-# problem_id -> (student prompt ids, teacher prompt ids or None)
-Prompts = Callable[[str], tuple[list[int], list[int] | None]]
 
 
 def stored_examples(path: Path, rows: Iterable[pa.RecordBatch], prompts: Prompts) -> ExampleView:
@@ -80,6 +77,7 @@ def stored_examples(path: Path, rows: Iterable[pa.RecordBatch], prompts: Prompts
     if path.is_file():
         try:
             view = open_examples(path)
+            _check_written(path, view.recorded)
         except (pa.ArrowInvalid, OSError) as exc:  # not ours to trust: write it again
             log.warning("%s unreadable (%s): writing it again", path, exc)
         else:
@@ -107,29 +105,68 @@ def write_examples(path: Path, rows: Iterable[pa.RecordBatch], prompts: Prompts)
     Each row's lengths (and its record batch) go to a small file beside it, read whole when the
     examples are opened: opening then touches none of the big file's pages (each record batch's
     header and offsets would map ~64 KB of it, fault-around, per batch: RSS growing with the
-    round). The examples file is renamed into place last: it is the commit point."""
+    round). The examples file is renamed into place last: it is the commit point.
+
+    Neither file is fsynced: they are this stage's scratch, read only by it, and a killed
+    process loses nothing the page cache holds (an fsync of a 10 GB file was the disk's whole
+    write time, on the join's clock). What a power loss can lose is caught when the files are
+    reopened: the lengths file records the boot they were written in and the examples file's
+    size, and a pair from another boot (or another host) is written again
+    (:func:`_check_written`). Where the kernel has no boot id, both are fsynced as before."""
     remove_examples(path)
+    schema = examples_schema(id_type(prompts.vocab_size))
     tmp, tmp_lengths = path.with_name(f".{path.name}.tmp"), lengths_path(path).with_suffix(".tmp")
     parts: list[pa.RecordBatch] = []
+    boot = _boot_id()
     with naming(path), removed_on_failure(tmp), removed_on_failure(tmp_lengths):
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, EXAMPLES) as out:
-            for batch in rows:
-                examples = example_batch(batch, prompts)
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as out:
+            for batch in read_ahead(iter(rows)):  # the join decodes while this writes
+                examples = example_batch(batch, prompts, schema)
                 out.write_batch(examples)
                 parts.append(_row_lengths(examples, len(parts)))
-        _fsync(tmp)
-        lengths = pa.Table.from_batches(parts, schema=LENGTHS)
-        with pa.OSFile(str(tmp_lengths), "wb") as sink, pa.ipc.new_file(sink, LENGTHS) as out:
+        written = {b"boot": boot or SYNCED, b"examples_bytes": str(tmp.stat().st_size).encode()}
+        recorded = LENGTHS.with_metadata(written)
+        lengths = pa.Table.from_batches(parts, schema=LENGTHS).replace_schema_metadata(written)
+        with pa.OSFile(str(tmp_lengths), "wb") as sink, pa.ipc.new_file(sink, recorded) as out:
             out.write_table(lengths)
-        _fsync(tmp_lengths)
+        if boot is None:
+            _fsync(tmp)
+            _fsync(tmp_lengths)
         tmp_lengths.replace(lengths_path(path))
         tmp.replace(path)
-    fsync_dir(path.parent)
+    if boot is None:
+        fsync_dir(path.parent)
     return lengths.num_rows
 
 
+SYNCED = b"fsynced"  # the lengths file's boot when both files were fsynced (no boot id here)
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def _boot_id() -> bytes | None:
+    """This boot's id (Linux: new at every boot), or None where the kernel gives none."""
+    try:
+        return BOOT_ID.read_bytes().strip() or None
+    except OSError:
+        return None
+
+
+def _check_written(path: Path, meta: dict[bytes, bytes]) -> None:
+    """An ArrowInvalid unless the examples file at ``path`` (its lengths file's metadata:
+    ``meta``) can be reused: written in this boot (the page cache held every byte since,
+    whatever process was killed) or fsynced, and of the size recorded. A pair from before a
+    power loss or a reboot may hold pages that never reached the disk (zeros, or an older
+    file's blocks) under a valid-looking footer. Only reuse checks it: a file just written
+    (a launch spec's, read by ranks on other hosts) is complete."""
+    boot = meta.get(b"boot")
+    if boot is None or boot not in (SYNCED, _boot_id()):
+        raise pa.ArrowInvalid(f"{path} was written before this boot and not fsynced")
+    if meta.get(b"examples_bytes") != str(path.stat().st_size).encode():
+        raise pa.ArrowInvalid(f"{path} is not the size its lengths file recorded")
+
+
 LENGTHS = pa.schema(
-    [
+    [  # its metadata: the boot it was written in and the examples file's size (_check_written)
         pa.field("batch", pa.int32(), nullable=False),  # its record batch in the examples file
         pa.field("prompt", pa.int32(), nullable=False),
         pa.field("teacher_prompt", pa.int32(), nullable=False),  # 0: none
@@ -142,7 +179,7 @@ LENGTHS = pa.schema(
 
 def _row_lengths(batch: pa.RecordBatch, index: int) -> pa.RecordBatch:
     def length(name: str) -> np.ndarray:
-        return _lengths(batch.column(name)).astype(np.int32)
+        return list_lengths(batch.column(name)).astype(np.int32)
 
     columns = [
         np.full(batch.num_rows, index, np.int32),
@@ -158,65 +195,6 @@ def _row_lengths(batch: pa.RecordBatch, index: int) -> pa.RecordBatch:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-
-
-def example_batch(batch: pa.RecordBatch, prompts: Prompts) -> pa.RecordBatch:
-    """One batch of training rows (problem_id, sample_idx, token_ids [+ the scores' columns])
-    as a batch of the examples file, its scores checked against its targets."""
-    pids = batch.column("problem_id").to_pylist()
-    pairs = [prompts(pid) for pid in pids]
-    n = batch.num_rows
-    columns = {
-        "prompt_ids": pa.array([p for p, _ in pairs], _IDS),
-        "teacher_prompt_ids": pa.array([t for _, t in pairs], _IDS),
-        "target_ids": batch.column("token_ids").cast(_IDS),
-    }
-    if "k" in batch.schema.names:
-        _check_scores(batch, pids)
-        columns["k"] = batch.column("k").cast(pa.int32())
-        columns["topk_ids"] = batch.column("topk_ids").cast(_IDS)
-        columns["topk_logprob_gaps"] = batch.column("topk_logprob_gaps").cast(_SMALL)
-        columns["topk_counts"] = batch.column("topk_counts").cast(_SMALL)
-    else:
-        columns |= {f.name: pa.nulls(n, f.type) for f in EXAMPLES if f.name not in columns}
-    return pa.RecordBatch.from_arrays([columns[f.name] for f in EXAMPLES], schema=EXAMPLES)
-
-
-def _check_scores(batch: pa.RecordBatch, pids: list[str]) -> None:
-    """What ``decode_topk`` would refuse, for every row at once: a row without a score, entries
-    that are not T x k (or do not match their counts), scores covering another length. The
-    first bad row is named."""
-    k_col = batch.column("k")
-    unscored = k_col.is_null().to_numpy(zero_copy_only=False)
-    targets = _lengths(batch.column("token_ids"))
-    ids, gaps = _lengths(batch.column("topk_ids")), _lengths(batch.column("topk_logprob_gaps"))
-    counts = batch.column("topk_counts")
-    fixed = counts.is_null().to_numpy(zero_copy_only=False)
-    k = np.maximum(k_col.fill_null(1).to_numpy(zero_copy_only=False).astype(np.int64), 1)
-    parents = pc.list_parent_indices(counts).to_numpy()
-    values = pc.list_flatten(counts).to_numpy().astype(np.int64)
-    count_sum = np.bincount(parents, weights=values, minlength=len(pids)).astype(np.int64)
-    bad_count = np.zeros(len(pids), dtype=bool)
-    np.logical_or.at(bad_count, parents, (values < 1) | (values > k[parents]))
-    entries = (gaps != ids) | np.where(fixed, ids % k != 0, ids != count_sum)
-    covered = np.where(fixed, ids // k, _lengths(counts))
-    bad = unscored | entries | (~fixed & bad_count) | (covered != targets)
-    if not bad.any():
-        return
-    i = int(np.flatnonzero(bad)[0])
-    name = f"{pids[i]} sample {batch.column('sample_idx')[i]}"
-    if unscored[i]:
-        raise ValueError(f"{name}: no score")
-    if entries[i]:
-        raise ValueError(f"{name}: scores hold {ids[i]} ids and {gaps[i]} logprobs for k={k[i]}")
-    if bad_count[i]:
-        raise ValueError(f"{name}: a position keeps a count outside 1..k={k[i]}")
-    raise ValueError(f"{name}: scores cover {covered[i]} tokens, the target has {targets[i]}")
-
-
-def _lengths(column: pa.Array) -> np.ndarray:
-    """Per-row list lengths (0 for a null list) as int64."""
-    return pc.list_value_length(column).fill_null(0).to_numpy().astype(np.int64)
 
 
 def open_examples(path: Path) -> ExampleView:
@@ -237,13 +215,14 @@ class _Mapped:
         self.path = path
         with open(path, "rb") as fh:
             self.map = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
-        self.reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self.map)))
-        if not self.reader.schema.equals(EXAMPLES):
-            raise pa.ArrowInvalid(f"{path} is not an examples file: {self.reader.schema}")
         with pa.OSFile(str(lengths_path(path))) as source:  # read into memory, not mapped
             lengths = pa.ipc.open_file(source).read_all()
         if not lengths.schema.equals(LENGTHS):
             raise pa.ArrowInvalid(f"{lengths_path(path)} does not hold an examples file's lengths")
+        self.recorded = lengths.schema.metadata or {}
+        self.reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self.map)))
+        if not any(self.reader.schema.equals(s) for s in (EXAMPLES, NARROW)):
+            raise pa.ArrowInvalid(f"{path} is not an examples file: {self.reader.schema}")
         cols = {name: lengths.column(name).to_numpy() for name in LENGTHS.names}
         self.rows = lengths.num_rows
         self.batch_of = cols["batch"]
@@ -336,6 +315,11 @@ class ExampleView(Sequence[Example]):
     @property
     def path(self) -> Path:
         return self._data.path
+
+    @property
+    def recorded(self) -> dict[bytes, bytes]:
+        """What the lengths file recorded of its writing (the boot, the file's size)."""
+        return self._data.recorded
 
     @property
     def target_lengths(self) -> np.ndarray:
