@@ -123,32 +123,11 @@ def aligned(
     else); a target without its sample, or with two, cannot come from one round's stages and
     raises.
     """
-    import duckdb  # imported when a stage joins, not when its module is (config, CLI help)
-
     if not len(targets) or (kept is not None and not kept):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     if not len(samples):
         raise RuntimeError("targets without samples: the sample stage committed no rows")
-    # File lists are bound parameters: a workspace path is data, never SQL.
-    params = {"t": [str(p) for p in targets.files], "s": [str(p) for p in samples.files]}
-    opts = "filename = true, file_row_number = true, hive_partitioning = false"
-    query = (
-        "SELECT list_position($t, t.filename) - 1 AS tf, t.file_row_number AS tr, "
-        "list_position($s, s.filename) - 1 AS sf, s.file_row_number AS sr "
-        f"FROM read_parquet($t, {opts}) t "
-        f"LEFT JOIN read_parquet($s, {opts}) s USING (problem_id, sample_idx)"
-    )
-    if kept is not None:
-        params["d"] = [str(p) for p in kept]
-        query += (
-            " WHERE EXISTS (SELECT 1 FROM read_parquet($d, hive_partitioning = false) d "
-            "WHERE d.kept AND d.problem_id = t.problem_id AND d.sample_idx = t.sample_idx)"
-        )
-    con = duckdb.connect()
-    try:
-        keys = con.sql(query + " ORDER BY tf, tr", params=params).to_arrow_table()
-    finally:
-        con.close()
+    keys = key_positions(targets.files, samples.files, kept)
     where = targets.starts[keys.column("tf").to_numpy()] + keys.column("tr").to_numpy()
     if len(where) > 1 and not (np.diff(where) > 0).all():
         raise RuntimeError("a target row matches two samples with its problem_id and sample_idx")
@@ -159,6 +138,42 @@ def aligned(
         raise RuntimeError(f"{row['problem_id']} sample {row['sample_idx']}: no sample row")
     of_sample = samples.starts[keys.column("sf").to_numpy()] + keys.column("sr").to_numpy()
     return where.astype(np.int64), of_sample.astype(np.int64)
+
+
+def key_positions(
+    targets: list[Path], other: list[Path] | None, kept: list[Path] | None
+) -> pa.Table:
+    """The target rows' positions in their committed order (file ``tf``, row ``tr``), only those
+    a ``kept`` decision names when ``kept`` (a filter stage's decisions files) is given, each
+    with the position (``sf``, ``sr``; null where there is none) of the ``other`` row with its
+    ``(problem_id, sample_idx)``. DuckDB reads the key columns alone (Parquet's projection reads
+    nothing else): four integers a row, all that is held for the whole round."""
+    import duckdb  # imported when a stage joins, not when its module is (config, CLI help)
+
+    # File lists are bound parameters: a workspace path is data, never SQL.
+    params = {"t": [str(p) for p in targets]}
+    opts = "filename = true, file_row_number = true, hive_partitioning = false"
+    query = "SELECT list_position($t, t.filename) - 1 AS tf, t.file_row_number AS tr"
+    if other is not None:
+        params["s"] = [str(p) for p in other]
+        query += (
+            ", list_position($s, s.filename) - 1 AS sf, s.file_row_number AS sr "
+            f"FROM read_parquet($t, {opts}) t "
+            f"LEFT JOIN read_parquet($s, {opts}) s USING (problem_id, sample_idx)"
+        )
+    else:
+        query += f" FROM read_parquet($t, {opts}) t"
+    if kept is not None:
+        params["d"] = [str(p) for p in kept]
+        query += (
+            " WHERE EXISTS (SELECT 1 FROM read_parquet($d, hive_partitioning = false) d "
+            "WHERE d.kept AND d.problem_id = t.problem_id AND d.sample_idx = t.sample_idx)"
+        )
+    con = duckdb.connect()
+    try:
+        return con.sql(query + " ORDER BY tf, tr", params=params).to_arrow_table()
+    finally:
+        con.close()
 
 
 def _runs(values: np.ndarray) -> list[np.ndarray]:

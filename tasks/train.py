@@ -28,6 +28,7 @@ from tasks.common import StageResult, add_compute, stage_files
 from tasks.context import Context, Recipe, Round
 from tasks.generation import chat_prompts
 from tasks.stage import Stage
+from tasks.stream import key_positions
 from train.config import TrainConfig
 
 log = logging.getLogger("mpd")
@@ -53,33 +54,7 @@ def training_rows(
        file and the score files it needs, file after file. The score stage writes its rows in
        the targets' order, so each score file is read about once.
     """
-    import duckdb
-
-    # The file lists are bound parameters ($targets, ...): a workspace path is data, never SQL.
-    params: dict[str, list[str]] = {"targets": [str(p) for p in targets]}
-    opts = "filename = true, file_row_number = true"
-    score_cols = ", list_position($scores, s.filename) - 1 AS sf, s.file_row_number AS sr"
-    query = (
-        f"SELECT list_position($targets, t.filename) - 1 AS tf, t.file_row_number AS tr"
-        f"{score_cols if scores else ''} FROM read_parquet($targets, {opts}) t"
-    )
-    if scores is not None:
-        params["scores"] = [str(p) for p in scores]
-        query += (
-            f" LEFT JOIN read_parquet($scores, {opts}) s "
-            "ON s.problem_id = t.problem_id AND s.sample_idx = t.sample_idx"
-        )
-    if decisions is not None:
-        params["decisions"] = [str(p) for p in decisions]
-        query += (
-            " WHERE EXISTS (SELECT 1 FROM read_parquet($decisions) d WHERE d.kept "
-            "AND d.problem_id = t.problem_id AND d.sample_idx = t.sample_idx)"
-        )
-    con = duckdb.connect()
-    try:
-        keys = con.sql(query + " ORDER BY tf, tr", params=params).to_arrow_table()
-    finally:
-        con.close()
+    keys = key_positions(targets, scores, decisions)
     yield from _payload_batches(keys, targets, scores, batch_rows)
 
 
