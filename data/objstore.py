@@ -4,7 +4,7 @@ An object store has no rename, so the local store's commit (one directory rename
 used there. The protocol instead::
 
     <prefix>/.lock                                      the writer's lease (data/lock.py)
-    <prefix>/.staging/<stage>/round=<r>/<key16>/        shards of a run in progress
+    <prefix>/.staging/<stage>/round=<r>/<key16>-g<token>/   shards of a run in progress
         part-00000.parquet  _shards/part-00000.parquet.json   (marker uploaded after its shard)
     <prefix>/<stage>/round=<r>/<objects>/part-*.parquet a commit's files, never overwritten
     <prefix>/<stage>/round=<r>/_manifest.json           the commit: uploaded last
@@ -104,9 +104,9 @@ class ObjectStore(FencedWrites):
         """A committed file's URL, as DuckDB (with this filesystem registered) reads it."""
         return self.fs.unstrip_protocol(self.object_path(man, relative))
 
-    def staging_path(self, stage: str, round_: int, key16: str | None = None) -> str:
+    def staging_path(self, stage: str, round_: int, folder: str | None = None) -> str:
         base = self.path(STAGING, stage, f"round={round_}")
-        return base if key16 is None else f"{base}/{key16}"
+        return base if folder is None else f"{base}/{folder}"
 
     # -- reading ------------------------------------------------------------
     def check_reachable(self, wait_s: float | None = None) -> None:
@@ -213,7 +213,8 @@ class ObjectStore(FencedWrites):
         for marker in self._call(
             self.fs.glob, self.path(STAGING, "*", "round=*", "*", SHARD_MARKERS, "*.json")
         ):
-            stage, rdir, key16 = marker.split("/")[-5:-2]
+            stage, rdir, folder = marker.split("/")[-5:-2]
+            key16 = folder.split("-", 1)[0]
             try:
                 rows = int(json.loads(self._call(self.fs.cat_file, marker)).get("rows", 0))
             except (FileNotFoundError, ValueError):
@@ -245,21 +246,45 @@ class ObjectStore(FencedWrites):
 
     # -- staging ------------------------------------------------------------
     def push_shard(self, stage: str, round_: int, key16: str, shard: Path, marker: Path) -> None:
-        """Upload a finished shard, then its marker: a marker up implies its whole shard."""
-        base = self.staging_path(stage, round_, key16)
+        """Upload a finished shard, then its marker: a marker up implies its whole shard.
+
+        Fenced in two steps, because a store has no conditional "PUT while my lease holds": the
+        lease is read before the uploads (a writer known to be fenced out uploads nothing), and
+        again after them. A writer paused between the first read and its PUTs may have lost the
+        lease meanwhile; its uploads went to its own folder (``<key16>-g<token>``, never a newer
+        writer's), and the second read finds the loss and deletes them again before it raises.
+        """
+        fenced = fence.fence_of(self.url)
+        base = self.staging_path(stage, round_, staging_folder(key16, fenced))
+        uploads = [
+            (shard, f"{base}/{shard.name}"),
+            (marker, f"{base}/{SHARD_MARKERS}/{marker.name}"),
+        ]
         with fence.guarded(self.url):  # a writer that lost its lease adds nothing
-            self._call(self.fs.put_file, str(shard), f"{base}/{shard.name}")
-            self._call(self.fs.put_file, str(marker), f"{base}/{SHARD_MARKERS}/{marker.name}")
+            for local, remote in uploads:
+                self._call(self.fs.put_file, str(local), remote)
+        try:
+            fence.verify(self.url)
+        except fence.LeaseLostError:
+            for _, remote in uploads:
+                with contextlib.suppress(FileNotFoundError, StorageError):
+                    self._call(self.fs.rm_file, remote)
+            raise
 
     def pull_staging(self, stage: str, round_: int, key16: str, local_dir: Path) -> int:
         """Download the shards another process finished for this key; returns how many.
 
         What resumes a run on another machine (or after the local copy was lost): the local
-        writer then checks each shard against its marker, as for its own shards.
+        writer then checks each shard against its marker, as for its own shards. Every writer's
+        folder of the key is read (``<key16>-g<token>``, and ``<key16>`` of a run that held no
+        lease), each shard taken once.
         """
-        base = self.staging_path(stage, round_, key16)
         pulled = 0
-        for marker in self._call(self.fs.glob, f"{base}/{SHARD_MARKERS}/*.json"):
+        pattern = self.staging_path(stage, round_, f"{key16}*/{SHARD_MARKERS}/*.json")
+        for marker in sorted(self._call(self.fs.glob, pattern)):
+            base = marker.rsplit("/", 2)[0]
+            if base.rsplit("/", 1)[1].split("-", 1)[0] != key16:
+                continue
             name = marker.rsplit("/", 1)[1]
             local_marker = local_dir / SHARD_MARKERS / name
             if local_marker.exists():
@@ -278,10 +303,16 @@ class ObjectStore(FencedWrites):
         return pulled
 
     def drop_staging(self, stage: str, round_: int, *, keep: str | None = None) -> None:
-        """Delete the staging of ``(stage, round_)`` (all keys, or all but ``keep``). Fenced: a
-        writer that lost its lease must not delete the shards its successor is writing."""
+        """Delete the staging of ``(stage, round_)`` (every key's, or all but key16 ``keep``'s).
+        Fenced: a writer that lost its lease must not delete the shards its successor is
+        writing, and a folder a newer writer uploaded is left alone, whenever this runs."""
+        fenced = fence.fence_of(self.url)
         with fence.guarded(self.url):
-            self._drop_dirs(self.staging_path(stage, round_), keep=keep)
+            self._drop_dirs(
+                self.staging_path(stage, round_),
+                keep=keep,
+                upto=None if fenced is None else fenced.token,
+            )
 
     # -- internals ----------------------------------------------------------
     def _listing(self, man: Manifest) -> dict[str, dict[str, Any]]:
@@ -311,6 +342,12 @@ class ObjectStore(FencedWrites):
             if is_disk_full(exc) or (error := classify(exc, self.url, self.options)) is None:
                 raise
             raise error from None
+
+
+def staging_folder(key16: str, fenced: fence.Fence | None) -> str:
+    """The staging folder a writer uploads its shards to: its run's key and its lease's
+    token, so a writer fenced out late never writes into its successor's folder."""
+    return key16 if fenced is None else f"{key16}-g{fenced.token}"
 
 
 def attached(workspace: Path) -> ObjectStore | None:

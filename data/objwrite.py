@@ -42,7 +42,7 @@ class FencedWrites:
 
         def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any: ...
         def round_path(self, stage: str, round_: int) -> str: ...
-        def staging_path(self, stage: str, round_: int, key16: str | None = None) -> str: ...
+        def staging_path(self, stage: str, round_: int, folder: str | None = None) -> str: ...
         def object_path(self, man: Manifest, relative: str) -> str: ...
         def _listing(self, man: Manifest) -> dict[str, dict[str, Any]]: ...
 
@@ -72,7 +72,7 @@ class FencedWrites:
         self._put_manifest(published, body, fenced=fenced is not None)
         with fence.guarded(self.url):
             self._drop_dirs(self.round_path(man.stage, man.round), keep=objects, upto=token)
-            self._drop_dirs(self.staging_path(man.stage, man.round), keep=None)
+            self._drop_dirs(self.staging_path(man.stage, man.round), keep=None, upto=token)
         return published
 
     def _put_manifest(self, man: Manifest, body: bytes, *, fenced: bool) -> None:
@@ -146,10 +146,12 @@ class FencedWrites:
         return True
 
     def _drop_dirs(self, path: str, *, keep: str | None, upto: int | None = None) -> None:
-        """Delete every directory directly under ``path`` except ``keep`` (None: all).
+        """Delete every directory directly under ``path`` except ``keep`` (a folder's name, or
+        a key16: every writer's staging folder of that key; None: delete all).
 
-        ``upto``: the deleting writer's fencing token; a commit's folder that a writer with a
-        newer token uploaded (``<key16>-g<token>-<time>``) is left alone, whenever this runs.
+        ``upto``: the deleting writer's fencing token; a commit's or staging folder that a
+        writer with a newer token uploaded (``<key16>-g<token>[-<time>]``) is left alone,
+        whenever this runs.
         """
         try:
             entries = self._call(self.fs.ls, path, detail=True, refresh=True)
@@ -158,7 +160,7 @@ class FencedWrites:
         for entry in entries:
             name = entry["name"].rstrip("/")
             base = name.rsplit("/", 1)[1]
-            if entry.get("type") != "directory" or base == keep:
+            if entry.get("type") != "directory" or keep in (base, base.split("-", 1)[0]):
                 continue
             if upto is not None and objects_token(base) > upto:
                 continue
@@ -166,8 +168,9 @@ class FencedWrites:
 
 
 def objects_token(objects: str) -> int:
-    """The fencing token a commit's folder name carries (0: named before tokens existed)."""
-    match = re.fullmatch(r"[0-9a-f]{16}-g(\d+)-[0-9a-f]+", objects)
+    """The fencing token a commit's or staging folder's name carries (0: none, a writer that
+    held no lease or named it before tokens existed)."""
+    match = re.fullmatch(r"[0-9a-f]{16}-g(\d+)(-[0-9a-f]+)?", objects)
     return int(match.group(1)) if match else 0
 
 

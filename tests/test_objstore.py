@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -491,6 +492,65 @@ def test_fencing_the_protocol_in_its_racy_windows(s3: dict[str, str], tmp_path: 
         assert s.manifest("sample", 1).objects == second.objects
         assert not s.validate("sample", 1)
     finally:
+        fence.drop(url, fence.fence_of(url))  # type: ignore[arg-type]
+        a.stop_heartbeat()
+        if b is not None:
+            b.release()
+
+
+def test_fencing_a_shard_upload_that_passed_the_check_before_a_takeover(
+    s3: dict[str, str], tmp_path: Path
+) -> None:
+    """The window CI once caught with SIGSTOP: writer A reads its lease as current, is paused
+    before its PUTs, B takes over, pulls, commits and deletes the staging; A resumes and
+    uploads. A's objects land in its own token's folder (never B's), the lease read after the
+    uploads finds the loss, A deletes them again and raises: the bucket is as B left it."""
+    from data import fence
+    from data.fence import LeaseLostError
+
+    url = f"s3://{BUCKET}/fencing-staging"
+    s = store(url)
+    local = tmp_path / "round"
+    (local / "_shards").mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1, 2]}), local / "part-00000.parquet")
+    marker = local / "_shards" / "part-00000.parquet.json"
+    marker.write_text(json.dumps({"rows": 2}))
+    entry = FileEntry("part-00000.parquet", (local / "part-00000.parquet").stat().st_size, "", 2)
+    man = Manifest("sample", 1, "a" * 64, [entry], 2, 0.0, 0.0, 0.0, "test")
+    a = ObjectLease(s, {"pid": 1, "host": "a", "command": "writer A"}, ttl=1.0).acquire()
+    b = None
+    committed: dict[str, str] = {}
+    put_file = s.fs.put_file
+    try:
+        fence.hold(url, a)
+        s.push_shard("sample", 1, "a" * 16, local / "part-00000.parquet", marker)
+        assert s.partial_runs() == [("sample", 1, "a" * 16, 1, 2)], "folders carry the key"
+
+        def takeover_then_put(*args: Any, **kwargs: Any) -> Any:
+            nonlocal b, committed
+            if b is None:  # A passed its lease check, and is paused here
+                a.stop_heartbeat()
+                time.sleep(1.2)
+                b = ObjectLease(s, {"pid": 2, "host": "b", "command": "writer B"}).acquire()
+                fence.hold(url, b)
+                pulled = tmp_path / "b"
+                pulled.mkdir()
+                assert s.pull_staging("sample", 1, "a" * 16, pulled) == 1, "B resumes A's shard"
+                s.publish(man, local)
+                committed = {p: i["ETag"] for p, i in s.fs.find(s.root, detail=True).items()}
+                assert not any("/.staging/" in p for p in committed), "B's commit cleaned up"
+                fence.hold(url, a)  # A resumes
+            return put_file(*args, **kwargs)
+
+        s.fs.put_file = takeover_then_put  # type: ignore[method-assign]
+        with pytest.raises(LeaseLostError, match="lost the lease"):
+            s.push_shard("sample", 1, "a" * 16, local / "part-00000.parquet", marker)
+        s.fs.put_file = put_file  # type: ignore[method-assign]
+        after = {p: i["ETag"] for p, i in s.fs.find(s.root, detail=True).items()}
+        assert after == committed, "A's late uploads were removed again"
+        assert not s.validate("sample", 1)
+    finally:
+        s.fs.put_file = put_file  # type: ignore[method-assign]
         fence.drop(url, fence.fence_of(url))  # type: ignore[arg-type]
         a.stop_heartbeat()
         if b is not None:
