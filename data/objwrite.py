@@ -20,6 +20,7 @@ Stores without conditional writes (not S3) get check-then-act everywhere (:meth:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -59,17 +60,26 @@ class FencedWrites:
         objects = f"{man.key[:16]}-{tag}{time.time_ns():x}"
         published = Manifest.from_dict({**man.to_dict(), "objects": objects})
         fence.check(self.url)
-        for entry in published.files:
-            self._call(
-                self.fs.put_file,
-                str(local_dir / entry.path),
-                self.object_path(published, entry.path),
-            )
-        listed = self._listing(published)
-        for entry in published.files:
-            entry.etag = _etag(listed.get(entry.path, {}))
-        body = (json.dumps(published.to_dict(), indent=2, sort_keys=True) + "\n").encode()
-        self._put_manifest(published, body, fenced=fenced is not None)
+        try:
+            for entry in published.files:
+                self._call(
+                    self.fs.put_file,
+                    str(local_dir / entry.path),
+                    self.object_path(published, entry.path),
+                )
+            listed = self._listing(published)
+            for entry in published.files:
+                entry.etag = _etag(listed.get(entry.path, {}))
+            body = (json.dumps(published.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+            self._put_manifest(published, body, fenced=fenced is not None)
+        except fence.LeaseLostError:
+            # Fenced out after uploading: the folder is this writer's own (fresh name, its
+            # token), named by no manifest, so taking it back can touch no one else's files.
+            with contextlib.suppress(FileNotFoundError, StorageError):
+                self._call(
+                    self.fs.rm, f"{self.round_path(man.stage, man.round)}/{objects}", recursive=True
+                )
+            raise
         with fence.guarded(self.url):
             self._drop_dirs(self.round_path(man.stage, man.round), keep=objects, upto=token)
             self._drop_dirs(self.staging_path(man.stage, man.round), keep=None, upto=token)

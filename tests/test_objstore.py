@@ -484,6 +484,8 @@ def test_fencing_the_protocol_in_its_racy_windows(s3: dict[str, str], tmp_path: 
         fence.hold(url, a)  # A resumes
         with pytest.raises(LeaseLostError, match=r"lost the lease .* to pid 2 on b"):
             s.publish(man, local)
+        after = {p: i["ETag"] for p, i in s.fs.find(s.root, detail=True).items()}
+        assert after == committed, "A's uploads, named by no manifest, were taken back"
         with pytest.raises(LeaseLostError):
             s.retract("sample", 1)
         assert s.put_if(manifest_path, b"{}", etag=etag_a) is None, "a newer commit stands"
