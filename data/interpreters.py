@@ -38,6 +38,8 @@ sites = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
 print(json.dumps({"versions": out, "sites": sites}))
 """
 
+ASK_TIMEOUT_S = 120  # a second is typical; a cold disk under load can take far longer
+
 
 class InterpreterError(UserError):
     """An interpreter a stage computes with cannot be asked its library versions."""
@@ -87,7 +89,7 @@ def _ask(python: str, dists: list[str]) -> dict:
             [python, "-c", ASK, json.dumps(dists)],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=ASK_TIMEOUT_S,
             # the environment a vLLM worker gets: ours, minus paths meant for our interpreter
             env={k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME"}},
         )
@@ -95,7 +97,7 @@ def _ask(python: str, dists: list[str]) -> dict:
         raise InterpreterError(f"cannot run {python} to read its library versions: {exc}") from None
     except subprocess.TimeoutExpired:  # a loaded machine, a slow disk: transient, exit 1
         raise InterpreterTimeoutError(
-            f"{python} did not report its library versions within 120 s"
+            f"{python} did not report its library versions within {ASK_TIMEOUT_S} s"
         ) from None
     lines = proc.stdout.strip().splitlines()
     try:
