@@ -120,11 +120,17 @@ def tree_digest(path: Path | str, cache: Path | None = None) -> str:
 
     A model directory's identity: the same weights, tokenizer and config give the same digest
     wherever they lie (a workspace's bootstrap copy of the shipped world, a copied checkpoint).
+    Hidden files and folders are not part of it: ``huggingface-cli download --local-dir`` leaves
+    per-download metadata under ``.cache/``, which no loader reads and which differs between
+    two downloads of the same weights (a commit leaves hidden files out too, data/store.py).
     """
     path = Path(path)
     if not path.is_dir():
         return file_digest(path, cache)  # its content: a file moved or renamed is the same input
     h = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file, cache)}\n".encode())
+        rel = file.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts):
+            continue  # .cache/huggingface/ of a download, .DS_Store: no loader reads them
+        h.update(f"{rel.as_posix()}\0{file_digest(file, cache)}\n".encode())
     return h.hexdigest()

@@ -105,6 +105,24 @@ def test_a_directory_is_keyed_by_its_files_and_a_file_by_its_content(tmp_path: P
     assert tree_digest(a) == tree_digest(b)  # one file: its name is no part of its content
 
 
+def test_hidden_files_of_a_model_directory_are_no_part_of_it(tmp_path: Path) -> None:
+    """Two downloads of the same weights differ only in ``.cache/huggingface/`` metadata (and a
+    desktop's ``.DS_Store``): the same model, the same key, no recomputation."""
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "sub" / "tokenizer.json").write_text("{}")
+    first = tree_digest(model)
+    meta = model / ".cache" / "huggingface" / "download"
+    meta.mkdir(parents=True)
+    (meta / "config.json.metadata").write_text(f"etag\n{time.time()}\n")
+    (model / ".DS_Store").write_bytes(b"\1")
+    (model / "sub" / ".config.json.swp").write_bytes(b"\2")
+    assert tree_digest(model) == first
+    (model / "sub" / "tokenizer.json").write_text('{"v": 2}')  # a visible file still counts
+    assert tree_digest(model) != first
+
+
 def test_the_cache_lives_in_mpd_cache_dir_or_the_workspace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
