@@ -148,12 +148,11 @@ def _download(store: ObjectStore, man: Manifest, files: list[Any], target: Path)
     whole made under a temporary name and renamed into place (a killed fetch is never reused)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".fetch-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    base = "/".join(p for p in (store.round_path(man.stage, man.round), man.objects) if p)
     with naming(target), removed_on_failure(tmp):
         for entry in files:
             out = tmp / entry.path
             out.parent.mkdir(parents=True, exist_ok=True)
-            store._call(store.fs.get_file, f"{base}/{entry.path}", str(out))
+            store.get_object(man, entry.path, out)
             if out.stat().st_size != entry.bytes or sha256_file(out) != entry.sha256:
                 raise StaleModelError(
                     f"{man.stage} round {man.round}: {entry.path} in {store.url} does not match "

@@ -98,7 +98,8 @@ class ObjectStore(FencedWrites):
         return self.path(stage, f"round={round_}")
 
     def object_path(self, man: Manifest, relative: str) -> str:
-        return f"{self.round_path(man.stage, man.round)}/{man.objects}/{relative}"
+        parts = (self.round_path(man.stage, man.round), man.objects, relative)
+        return "/".join(p for p in parts if p)  # no ``objects``: files beside the manifest
 
     def object_url(self, man: Manifest, relative: str) -> str:
         """A committed file's URL, as DuckDB (with this filesystem registered) reads it."""
@@ -222,6 +223,11 @@ class ObjectStore(FencedWrites):
             runs.setdefault((stage, int(rdir.removeprefix("round=")), key16), []).append(rows)
         return [(s, r, k, len(v), sum(v)) for (s, r, k), v in sorted(runs.items())]
 
+    def get_object(self, man: Manifest, relative: str, out: Path) -> None:
+        """Download one file of commit ``man`` to local path ``out`` (unchecked: the caller
+        compares it with the manifest's sha256, as it decides what a mismatch means)."""
+        self._call(self.fs.get_file, self.object_path(man, relative), str(out))
+
     # -- writing (commits: data/objwrite.py) --------------------------------
     def download(self, man: Manifest, target: Path) -> None:
         """Download a commit into local directory ``target`` (made by rename from a temporary
@@ -233,7 +239,7 @@ class ObjectStore(FencedWrites):
             for entry in man.files:
                 out = tmp / entry.path
                 out.parent.mkdir(parents=True, exist_ok=True)
-                self._call(self.fs.get_file, self.object_path(man, entry.path), str(out))
+                self.get_object(man, entry.path, out)
                 if out.stat().st_size != entry.bytes or sha256_file(out) != entry.sha256:
                     raise ValueError(
                         f"{man.stage} round {man.round}: {entry.path} is corrupt (sha256)"
