@@ -31,7 +31,7 @@ from flows import modes
 from flows.artifacts import publish_round
 from flows.bootstrap import check_tokenizers, ensure_packaged
 from flows.config import DEPLOYMENT, ConfigError, RunConfig, dump_config, load_config
-from flows.logs import setup_logging
+from flows.logs import quiet_returned_failures, setup_logging
 from flows.preflight import attach_storage, check_inputs
 from flows.stopping import in_flow
 from flows.summary import print_summary
@@ -120,6 +120,7 @@ def run_campaign(cfg: RunConfig) -> None:
 
     if FlowRunContext.get() is None:
         setup_logging()  # inside a flow, Prefect's handlers already carry the mpd logger
+    quiet_returned_failures()
     log.setLevel(logging.INFO)
     ws = attach_storage(cfg)
     with WorkspaceLock(ws) as lock:

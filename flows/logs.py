@@ -26,3 +26,25 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
         log.setLevel(level)
         log.propagate = False
     return log
+
+
+def quiet_returned_failures() -> None:
+    """Install :class:`NoEmptyTraceback` on Prefect's task-run logger (once per process). Called
+    where a campaign starts, inside its flow too: a deployment's flow run never passes through
+    the CLI."""
+    task_runs = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, NoEmptyTraceback) for f in task_runs.filters):
+        task_runs.addFilter(NoEmptyTraceback())
+
+
+class NoEmptyTraceback(logging.Filter):
+    """Drops a traceback request made with no exception in flight.
+
+    Prefect logs a task that *returned* a Failed state (``tasks/failing.py``: a user mistake
+    or a full disk, said in one line) with ``exc_info=True`` outside any ``except``; Python
+    formats that as a line ``NoneType: None`` under the record. The record itself is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is None:
+            record.exc_info = None
+        return True

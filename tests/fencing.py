@@ -60,7 +60,7 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 def fenced_out(log: str) -> list[str]:
     """The paused writer's error lines (there must be exactly one, saying the lease was lost)."""
-    assert "Traceback" not in log, log[-4000:]
+    assert "Traceback" not in log and "NoneType: None" not in log, log[-4000:]
     return [line for line in log.splitlines() if line.startswith("mpd: error:")]
 
 
