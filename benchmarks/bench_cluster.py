@@ -66,16 +66,16 @@ def main() -> None:
 
     from data.answers import answers_match
     from data.store import StageStore
-    from data.world import build_problems
     from engines.config import EngineConfig
     from tasks import cluster
     from tasks.cluster import RunnerConfig
     from tasks.common import read_stage, run_stage
     from tasks.engines import EngineHandle, close_engines
     from tasks.sample import SampleConfig, sample_body
+    from world import build_problems
 
     torch.set_num_threads(2)
-    student = ROOT / "assets" / "world" / "student"
+    student = ROOT / "world" / "assets" / "student"
     cfg = SampleConfig(
         problems_per_round=args.problems,
         n=1,

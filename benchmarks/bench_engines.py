@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from engines.base import EngineUnavailableError, GenerationParams  # noqa: E402
 from engines.config import EngineConfig  # noqa: E402
 
-STUDENT = REPO / "assets" / "world" / "student"
+STUDENT = REPO / "world" / "assets" / "student"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,10 +54,10 @@ def throughput(engine, prompts: list[list[int]], params: GenerationParams) -> fl
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from data.world import build_problems
     from engines.hf import load_hf_engine
     from engines.vllm import load_vllm_engine
     from tasks.generation import chat_prompt
+    from world import build_problems
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -23,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from data.answers import format_prompt
-from data.world import build_problems, corpus_texts
-from data.world.tokenizer import train_tokenizer
 from engines.base import GenerationParams
 from engines.hf import HFEngine, cache_keyword
-from train.tiny import TinyModelConfig, build_tiny_model
+from world import build_problems, corpus_texts
+from world.config import TinyModelConfig, build_tiny_model
+from world.tokenizer import train_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

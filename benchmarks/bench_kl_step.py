@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from train.batching import Example, collate
 from train.config import TrainConfig
-from train.tiny import TinyModelConfig, build_tiny_model
 from train.trainer import prepare_run, train_step
+from world.config import TinyModelConfig, build_tiny_model
 
 STUDENT = TinyModelConfig()  # hidden 128, 3 layers, 4 heads, 2 kv heads, intermediate 512
 TEACHER = TinyModelConfig(

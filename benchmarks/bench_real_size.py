@@ -54,9 +54,9 @@ sys.path.insert(0, str(ROOT))
 
 from data.schemas import REWRITES, SAMPLES, SCORES  # noqa: E402  (after the path)
 from data.store import StageStore  # noqa: E402
-from train.tiny import TinyModelConfig  # noqa: E402
+from world.config import TinyModelConfig  # noqa: E402
 
-TOKENIZER = ROOT / "assets" / "world" / "tokenizer"
+TOKENIZER = ROOT / "world" / "assets" / "tokenizer"
 STEPS = ("scan", "filter", "join", "read", "train")
 SMALL = TinyModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128)
 
@@ -242,8 +242,8 @@ def _train(args, files, decisions, examples) -> dict:
 
     from train.config import TrainConfig
     from train.example_file import open_examples
-    from train.tiny import build_tiny_model
     from train.trainer import train
+    from world.config import build_tiny_model
 
     torch.set_num_threads(2)
     tok = _tokenizer()
@@ -269,7 +269,7 @@ _TOK = None
 
 
 def _student(args, files, decisions, examples) -> dict:
-    from train.tiny import build_tiny_model
+    from world.config import build_tiny_model
 
     build_tiny_model(_tokenizer(), SMALL).save_pretrained(examples.parent / "student")
     return {"rows": 0}

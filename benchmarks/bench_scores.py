@@ -59,7 +59,7 @@ def main() -> None:
         prompts = world_scores(StageStore(ws), args.problems, args.n)
         report("built-in world (805-token vocabulary)", stage_files(StageStore(ws), "score", 1))
         samples = read_stage(StageStore(ws), "sample", 1).to_pylist()
-        assets = ROOT / "assets" / "world"
+        assets = ROOT / "world" / "assets"
         per_position_k(
             "built-in world: shipped student, shipped teacher (problem context)",
             assets / "student",
@@ -106,16 +106,16 @@ def world_scores(store, problems: int, n: int) -> dict[str, str]:
     import torch
 
     from data.answers import answers_match
-    from data.world import build_problems
     from engines.config import EngineConfig
     from tasks.common import run_stage
     from tasks.engines import EngineHandle
     from tasks.sample import SampleConfig, sample_body
     from tasks.score import TARGET_COLUMNS, ScoreConfig, score_body
     from tasks.stream import Rows
+    from world import build_problems
 
     torch.set_num_threads(2)
-    assets = ROOT / "assets" / "world"
+    assets = ROOT / "world" / "assets"
     records = build_problems(11, problems, 0, 0, difficulty=1)
     student = EngineHandle(EngineConfig(kind="hf"), str(assets / "student"), "float32", "cpu")
     teacher = EngineHandle(EngineConfig(kind="hf"), str(assets / "teacher"), "float32", "cpu")

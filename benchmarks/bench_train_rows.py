@@ -92,7 +92,7 @@ def _assemble(files: dict[str, list[Path]], queue: mp.Queue) -> None:
     from tasks.train import build_examples, training_rows
     from train.models import load_tokenizer
 
-    tok = load_tokenizer(ROOT / "assets" / "world" / "tokenizer")
+    tok = load_tokenizer(ROOT / "world" / "assets" / "tokenizer")
     problems = {f"p{i:05d}": {"prompt": f"What is {i} + {i}?"} for i in range(5000)}
     started, rows = time.perf_counter(), 0
     batches = training_rows(files["targets"], decisions=files["decisions"], scores=files["scores"])

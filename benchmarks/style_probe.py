@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 def _headers(problem, *, given: bool) -> str:
     """The steps style without its running values; with ``given``, the problem restated first."""
     from data.answers import format_completion
-    from data.world.narrate import equation, header
+    from world.narrate import equation, header
 
     lines = list(problem.given) if given else []
     for index, step in enumerate(problem.steps, start=1):
@@ -61,7 +61,7 @@ def _headers(problem, *, given: bool) -> str:
 def _planned(problem) -> str:
     """The steps style under the verbose trace's plan line (its step count kept)."""
     from data.answers import format_completion
-    from data.world.styles import steps_lines
+    from world.styles import steps_lines
 
     plan = f"That takes {len(problem.steps)} steps, so I will go one step at a time."
     return format_completion([plan, *steps_lines(problem)], problem.answer)
@@ -87,7 +87,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from data.answers import format_prompt
-    from data.world import (
+    from engines.hf import HFEngine
+    from flows.bootstrap import SHIPPED
+    from train.models import load_tokenizer
+    from train.trainer import train
+    from world import (
         TRAIN_FAMILIES,
         build_problems,
         generate,
@@ -95,13 +99,9 @@ def main() -> None:
         render_steps,
         render_verbose,
     )
-    from engines.hf import HFEngine
-    from flows.bootstrap import SHIPPED
-    from train.bootstrap import generate_rows, recipe_config
-    from train.models import load_tokenizer
-    from train.tiny import Recipe
-    from train.trainer import train
-    from train.world_data import encode
+    from world.bootstrap import generate_rows, recipe_config
+    from world.config import Recipe
+    from world.corpus import encode
 
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(SHIPPED / "tokenizer")

@@ -16,9 +16,9 @@ import time
 from collections import defaultdict
 
 from data.answers import count_tokens
-from data.world.problems import build_problems, corpus_texts, problem_from_record
-from data.world.styles import render_concise, render_verbose
-from data.world.tokenizer import train_tokenizer
+from world.problems import build_problems, corpus_texts, problem_from_record
+from world.styles import render_concise, render_verbose
+from world.tokenizer import train_tokenizer
 
 
 def _parse_difficulty(text: str) -> int | tuple[int, int]:

@@ -52,7 +52,7 @@ def package_version() -> str:
 
 
 # Top-level packages of this project: imports of these are followed, everything else is a library.
-PACKAGES = ("data", "engines", "flows", "tasks", "train")
+PACKAGES = ("data", "engines", "flows", "tasks", "train", "world")
 
 # Libraries whose version can change a stage's output (numerics, tokenisation, SQL, grading), by
 # the name a module imports -> the distributions that import brings into the computation (its

@@ -249,7 +249,7 @@ EVALS = pa.schema(
 # role "student" solves the eval problems from the plain prompt, "student_cued"
 # from the problem inside the concise cue (data/prompts.py), "teacher" solves
 # directly; role "rewrite" is the teacher rewriting the student's plain trace
-# (orig_* describe that trace). style: the completion's style, data.world.style_of.
+# (orig_* describe that trace). style: the completion's style, world.style_of.
 BOOTSTRAP_EVALS = pa.schema(
     [
         *EVALS,

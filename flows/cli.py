@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bootstrap",
         help="build the reference world: tokenizer, student and teacher",
-        description="Without --from-scratch the shipped models (assets/world) are verified and "
+        description="Without --from-scratch the shipped models (world/assets) are verified and "
         "installed into the workspace; --from-scratch trains them (minutes on a GPU, many hours "
         "on a CPU). With --out DIR the result is written as an assets directory instead. "
         "--finetune SRC --out DIR fine-tunes the models of the assets in SRC into the config's "

@@ -30,7 +30,7 @@ from tasks.rewrite import RewriteConfig
 from tasks.sample import SampleConfig
 from tasks.score import ScoreConfig, SelfDistillConfig
 from train.config import ModelsConfig, TrainConfig
-from train.tiny import BootstrapConfig
+from world.config import BootstrapConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"

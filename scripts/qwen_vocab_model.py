@@ -64,7 +64,7 @@ def qwen_tokenizer():
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from data.world.tokenizer import CHAT_TEMPLATE
+    from world.tokenizer import CHAT_TEMPLATE
 
     bpe = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
     tok = TikTokenConverter(vocab_file=str(bpe), pattern=PATTERN).converted()

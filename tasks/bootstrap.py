@@ -3,7 +3,7 @@
 It runs once per workspace, before the problems, and only when a model is ``builtin:``. Two
 sources, one stage (``bootstrap/round=0``, cached by key):
 
-- shipped (default): ``assets/world`` in the repository, verified against its manifest's
+- shipped (default): ``world/assets`` in the repository, verified against its manifest's
   checksums and copied in. Its key is the shipped files' content and the copying code, so a
   re-shipped world is installed anew and an unrelated edit installs nothing;
 - from scratch (``mpd bootstrap --from-scratch``, or no shipped world): trained here with the
@@ -29,7 +29,7 @@ from tasks.context import BUILTIN_MODELS, NO_STUDENT, Context, Round
 from tasks.stage import Stage
 
 log = logging.getLogger("mpd")
-SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "world"
+SHIPPED = Path(__file__).resolve().parents[1] / "world" / "assets"
 
 
 def bootstrap_assets(
@@ -42,12 +42,12 @@ def bootstrap_assets(
     sources: dict[str, Path] | None = None,
     parts: tuple[str, ...] = ("student", "teacher"),
 ) -> dict:
-    """Train into an assets directory (what ``assets/world`` is made by): from scratch, or
+    """Train into an assets directory (what ``world/assets`` is made by): from scratch, or
     from ``sources`` (role -> assets directory): the roles in ``parts`` fine-tuned into the
     config's ``bootstrap`` world, the others copied. The sources' manifests are kept as the
     new one's parents. Rerunning the same command after a kill resumes from the checkpoints."""
-    import train.bootstrap  # torch: loaded only when a world is trained
-    from train.assets import check_same_tokenizer_files, verify_assets, write_assets
+    import world.bootstrap  # torch: loaded only when a world is trained
+    from world.manifest import check_same_tokenizer_files, verify_assets, write_assets
 
     parents = {}
     for role, src in (sources or {}).items():
@@ -56,7 +56,7 @@ def bootstrap_assets(
             raise UserError(f"{src} is a source of this bootstrap: give an --out other than it")
     if sources is not None:
         check_same_tokenizer_files(sources["student"], sources["teacher"])
-    rows, metrics = train.bootstrap.run_bootstrap(
+    rows, metrics = world.bootstrap.run_bootstrap(
         cfg.bootstrap,
         out,
         seed=cfg.seed,
@@ -102,7 +102,7 @@ def ensure_bootstrap(
     writer = store.writer("bootstrap", 0, key.key, code_version=key.code)
     started = time.monotonic()
     if copy:
-        from train.assets import copy_assets
+        from world.manifest import copy_assets
 
         manifest = copy_assets(SHIPPED, writer.dir)
         source = f"shipped {SHIPPED} ({manifest['command']})"
@@ -141,7 +141,7 @@ STAGE = Stage(
     config=world_config,
     files=lambda cfg: {"world": SHIPPED} if shipped() else {},
     # what copies and verifies the shipped files, or what trains the world
-    code=lambda cfg: ("train.assets",) if shipped() else ("tasks.bootstrap",),
+    code=lambda cfg: ("world.manifest",) if shipped() else ("tasks.bootstrap",),
     per_round=False,
     when=uses_builtin,
 )

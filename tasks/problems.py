@@ -93,7 +93,7 @@ def problem_records(cfg: ProblemsConfig, seed: int) -> list[dict]:
         assert cfg.reasoning_gym is not None  # guaranteed by the validator
         records = gym_records(cfg.reasoning_gym, seed)
     else:
-        from data.world import build_problems
+        from world import build_problems
 
         records = [
             {**r, "source": "builtin"}

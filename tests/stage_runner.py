@@ -20,12 +20,12 @@ from typing import Any
 
 from tests.conftest import REPO
 
-STUDENT = REPO / "assets" / "world" / "student"
+STUDENT = REPO / "world" / "assets" / "student"
 PROBLEMS, SAMPLES_PER_PROBLEM, SHARD_SIZE, MAX_TOKENS = 8, 2, 2, 48
 
 
 def records() -> list[dict]:
-    from data.world import build_problems
+    from world import build_problems
 
     return build_problems(11, PROBLEMS, 0, 0, difficulty=1)
 

@@ -32,8 +32,8 @@ from tasks.common import StageResult
 from tasks.context import Context, Recipe, Round
 from tests.conftest import REPO
 
-STUDENT = REPO / "assets" / "world" / "student"
-TEACHER = REPO / "assets" / "world" / "teacher"
+STUDENT = REPO / "world" / "assets" / "student"
+TEACHER = REPO / "world" / "assets" / "teacher"
 TEXT_BYTES, TOKENS, SAMPLES_PER_PROBLEM = 1400, 350, 4
 
 

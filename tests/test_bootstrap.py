@@ -12,7 +12,7 @@ import pytest
 from flows.bootstrap import SHIPPED
 from flows.errors import UserError
 from tasks.context import resolve_model
-from train.assets import AssetsError, verify_assets
+from world.manifest import AssetsError, verify_assets
 
 REPO = Path(__file__).resolve().parents[1]
 # Every mpd subprocess talks to the session's one Prefect server (tests/conftest.py).
@@ -105,6 +105,7 @@ def test_shipped_assets_verify_and_tampering_is_caught(tmp_path: Path) -> None:
     combined = next(m for m in lineage if m["command"].startswith("mpd bootstrap --combine"))
     for role in ("student", "teacher"):
         commands = [m["command"] for m in _lineage(combined["config"]["parents"][role])]
+        # as recorded when they were trained: the shipped assets lay in assets/world then
         assert commands[0].startswith(f"mpd bootstrap --finetune assets/world --only {role}")
         assert commands[-1].startswith("mpd bootstrap --from-scratch")
     assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) <= 25 * 2**20
@@ -130,9 +131,9 @@ def test_builtin_names_before_bootstrap_and_bad_paths(tmp_path: Path) -> None:
 
 
 def test_run_refuses_mismatched_tokenizers(tmp_path: Path) -> None:
-    from data.world import build_problems, corpus_texts
-    from data.world.tokenizer import train_tokenizer
-    from train.tiny import TinyModelConfig, build_tiny_model
+    from world import build_problems, corpus_texts
+    from world.config import TinyModelConfig, build_tiny_model
+    from world.tokenizer import train_tokenizer
 
     other = tmp_path / "other-teacher"
     texts = corpus_texts(build_problems(5, 30, 0, 0, 1))  # different text: different merges

@@ -254,7 +254,7 @@ def test_server_refusing_the_api_key_is_one_line_without_prefect_tracebacks(
     from engines.hf import load_hf_engine
     from tests.standin_server import StandInServer
 
-    server = StandInServer(load_hf_engine(REPO / "assets/world/student", device="cpu")).start()
+    server = StandInServer(load_hf_engine(REPO / "world/assets/student", device="cpu")).start()
     try:
         server.reset(api_key="sk-right")
         engine = [

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from data.answers import format_prompt
-from data.world import build_problems, corpus_texts
-from data.world.tokenizer import train_tokenizer
 from engines.base import Completion, GenerationParams
 from engines.hf import HFEngine
-from train.tiny import TinyModelConfig, build_tiny_model
+from world import build_problems, corpus_texts
+from world.config import TinyModelConfig, build_tiny_model
+from world.tokenizer import train_tokenizer
 
 TINY = TinyModelConfig(
     hidden_size=64,

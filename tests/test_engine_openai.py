@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.world import build_problems
 from engines.base import EngineUnavailableError, GenerationParams
 from engines.config import EngineConfig
 from engines.hf import HFEngine, load_hf_engine
@@ -30,8 +29,9 @@ from tasks.engines import engine_for
 from tasks.generation import chat_prompt
 from tests.conftest import REPO, free_port
 from tests.standin_server import StandInServer
+from world import build_problems
 
-STUDENT = REPO / "assets" / "world" / "student"
+STUDENT = REPO / "world" / "assets" / "student"
 KEY = "sk-test-5b1e7c0d9a-never-write-me"
 
 

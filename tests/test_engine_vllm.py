@@ -144,7 +144,7 @@ def hf() -> HFEngine:
 
 @pytest.fixture(scope="module")
 def prompts(hf: HFEngine) -> list[list[int]]:
-    from data.world import build_problems
+    from world import build_problems
 
     return [chat_prompt(hf.tokenizer, r["prompt"]) for r in build_problems(3, 8, 0, 0, 1)]
 

@@ -44,12 +44,12 @@ from flows import cli
 from flows.config import ConfigError
 from tasks.filter import FilterError
 from tests.conftest import REPO
-from train.assets import AssetsError
 from train.checkpoint import CheckpointMismatchError
 from train.models import ModelLoadError, TokenizerMismatchError
 from train.trainer import TrainInputError
+from world.manifest import AssetsError
 
-PRODUCT = ("data", "tasks", "flows", "train", "engines")
+PRODUCT = ("data", "tasks", "flows", "train", "engines", "world")
 
 USER = [
     ConfigError,

@@ -33,8 +33,8 @@ from train.example_file import (
     stored_examples,
     write_examples,
 )
-from train.tiny import TinyModelConfig, build_tiny_model
 from train.trainer import LaunchSpec, train
+from world.config import TinyModelConfig, build_tiny_model
 
 K = 4
 SMALL = TinyModelConfig(
@@ -47,7 +47,7 @@ SMALL = TinyModelConfig(
 def tok():
     from train.models import load_tokenizer
 
-    return load_tokenizer(REPO / "assets" / "world" / "tokenizer")
+    return load_tokenizer(REPO / "world" / "assets" / "tokenizer")
 
 
 def write_round(
@@ -352,7 +352,7 @@ def test_kill_9_mid_train_resumes_the_same_data_order(tmp_path: Path, tok) -> No
         out, digests = tmp_path / name, tmp_path / f"{name}.digests"
         spec = LaunchSpec(
             model=str(model_dir), examples=str(data), out_dir=str(out), config=cfg,
-            tokenizer=str(REPO / "assets" / "world" / "tokenizer"), threads=1, cpu=True, seed=7,
+            tokenizer=str(REPO / "world" / "assets" / "tokenizer"), threads=1, cpu=True, seed=7,
         )  # fmt: skip
         (tmp_path / f"{name}.json").write_text(spec.model_dump_json())
         cmd = [sys.executable, "-m", "tests.order_child", str(tmp_path / f"{name}.json")]

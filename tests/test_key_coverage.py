@@ -27,7 +27,7 @@ from flows.config import RunConfig
 from flows.modes import plan_keys
 from tests.conftest import REPO
 
-WORLD = REPO / "assets" / "world"
+WORLD = REPO / "world" / "assets"
 BASE: dict[str, Any] = {
     "rounds": 2,
     "models": {"student": str(WORLD / "student"), "teacher": str(WORLD / "teacher")},

@@ -1,6 +1,6 @@
 """Issue 5's "done when": distilling the shipped student on the shipped teacher's rewrites works.
 
-The models are the real ones of the pipeline, `assets/world/{tokenizer,student,teacher}`: a
+The models are the real ones of the pipeline, `world/assets/{tokenizer,student,teacher}`: a
 student that writes verbose traces from the plain prompt and a teacher trained to rewrite them
 into the short steps style. The data
 is made the way one MPD round makes it, in miniature:
@@ -36,7 +36,6 @@ import torch
 from data.answers import format_prompt
 from data.prompts import rewrite_prompt
 from data.schemas import LOGPROB_MIN, LOGPROB_SCALE, logprob_gaps
-from data.world import TRAIN_FAMILIES, Problem, generate, render_verbose
 from engines.base import GenerationParams
 from engines.hf import HFEngine
 from train.batching import Example, collate, example_from_scores
@@ -44,8 +43,9 @@ from train.config import TrainConfig
 from train.losses import reduce_tokens, reverse_kl
 from train.models import load_model, load_tokenizer
 from train.trainer import train
+from world import TRAIN_FAMILIES, Problem, generate, render_verbose
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets" / "world"
+ASSETS = Path(__file__).resolve().parents[1] / "world" / "assets"
 N_TRAIN, N_HELDOUT = 48, 16
 DIFFICULTY = (1, 2)  # the bootstrap's range: what both models were trained on
 VERBOSITY = 2  # the student's trained style; the teacher was trained to rewrite it

@@ -18,8 +18,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from data.world import build_problems, corpus_texts
-from data.world.tokenizer import train_tokenizer
 from engines.base import GenerationParams
 from engines.hf import HFEngine, load_hf_engine
 from tests.conftest import REPO
@@ -30,7 +28,9 @@ from train.models import (
     load_model,
     load_tokenizer,
 )
-from train.tiny import TinyModelConfig, build_tiny_model
+from world import build_problems, corpus_texts
+from world.config import TinyModelConfig, build_tiny_model
+from world.tokenizer import train_tokenizer
 
 TINY = TinyModelConfig(
     hidden_size=64,

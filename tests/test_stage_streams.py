@@ -33,7 +33,6 @@ import tasks.sample
 import tasks.score
 import tasks.truncate
 from data.store import StageStore
-from data.world import build_problems
 from engines.hf import load_hf_engine
 from engines.openai import EngineGaveUpError
 from tasks.common import read_stage
@@ -51,6 +50,7 @@ from tests.stream_world import (
     write_round,
 )
 from tests.whole_table_stages import whole_table_rewrite, whole_table_score, whole_table_truncate
+from world import build_problems
 
 KEEP_FIRST = REPO / "tests" / "fixtures" / "keep_first_filter.sql"
 # Shards of 2 prompts x 2 samples, read by rewrite in shards of 5, scored in shards of 3,

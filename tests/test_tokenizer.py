@@ -13,9 +13,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from data.answers import count_tokens, format_prompt
-from data.world import build_problems, corpus_texts, corrupt, problem_from_record
-from data.world.styles import render_concise, render_verbose
-from data.world.tokenizer import SPECIAL_TOKENS, THINK_TOKENS, train_tokenizer
+from world import build_problems, corpus_texts, corrupt, problem_from_record
+from world.styles import render_concise, render_verbose
+from world.tokenizer import SPECIAL_TOKENS, THINK_TOKENS, train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,6 @@ import torch
 
 from data.answers import format_prompt
 from data.schemas import LOGPROB_MIN, LOGPROB_SCALE, TRAIN_LOG, conform, logprob_gaps
-from data.world import build_problems, corpus_texts, problem_from_record, render_concise
-from data.world.tokenizer import IM_END, train_tokenizer
 from train.batching import (
     BatchPlan,
     Example,
@@ -40,8 +38,10 @@ from train.config import LoraConfig, TrainConfig
 from train.losses import cross_entropy, reduce_tokens, reverse_kl
 from train.models import load_model
 from train.schedule import lr_factor
-from train.tiny import TinyModelConfig, build_tiny_model
 from train.trainer import LaunchSpec, TrainInputError, train
+from world import build_problems, corpus_texts, problem_from_record, render_concise
+from world.config import TinyModelConfig, build_tiny_model
+from world.tokenizer import IM_END, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = TinyModelConfig(

@@ -21,7 +21,7 @@ K = 3
 def tok():
     from train.models import load_tokenizer
 
-    return load_tokenizer(REPO / "assets" / "world" / "tokenizer")
+    return load_tokenizer(REPO / "world" / "assets" / "tokenizer")
 
 
 def _write(tmp: Path, rng: np.random.Generator) -> tuple[list[Path], list[Path], list[Path]]:

@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from data.answers import count_tokens, extract_answer
-from data.world import (
+from world import (
     FAMILIES,
     HELDOUT_FAMILIES,
     TRAIN_FAMILIES,
@@ -25,10 +25,10 @@ from data.world import (
     render_verbose,
     solve,
 )
-from data.world.narrate import recheck
-from data.world.steps import Step
-from data.world.styles import concise_lines, steps_lines, verbose_lines
-from data.world.tokenizer import train_tokenizer
+from world.narrate import recheck
+from world.steps import Step
+from world.styles import concise_lines, steps_lines, verbose_lines
+from world.tokenizer import train_tokenizer
 
 
 def _oracle(family: str, question: str) -> int:

@@ -1,4 +1,4 @@
-"""What the built-in models are trained on (train/world_data.py): the mix is what the config says."""
+"""What the built-in models are trained on (world/corpus.py): the mix is what the config says."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import pytest
 
 from data.answers import format_prompt
 from data.prompts import cued_prompt
-from data.world import STUDENT_OPENER, build_problems, style_of
-from train.tiny import BootstrapConfig
-from train.world_data import make_texts
+from world import STUDENT_OPENER, build_problems, style_of
+from world.config import BootstrapConfig
+from world.corpus import make_texts
 
 
 def test_style_of_reads_the_first_think_line() -> None:
     import random
 
-    from data.world import generate, render_concise, render_steps, render_verbose
+    from world import generate, render_concise, render_steps, render_verbose
 
     p = generate("transfer", random.Random(3), 2)
     assert style_of(render_verbose(p, random.Random(0))) == "verbose"
@@ -69,7 +69,7 @@ def test_forced_examples_train_the_short_branch_but_not_its_choice() -> None:
     """plain_target_forced: the first think word moves into the prompt, on a token boundary."""
     from flows.bootstrap import SHIPPED
     from train.models import load_tokenizer
-    from train.world_data import encode
+    from world.corpus import encode
 
     cfg = BootstrapConfig(
         student_mix={"cue_share": 0, "plain_target_share": 0.5, "plain_target_forced": 0.5}

@@ -1,7 +1,7 @@
 """The shipped world has the properties MPD's demonstration rests on (issue: the reference world).
 
 Two kinds of check, both quick:
-- the bootstrap's own evaluation (``assets/world/evals.parquet``, the ``bootstrap_evals``
+- the bootstrap's own evaluation (``world/assets/evals.parquet``, the ``bootstrap_evals``
   table of every workspace) holds them, read with the SQL a user would run;
 - the shipped models, run here, still behave as those rows say (a slice of them, greedy):
   the rows are not a stale record of other weights.
@@ -71,10 +71,10 @@ def test_the_shipped_models_still_behave_as_their_rows_say(ws: Path) -> None:
 
     from data.answers import format_prompt
     from data.prompts import cued_prompt
-    from data.world import build_problems
     from engines.hf import HFEngine
-    from train.bootstrap import generate_rows
     from train.models import load_model, load_tokenizer
+    from world import build_problems
+    from world.bootstrap import generate_rows
 
     evals = pq.read_table(SHIPPED / "evals.parquet").to_pylist()
     records = {r["problem_id"]: r for r in build_problems(0, 0, 1000, 100, (1, 2))}

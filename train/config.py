@@ -1,4 +1,4 @@
-"""Model identities and the training step's knobs (the world's own config is train/tiny.py)."""
+"""Model identities and the training step's knobs (the world's own config is world/config.py)."""
 
 from __future__ import annotations
 

@@ -224,7 +224,7 @@ def test_signal_stop_closing_the_engine_mid_decode_finishes_the_call() -> None:
     from engines.base import GenerationParams
     from engines.hf import load_hf_engine
 
-    engine = load_hf_engine(REPO / "assets" / "world" / "student", device="cpu")
+    engine = load_hf_engine(REPO / "world" / "assets" / "student", device="cpu")
     model, calls = engine.model, []
 
     def forward(*args: object, **kwargs: object) -> object:

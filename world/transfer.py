@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import re
 
-from data.world.steps import Tape
+from world.steps import Tape
 
 NAME = "transfer"
 _NAMES = ("Alice", "Bob", "Carol", "Dave", "Emma", "Frank", "Grace", "Henry")

@@ -24,9 +24,9 @@ import random
 from collections.abc import Sequence
 
 from data.answers import IM_END, format_prompt
-from data.world.families import HELDOUT_FAMILIES, TRAIN_FAMILIES, generate, solve
-from data.world.steps import Problem
-from data.world.styles import render_concise, render_verbose
+from world.families import HELDOUT_FAMILIES, TRAIN_FAMILIES, generate, solve
+from world.steps import Problem
+from world.styles import render_concise, render_verbose
 
 Difficulty = int | tuple[int, int]
 _MAX_TRIES = 1000

@@ -12,7 +12,7 @@ slipped step repeat its wrong result, like a student who believes it.
 
 from __future__ import annotations
 
-from data.world.steps import Step
+from world.steps import Step
 
 _SYMBOL = {"add": "+", "sub": "-", "mul": "*", "mod": "mod"}
 _PLACES = ("Ones", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import re
 
-from data.world.steps import Tape
+from world.steps import Tape
 
 NAME = "arith"
 _DIGITS = {1: (1, 2), 2: (2, 2), 3: (2, 3), 4: (3, 3), 5: (3, 4)}

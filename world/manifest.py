@@ -1,6 +1,6 @@
 """Bootstrap assets: a directory holding the built-in world's trained models.
 
-    assets/world/
+    world/assets/
       tokenizer/  student/  teacher/     Hugging Face directories (safetensors)
       evals.parquet                      the bootstrap's evaluation (table bootstrap_evals)
       MANIFEST.json                      sha256 of every file, the command and the

@@ -54,9 +54,9 @@ from __future__ import annotations
 import random
 
 from data.answers import format_completion
-from data.world.families import corrupt
-from data.world.narrate import detail, equation, header, recheck, so_far
-from data.world.steps import Problem, Step
+from world.families import corrupt
+from world.narrate import detail, equation, header, recheck, so_far
+from world.steps import Problem, Step
 
 VERBOSITY_LEVELS = (1, 2, 3)
 TARGET_STYLES = ("concise", "steps")
@@ -69,7 +69,7 @@ _OPENERS = (
 # The built-in student's verbose traces all open with this one line: its choice of style is
 # then one decision at the first think token (verbose opener or "Step 1:"), and greedy
 # decoding takes the verbose branch as long as it holds the majority of that token's mass
-# (three openers would split it). See train/world_data.py.
+# (three openers would split it). See world/corpus.py.
 STUDENT_OPENER = _OPENERS[0]
 _PLANS = (
     "That takes {n} steps, so I will go one step at a time.",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 import re
 
-from data.world.steps import Tape
+from world.steps import Tape
 
 NAME = "modular"
 _MOD_RANGE = {1: (5, 20), 2: (8, 25), 3: (11, 30), 4: (13, 40), 5: (17, 50)}

@@ -8,7 +8,7 @@ long run on a CPU writes checkpoints and resumes where it was killed.
 
 Why these shapes: the student must be small enough to be imperfect (50–85%
 accuracy) and to sample fast on a CPU; the teacher is ~4x larger. What each is
-trained on, and why, is in ``train/world_data.py``.
+trained on, and why, is in ``world/corpus.py``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,27 @@ from pathlib import Path
 
 import torch
 
+from data.answers import IM_END, format_prompt
+from data.prompts import cued_prompt, rewrite_prompt
+from data.traces import think_close_id, trace_rows
+from engines.base import GenerationParams
+from engines.hf import HFEngine
 from train.batching import Example
+from train.checkpoint import checkpoint_step, latest_checkpoint
 from train.config import TrainConfig
-from train.tiny import BootstrapConfig, Recipe
+from train.models import load_tokenizer, resolve_device
+from train.trainer import train
+from world import (
+    build_problems,
+    corpus_texts,
+    problem_from_record,
+    render_concise,
+    render_target,
+    style_of,
+)
+from world.config import BootstrapConfig, Recipe, build_tiny_model
+from world.corpus import encode, make_texts
+from world.tokenizer import train_tokenizer
 
 log = logging.getLogger("mpd.bootstrap")
 
@@ -60,8 +78,6 @@ def train_model(
     kill, continues from the newest one (the examples are a function of the seed and
     the config, so it sees the same data). Returns what the manifest records.
     """
-    from train.checkpoint import checkpoint_step, latest_checkpoint
-    from train.trainer import train
 
     cfg = recipe_config(recipe, checkpoint_every)
 
@@ -87,7 +103,6 @@ def train_model(
 
 def exclusion_set(seed: int, cfg: BootstrapConfig) -> tuple[list[dict], list[str]]:
     """The campaign's test/held-out problems (never trained on) and their questions."""
-    from data.world import build_problems
 
     records = build_problems(seed, 0, cfg.exclude_test, cfg.eval_heldout, cfg.difficulty)
     return records, [r["prompt"] for r in records]
@@ -95,9 +110,6 @@ def exclusion_set(seed: int, cfg: BootstrapConfig) -> tuple[list[dict], list[str
 
 def tokenizer_texts(seed: int, cfg: BootstrapConfig) -> list[str]:
     """World text in every style the models will read, cued and rewrite prompts included."""
-    from data.answers import IM_END
-    from data.world import build_problems, corpus_texts
-    from train.world_data import make_texts
 
     records = build_problems(seed + 7, 600, 0, 100, cfg.difficulty)
     texts = corpus_texts(records, seed=seed, verbosity=3)
@@ -119,9 +131,6 @@ def generate_rows(
     max_tokens: int,
 ) -> list[dict]:
     """Greedy completions of ``prompts`` as ``bootstrap_evals`` rows (role, split, family, style)."""
-    from data.traces import think_close_id, trace_rows
-    from data.world import style_of
-    from engines.base import GenerationParams
 
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     params = GenerationParams(
@@ -158,10 +167,6 @@ def evaluate_world(
     problem inside the concise cue (its short mode), ``teacher`` solves directly,
     ``rewrite`` is the teacher rewriting the student's plain trace.
     """
-    from data.answers import format_prompt
-    from data.prompts import cued_prompt, rewrite_prompt
-    from data.world import problem_from_record, render_concise, render_target
-    from engines.hf import HFEngine
 
     # On a GPU one batch holds every prompt; on a CPU the default bounds memory.
     on_gpu = next(student.parameters()).is_cuda
@@ -243,11 +248,6 @@ def run_bootstrap(
     saved, so a killed run resumes.
     """
     from transformers import AutoModelForCausalLM
-
-    from data.world.tokenizer import train_tokenizer
-    from train.models import load_tokenizer, resolve_device
-    from train.tiny import build_tiny_model
-    from train.world_data import encode, make_texts
 
     dev = resolve_device(device)
     started = time.monotonic()

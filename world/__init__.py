@@ -1,6 +1,13 @@
-"""The built-in reference world: verifiable problems, two solution styles, a tokenizer.
+"""The built-in reference world, mpd's embedded default: what `make run` trains and measures.
 
-Public API (the tokenizer lives in ``data.world.tokenizer`` and is not
+It holds the world's problems (one module per family), its solution styles, its tokenizer,
+its models' shapes and the ``bootstrap:`` config section (``world.config``), the recipe that
+trains its student and teacher (``world.corpus``, ``world.bootstrap``), and the shipped result
+(``world/assets/``, checked by ``world.manifest``). It is built on the library like any user's
+code: it may import data/, train/ and engines/; none of those imports it (tasks/ and flows/
+do, to install and run it).
+
+Public API (the tokenizer lives in ``world.tokenizer`` and is not
 imported here, so that using problems does not import transformers)::
 
     build_problems(seed, n_train, n_test, n_heldout, difficulty=3) -> list[dict]
@@ -14,7 +21,7 @@ imported here, so that using problems does not import transformers)::
     check(pred, gold) -> bool
 """
 
-from data.world.families import (
+from world.families import (
     FAMILIES,
     HELDOUT_FAMILIES,
     TRAIN_FAMILIES,
@@ -23,9 +30,9 @@ from data.world.families import (
     generate,
     solve,
 )
-from data.world.problems import build_problems, corpus_texts, problem_from_record
-from data.world.steps import Problem, Step
-from data.world.styles import (
+from world.problems import build_problems, corpus_texts, problem_from_record
+from world.steps import Problem, Step
+from world.styles import (
     STUDENT_OPENER,
     STYLES,
     TARGET_STYLES,

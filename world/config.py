@@ -37,7 +37,7 @@ class Recipe(StrictModel):
 
 
 class StudentMix(StrictModel):
-    """What the built-in student is trained on (train/world_data.py explains the design)."""
+    """What the built-in student is trained on (world/corpus.py explains the design)."""
 
     cue_share: float = Field(
         0.3,
@@ -126,7 +126,7 @@ class BootstrapConfig(StrictModel):
         description="The short style: what the teacher rewrites into and what the student "
         "writes under the cue. 'steps' keeps each step's header, equation and running value "
         "(about half the verbose length; the tiny student computes as well in it), 'concise' "
-        "only the equations (the first world's target; data/world/styles.py).",
+        "only the equations (the first world's target; world/styles.py).",
     )
     checkpoint_every: int = Field(
         50, ge=1, description="Steps between resumable checkpoints of a training run."

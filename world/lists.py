@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import re
 
-from data.world.steps import Tape
+from world.steps import Tape
 
 NAME = "lists"
 _VALUE_MAX = {1: 20, 2: 50, 3: 99, 4: 150, 5: 300}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import re
 
-from data.world.steps import Tape
+from world.steps import Tape
 
 NAME = "shopping"
 _NAMES = ("Tom", "Ana", "Leo", "Mia", "Sam", "Zoe", "Ben", "Ivy")

@@ -47,7 +47,7 @@ class Problem:
     """A problem with its worked solution; the question is the source of truth.
 
     Everything but ``difficulty`` is a function of ``(family, question)``: see
-    ``data.world.families.solve``. ``given`` are the facts the verbose style
+    ``world.families.solve``. ``given`` are the facts the verbose style
     restates; ``goal`` is what the question asks, as a noun phrase.
     """
 

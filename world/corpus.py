@@ -37,7 +37,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 from data.answers import IM_END, format_prompt
 from data.prompts import cued_prompt, rewrite_prompt
-from data.world import (
+from train.batching import Example
+from world import (
     STUDENT_OPENER,
     TRAIN_FAMILIES,
     corrupt,
@@ -45,8 +46,7 @@ from data.world import (
     render_target,
     render_verbose,
 )
-from train.batching import Example
-from train.tiny import BootstrapConfig
+from world.config import BootstrapConfig
 
 Text = tuple[str, str]  # (chat-formatted prompt, completion without the end-of-turn token)
 

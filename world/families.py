@@ -13,8 +13,8 @@ import random
 from types import ModuleType
 
 from data.answers import answers_match
-from data.world import arith, lists, modular, shopping, transfer
-from data.world.steps import Problem, Tape
+from world import arith, lists, modular, shopping, transfer
+from world.steps import Problem, Tape
 
 FAMILIES: dict[str, ModuleType] = {m.NAME: m for m in (arith, transfer, modular, lists, shopping)}
 TRAIN_FAMILIES: tuple[str, ...] = ("arith", "transfer", "modular", "lists")
