@@ -185,6 +185,9 @@ def test_the_readme_lists_every_config_section() -> None:
     text = README.read_text()
     missing = [s for s in RunConfig.model_fields if f"`{s}`" not in text]
     assert not missing, f"README.md does not list the config sections {missing}"
+    table = (REPO / "docs" / "configuration.md").read_text()
+    rows = [s for s in RunConfig.model_fields if f"| `{s}` |" not in table]
+    assert not rows, f"docs/configuration.md's table of sections lacks {rows}"
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -304,3 +307,26 @@ def test_docs_has_an_index_that_links_every_page() -> None:
     pages = [p.name for p in (REPO / "docs").glob("*.md") if p.name != "README.md"]
     unlinked = [p for p in pages if f"]({p})" not in text]
     assert not unlinked, f"docs/README.md does not link {unlinked}"
+
+
+def test_the_readme_config_commands_run_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``cp`` and ``mpd config show`` of the README, run for real from the repository root (the
+    copies land in a temporary directory): the config a user starts from resolves, with the
+    overrides the README shows."""
+    from flows.cli import main
+
+    monkeypatch.chdir(REPO)
+    made: dict[str, str] = {}
+    ran = 0
+    for words in _shell_commands(README.read_text()):
+        words = [made.get(w, w) for w in words]
+        if words[0] == "cp":
+            made[words[2]] = str(tmp_path / Path(words[2]).name)
+            Path(made[words[2]]).write_text((REPO / words[1]).read_text())
+        elif words[:3] == ["mpd", "config", "show"]:
+            assert main(words[1:]) == 0, shlex.join(words)
+            assert "workspace:" in capsys.readouterr().out
+            ran += 1
+    assert ran >= 1, "README shows no `mpd config show`"
