@@ -37,7 +37,8 @@ FAST_TESTS := tests/test_answers.py tests/test_keys.py tests/test_errors.py test
 	tests/test_losses.py tests/test_chunked.py tests/test_filter.py tests/test_schemas.py \
 	tests/test_store.py tests/test_lock.py tests/test_catalog.py tests/test_sql_guard.py \
 	tests/test_sources.py tests/test_mathscore.py tests/test_tokenizer.py tests/test_world.py \
-	tests/test_world_data.py tests/test_stage_registry.py tests/test_multihost_fetch.py tests/faults
+	tests/test_world_data.py tests/test_stage_registry.py tests/test_multihost_fetch.py tests/test_docs.py \
+	tests/faults
 
 test-fast: $(STAMP)  ## the fast tier (< 3 min): lint, then the tests that need no Prefect or training
 	$(BIN)/ruff check .

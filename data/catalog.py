@@ -76,6 +76,7 @@ from data.manifest import MANIFEST, Manifest
 from data.objstore import ObjectStore
 from data.sandbox import SINK_BATCH_ROWS, QueryTimeoutError, open_sandbox, run_query_on
 from data.sql_guard import ReadOnlyError, SqlError, check_read_only, one_line
+from data.store import StageStore
 from data.tables import tables
 
 log = logging.getLogger("mpd.catalog")
@@ -166,8 +167,6 @@ def committed_files(
 
     On object storage the same rule gives the objects' URLs, from the committed manifests.
     """
-    from data.store import StageStore
-
     if isinstance(workspace, ObjectStore):
         return _committed_objects(workspace, table, left_out)
     spec = tables()[table]
@@ -241,8 +240,6 @@ def round_summary_sql() -> str:
 
 def _stage_runs_table(workspace: Path | ObjectStore) -> pa.Table:
     """The stage_runs rows: the committed manifests, one row each (a snapshot, like the views)."""
-    from data.store import StageStore
-
     store = workspace if isinstance(workspace, ObjectStore) else StageStore(workspace)
     rows = [
         (

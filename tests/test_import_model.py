@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SHARED_GSM8K, needs_gsm8k
+from tests.conftest import GSM8K_FIXTURE, REPO
 
-GSM8K_TEST = SHARED_GSM8K / "test.jsonl"
+GSM8K_TEST = GSM8K_FIXTURE / "test.jsonl"
 
 
 def mpd(*args: str) -> subprocess.CompletedProcess[str]:
@@ -49,7 +49,6 @@ def test_the_import_is_a_plain_model_directory(smollm2: Path) -> None:
     assert "quantization_config" not in config
 
 
-@needs_gsm8k
 def test_the_engine_generates_and_scores_with_its_chat_template(smollm2: Path) -> None:
     import torch
 

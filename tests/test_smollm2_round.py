@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, needs_gsm8k
+from tests.conftest import GSM8K_FIXTURE, REPO
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 KEEP_FIRST = Path(__file__).resolve().parent / "fixtures" / "keep_first_filter.sql"
@@ -35,14 +35,13 @@ REDUCED = {
 }
 
 
-@needs_gsm8k
 def test_one_round_of_the_smollm2_config_runs_every_stage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from data.catalog import run_query
     from flows.cli import main
 
-    monkeypatch.chdir(REPO)  # the config's GSM8K path is relative to the repository
+    monkeypatch.chdir(REPO)  # the config's GSM8K path (the fixture) is relative to the repository
     ws = tmp_path / "ws"
     sets = [a for k, v in REDUCED.items() for a in ("--set", f"{k}={v}")]
     assert main(["run", "-c", "configs/smollm2-gsm8k.yaml", "-w", str(ws), *sets]) == 0
@@ -65,7 +64,10 @@ def test_one_round_of_the_smollm2_config_runs_every_stage(
     assert row["samples"] == 8 and row["rewrites"] == 8 and row["evals"] == 4
     assert row["kept"] >= 1 and row["steps"] >= 2
     assert 1000 < row["top_id"] < 49152  # real-vocabulary ids, not the tiny world's
-    assert row["test_problems"] == 1319  # GSM8K's own test split
+    fixture_test = len((GSM8K_FIXTURE / "test.jsonl").read_text().splitlines())
+    assert (
+        row["test_problems"] == fixture_test == 50
+    )  # the config's GSM8K: the fixture's test split
     # no <think> tags: the whole reply counts as the trace
     (tags,) = run_query(ws, "select count(*) n from samples where answer_tokens > 0").to_pylist()
     assert tags["n"] == 0

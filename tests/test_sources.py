@@ -27,7 +27,7 @@ from data.sources import (
     check_problem_source,
     load_problems,
 )
-from tests.conftest import REPO, SHARED_GSM8K, free_port, needs_gsm8k
+from tests.conftest import FULL_GSM8K, GSM8K_FIXTURE, REPO, free_port, needs_full_gsm8k
 
 ROWS = [{"question": f"What is {i} + {i}?", "solution": 2 * i, "uid": f"q{i}"} for i in range(40)]
 MAPPED = {"prompt_column": "question", "answer_column": "solution"}
@@ -282,9 +282,9 @@ def test_unreadable_parquet(tmp_path: Path) -> None:
     assert "cannot read Parquet" in error(tmp_path / "bad.parquet")
 
 
-# -- GSM8K, MATH and datasets.load_dataset (the real GSM8K files in ../shared/data) ----------
+# -- GSM8K, MATH and datasets.load_dataset (GSM8K's own files: the committed fixture) --------
 
-GSM8K = SHARED_GSM8K
+GSM8K = GSM8K_FIXTURE  # GSM8K's first 150 train and 50 test problems, as it ships them
 
 
 def test_gsm8k_gold_answers_come_after_the_last_hashes() -> None:
@@ -304,7 +304,6 @@ def test_boxed_gold_answers_balance_their_braces() -> None:
     assert boxed_gold(r"\boxed{unclosed") is None and boxed_gold("none") is None
 
 
-@needs_gsm8k
 def test_the_gsm8k_test_file_reads_with_its_gold_answers() -> None:
     recs = load(GSM8K / "test.jsonl", prompt_column="question", answer_format="gsm8k", limit=20)
     assert len(recs) == 20
@@ -334,17 +333,32 @@ def test_math_solutions_read_their_boxed_answer(tmp_path: Path) -> None:
     assert [r["answer"] for r in recs] == [r"\frac{1}{2}", "2"]
 
 
-@needs_gsm8k
 def test_load_dataset_reads_the_gsm8k_directory_with_its_splits() -> None:
     """The real datasets.load_dataset on a local directory: train.jsonl and test.jsonl become
-    splits train and test (a hub id takes the same path, unreachable offline)."""
+    splits train and test (a hub id takes the same path, unreachable offline); LICENSE and
+    NOTICE beside them are no split."""
     recs = load(GSM8K, format="hf_dataset", prompt_column="question", answer_format="gsm8k")
     splits = Counter(r["split"] for r in recs)
-    assert splits == {"train": 7473, "test": 1319}
+    assert splits == {"train": 150, "test": 50}
     one = load(
         GSM8K, format="hf_dataset", prompt_column="question", answer_format="gsm8k", split="test"
     )
-    assert len(one) == 1319
+    assert len(one) == 50
+    assert [r["prompt"] for r in one] == [r["prompt"] for r in recs if r["split"] == "test"]
+
+
+@needs_full_gsm8k
+def test_the_full_gsm8k_reads_with_every_gold_answer_and_holds_the_fixture() -> None:
+    """The full set, from the directory MPD_GSM8K names: GSM8K's own split sizes, every row
+    with a gold answer, and the committed fixture is its first rows, unchanged."""
+    assert FULL_GSM8K is not None
+    recs = load(FULL_GSM8K, format="hf_dataset", prompt_column="question", answer_format="gsm8k")
+    assert Counter(r["split"] for r in recs) == {"train": 7473, "test": 1319}
+    assert all(r["answer"] and "####" not in r["answer"] for r in recs)
+    for split in ("train", "test"):
+        fixture = (GSM8K / f"{split}.jsonl").read_text().splitlines()
+        full = (FULL_GSM8K / f"{split}.jsonl").read_text().splitlines()
+        assert fixture == full[: len(fixture)], split
 
 
 # A child process reads hub datasets as the problems stage does (load_problems), with the hub
