@@ -4,8 +4,9 @@ It holds the world's problems (one module per family), its solution styles, its 
 its models' shapes and the ``bootstrap:`` config section (``world.config``), the recipe that
 trains its student and teacher (``world.corpus``, ``world.bootstrap``), and the shipped result
 (``world/assets/``, checked by ``world.manifest``). It is built on the library like any user's
-code: it may import data/, train/ and engines/; none of those imports it (tasks/ and flows/
-do, to install and run it).
+code; none of data/, train/, engines/ imports it (tasks/ and flows/ do, to install and run it).
+
+May import: data/, train/, engines/.
 
 Public API (the tokenizer lives in ``world.tokenizer`` and is not
 imported here, so that using problems does not import transformers)::
