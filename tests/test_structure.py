@@ -232,7 +232,7 @@ MAY_IMPORT_LINE = re.compile(r"^May import: (.+)$", re.M)
 @pytest.mark.parametrize("package", PACKAGES)
 def test_each_package_says_what_it_holds_and_what_it_may_import(package: str) -> None:
     """``__init__.py`` opens with a docstring: a first line saying what the package holds, and a
-    line ``May import: data/, train/`` (or ``May import: nothing of ours``) naming the packages
+    line ``May import: data/, train/`` (or ``May import: no other package of ours.``) naming the packages
     the picture allows it, which are then all it imports."""
     path = REPO / package / "__init__.py"
     tree = ast.parse(path.read_text())
