@@ -32,6 +32,7 @@ from flows.artifacts import publish_round
 from flows.bootstrap import check_tokenizers, ensure_packaged
 from flows.config import DEPLOYMENT, ConfigError, RunConfig, dump_config, load_config
 from flows.logs import quiet_returned_failures, setup_logging
+from flows.nightly import rounds_to_reach
 from flows.preflight import attach_storage, check_inputs
 from flows.stopping import in_flow
 from flows.summary import print_summary
@@ -84,7 +85,7 @@ def campaign_flow(
     an optional workspace and ``key=value`` overrides. ``rounds_per_night`` (the
     nightly deployment's) reaches the rounds already committed in the workspace
     plus that many instead, capped by ``rounds`` when both are given
-    (``flows/serve.py``).
+    (``flows/nightly.py``).
     """
     with in_flow():  # a stop signal ends the run in seconds (flows/stopping.py)
         try:
@@ -98,8 +99,6 @@ def campaign_flow(
                 if value is not None and value < least:
                     raise ConfigError(f"{name} parameter {value}: must be {least} or more")
             if rounds_per_night is not None:
-                from flows.serve import rounds_to_reach
-
                 cfg.rounds = rounds_to_reach(cfg.workspace, rounds_per_night, cap=rounds)
             elif rounds is not None:
                 cfg.rounds = rounds

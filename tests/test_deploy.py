@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from data.errors import UserError
-from flows.serve import NIGHTLY, committed_rounds, rounds_to_reach, serve_options
+from flows.nightly import committed_rounds, rounds_to_reach
+from flows.serve import NIGHTLY, serve_options
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
