@@ -30,6 +30,7 @@ import torch
 
 from data.memory import naming_memory
 from engines.base import Completion, GenerationParams, Progress, TokenScores
+from train.models import load_model, load_tokenizer
 
 log = logging.getLogger("mpd.engines.hf")
 
@@ -336,7 +337,5 @@ class HFEngine:
 
 def load_hf_engine(path: Path | str, *, dtype: str = "float32", device: str = "auto", **kw):
     """An :class:`HFEngine` over a model directory (see :mod:`train.models`)."""
-    from train.models import load_model, load_tokenizer
-
     model = load_model(path, dtype=dtype, device=device)
     return HFEngine(model, load_tokenizer(path), **kw)

@@ -48,6 +48,7 @@ from engines.remote import (
     scores_from_entries,
     to_completion,
 )
+from train.models import load_tokenizer
 
 log = logging.getLogger("mpd.engines.openai")
 
@@ -402,8 +403,6 @@ def load_openai_engine(
     The tokenizer is local because prompts go out as ids and completions are
     decoded here; the served model must use the same one.
     """
-    from train.models import load_tokenizer
-
     tokenizer = load_tokenizer(model_path)
     assert cfg.base_url is not None  # EngineConfig refuses an openai engine without one
     return OpenAIEngine(

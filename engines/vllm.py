@@ -49,6 +49,7 @@ from engines.remote import (
     to_completion,
 )
 from engines.vllm_proc import Worker
+from train.models import load_tokenizer
 
 log = logging.getLogger("mpd.engines.vllm")
 
@@ -243,8 +244,6 @@ def resolve_python(python: str | None) -> Path:
 
 def load_vllm_engine(model_path: Path | str, cfg: EngineConfig, *, dtype: str) -> VLLMEngine:
     """A :class:`VLLMEngine` for ``cfg`` (the parent side: tokenizer here, weights in vLLM)."""
-    from train.models import load_tokenizer
-
     python = resolve_python(cfg.python)
     path = Path(model_path)
     if (path / "adapter_config.json").is_file():

@@ -31,9 +31,17 @@ from typing import Any
 
 from prefect import flow
 
+from data import catalog
+from data.errors import kind_of
+from data.fsutil import atomic_write_json
+from data.lock import WorkspaceLock
+from flows.bench_report import print_progress, write_report
+from flows.campaign import campaign_flow
 from flows.config import DEFAULT_CONFIG, RunConfig, load_config
 from flows.errors import UserError
+from flows.logs import setup_logging
 from flows.modes import MODES
+from flows.stopping import in_flow
 
 log = logging.getLogger("mpd")
 
@@ -136,8 +144,6 @@ def budget_line(cfg: RunConfig) -> str:
 
 def write_members(root: Path, members: list[Member]) -> None:
     """bench.json: what makes ``root`` a bench root for ``mpd sql`` (data/catalog.py)."""
-    from data.fsutil import atomic_write_json
-
     atomic_write_json(
         root / "bench.json",
         {
@@ -169,14 +175,6 @@ def bench_flow(
     the run then fails with one line. A bug fails at once, with its traceback.
     """
     from prefect.context import FlowRunContext
-
-    from data import catalog
-    from data.errors import kind_of
-    from data.lock import WorkspaceLock
-    from flows.bench_report import print_progress, write_report
-    from flows.campaign import campaign_flow
-    from flows.logs import setup_logging
-    from flows.stopping import in_flow
 
     if FlowRunContext.get() is None:
         setup_logging()

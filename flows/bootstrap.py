@@ -13,11 +13,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from data import catalog
+from data.fsutil import atomic_write_bytes
 from data.lock import WorkspaceLock
 from data.store import StageStore
 from flows.config import RunConfig, dump_config
+from flows.logs import setup_logging
+from flows.prefect_env import prefect_env
 from tasks.bootstrap import SHIPPED, bootstrap_assets, ensure_bootstrap
 from tasks.context import resolve_model
+from train.gguf import import_gguf, packaged_gguf
+from train.models import check_same_tokenizer, load_tokenizer
 
 log = logging.getLogger("mpd")
 __all__ = ["SHIPPED", "bootstrap_assets", "ensure_bootstrap", "ensure_packaged"]
@@ -27,12 +33,8 @@ def bootstrap_workspace(
     cfg: RunConfig, *, from_scratch: bool, device: str, workers: int | None
 ) -> Path:
     """``mpd bootstrap`` into a workspace, as the Prefect flow ``mpd-bootstrap``."""
-    from flows.prefect_env import prefect_env
-
     prefect_env()
     from prefect import flow
-
-    from flows.logs import setup_logging
 
     setup_logging()
 
@@ -45,9 +47,6 @@ def bootstrap_workspace(
 
 
 def _bootstrap(cfg: RunConfig, *, from_scratch: bool, device: str, workers: int | None) -> Path:
-    from data import catalog
-    from data.fsutil import atomic_write_bytes
-
     atomic_write_bytes(cfg.workspace / "run.yaml", dump_config(cfg).encode())
     store = StageStore(cfg.workspace)
     ensure_bootstrap(store, cfg, from_scratch=from_scratch, device=device, workers=workers)
@@ -58,8 +57,6 @@ def _bootstrap(cfg: RunConfig, *, from_scratch: bool, device: str, workers: int 
 def ensure_packaged(cfg: RunConfig) -> None:
     """Import each ``packaged:NAME`` model of the config into ``<workspace>/models/NAME``, once
     per workspace (``train/gguf.py``), before any stage resolves it."""
-    from train.gguf import import_gguf, packaged_gguf
-
     for name in (cfg.models.student, cfg.models.teacher, cfg.models.rewriter):
         if not name or not name.startswith("packaged:"):
             continue
@@ -73,8 +70,6 @@ def ensure_packaged(cfg: RunConfig) -> None:
 
 def check_tokenizers(cfg: RunConfig) -> None:
     """Student and teacher must tokenize identically (token-level KL needs it)."""
-    from train.models import check_same_tokenizer, load_tokenizer
-
     student = load_tokenizer(resolve_model(cfg.models.student, cfg.workspace))
     teacher = load_tokenizer(resolve_model(cfg.models.teacher, cfg.workspace))
     check_same_tokenizer(student, teacher)

@@ -25,7 +25,7 @@ from data import catalog
 from data.diskfull import DiskFullError, naming
 from data.errors import kind_of, one_line
 from data.fence import LeaseLostError
-from data.fsutil import atomic_write_bytes
+from data.fsutil import atomic_write_bytes, atomic_write_json
 from data.lock import WorkspaceLock, describe_holder
 from flows import modes
 from flows.artifacts import publish_round
@@ -38,6 +38,7 @@ from flows.stopping import in_flow
 from flows.summary import print_summary
 from tasks import cluster
 from tasks.context import Context
+from tasks.engines import close_engines
 from tasks.prefect_stage import execute
 
 log = logging.getLogger("mpd")
@@ -49,8 +50,6 @@ LAST_RUN = ".mpd/last_run.json"
 def write_last_run(ws: Path, outcomes: dict) -> None:
     """What the last run did per (round, stage): computed, cached or failed (for mpd status)."""
     import time
-
-    from data.fsutil import atomic_write_json
 
     atomic_write_json(
         ws / LAST_RUN, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": outcomes}
@@ -142,8 +141,6 @@ def run_campaign(cfg: RunConfig) -> None:
                 if ctx.computed(r):
                     publish_round(ws, r)
         finally:
-            from tasks.engines import close_engines
-
             close_engines()
             cluster.close()
             failing = sys.exc_info()[1] is not None

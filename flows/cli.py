@@ -14,11 +14,27 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from data.objstore import ObjectStore
-    from flows.config import RunConfig
+from data.catalog import (
+    run_query,
+    views,  # the tables, as declared, and the views made of them
+)
+from data.errors import kind_of, one_line
+from data.lock import WorkspaceLock
+from data.objstore import ObjectStore
+from data.store import StageStore
+from flows.config import ConfigError, RunConfig, dump_config, load_config
+from flows.errors import UserError
+from flows.logs import setup_logging
+from flows.modes import MODES, plan_keys, round_stages
+from flows.prefect_env import finish, prefect_env, run_flow
+from flows.prefect_server import start_api
+from flows.preflight import preflight
+from flows.sqlout import check_out_path, format_table, write_parquet_atomic
+from flows.status import check_rerun, downstream, last_computed_round, print_keys, print_status
+from flows.stopping import stoppable
+from tasks.registry import per_round_stages  # the stages a round can have, as declared
+from train.gguf import PACKAGED, import_gguf, packaged_gguf
 
 EXAMPLES = """examples:
   mpd run                                 bootstrap and run the default campaign (configs/tiny.yaml)
@@ -54,10 +70,6 @@ def _add_workspace_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from data.catalog import views  # the tables, as declared, and the views made of them
-    from tasks.registry import per_round_stages  # the stages a round can have, as declared
-    from train.gguf import PACKAGED
-
     parser = argparse.ArgumentParser(
         prog="mpd",
         description="Mixed-Policy Distillation: make a small reasoning model think in fewer "
@@ -282,7 +294,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command not in STOPPABLE:
             return func(args)
-        from flows.stopping import stoppable
 
         with stoppable():  # SIGTERM / SIGINT: stopped in seconds, exit 143 / 130
             return func(args)
@@ -292,8 +303,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except Exception as exc:  # boundary: the CLI's exit, by the failure's kind
-        from data.errors import kind_of, one_line
-
         kind = kind_of(exc)
         if kind == "bug":
             raise  # a bug: its traceback and a non-zero exit
@@ -303,8 +312,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
-    from flows.config import load_config
-
     # -w is a path taken literally (a URL workspace also sets storage.url), set after --set.
     cfg = load_config(args.config, args.overrides, workspace=getattr(args, "workspace", None))
     if getattr(args, "rounds", None) is not None:
@@ -313,10 +320,6 @@ def _load(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_import_model(args: argparse.Namespace) -> int:
-    from flows.errors import UserError
-    from flows.logs import setup_logging
-    from train.gguf import import_gguf, packaged_gguf
-
     if (args.name is None) == (args.gguf is None):
         raise UserError("import-model: name a packaged model (smollm2) or give --gguf FILE")
     setup_logging()
@@ -331,16 +334,13 @@ def cmd_import_model(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from flows.config import dump_config
-
     sys.stdout.write(dump_config(_load(args)))
     return 0
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
+    # deferred: pulls in torch (train.models): mpd --help, sql and status start without it
     from flows.bootstrap import bootstrap_assets, bootstrap_workspace
-    from flows.errors import UserError
-    from flows.logs import setup_logging
 
     cfg = _load(args)
     device = args.device or cfg.models.device
@@ -377,17 +377,14 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.prefect_env import finish, prefect_env, run_flow
-    from flows.preflight import preflight
-
     # Config, workspace, lock and model mistakes end here, in well under a second: before
     # Prefect is imported and started (seconds; a minute on a loaded machine).
     cfg = _load(args)
     preflight(cfg)
     prefect_env()
-    from flows.prefect_server import start_api
 
     api = start_api()  # starts while the stages load
+    # deferred: pulls in Prefect and the stages' libraries, loaded while the API server starts
     from flows.campaign import campaign_flow
 
     return finish(
@@ -405,12 +402,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from flows.prefect_env import finish, prefect_env, run_flow
-
     prefect_env()
+    # deferred: pulls in Prefect, which reads its settings at import: after prefect_env()
     from flows.bench import bench_flow, parse_list, parse_positive, plan
-    from flows.errors import UserError
-    from flows.modes import MODES
 
     methods = None if args.methods is None else parse_list(args.methods, "methods", list(MODES))
     seeds = None
@@ -423,12 +417,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.workspace is not None:
         overrides.append(f"workspace={args.workspace}")
-    from flows.preflight import preflight
 
     # Every mistake ends here, before Prefect starts.
     base, _ = plan(args.config, overrides, methods, seeds, rounds)
     preflight(base)
-    from flows.prefect_server import start_api
 
     return finish(
         run_flow(
@@ -446,10 +438,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from flows.prefect_env import prefect_env
-
     prefect_env()
-    from flows.config import ConfigError
+    # deferred: pulls in Prefect, which reads its settings at import: after prefect_env()
     from flows.serve import nightly_schedule, serve_nightly
 
     _load(args)  # config errors end here, before anything is registered
@@ -469,12 +459,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from data.lock import WorkspaceLock
-    from data.store import StageStore
-    from flows.modes import round_stages
-    from flows.preflight import preflight
-    from flows.status import check_rerun, downstream
-
     cfg = _load(args)
     path = preflight(cfg)
     check_rerun(args.round_, cfg.rounds, path, name=cfg.storage.url)  # before anything changes
@@ -492,9 +476,6 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from flows.modes import plan_keys, round_stages
-    from flows.status import last_computed_round, print_keys, print_status
-
     def last_round(ws: Path | ObjectStore) -> int:
         return last_computed_round(ws) or 0
 
@@ -503,12 +484,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if cfg.storage.url:  # read where it is: an analyst's machine has no local copy
         workspace = store = _object_store(cfg)
         if not store.fs.exists(store.root):
-            from flows.errors import UserError
-
             raise UserError(f"workspace {store.url} holds nothing (nothing has run there yet?)")
     elif not Path(cfg.workspace).is_dir():
-        from flows.errors import UserError
-
         raise UserError(f"workspace {cfg.workspace} does not exist (nothing has run there yet?)")
     if args.keys:  # the rounds computed and the next, as status shows them
         print_keys(workspace, plan_keys(cfg, min(cfg.rounds, last_round(workspace) + 1)))
@@ -519,17 +496,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _object_store(cfg: RunConfig) -> ObjectStore:
     """The object store of a URL workspace, checked to answer (one line if not)."""
-    from data.objstore import ObjectStore
-
     store = ObjectStore(str(cfg.storage.url), cfg.storage.options)
     store.check_reachable()
     return store
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from data.catalog import run_query
-    from flows.sqlout import check_out_path, format_table, write_parquet_atomic
-
     cfg = _load(args)
     workspace = cfg.workspace
     if args.out is not None:

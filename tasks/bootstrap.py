@@ -27,6 +27,7 @@ from data.tables import BOOTSTRAP_EVALS
 from tasks.common import StageResult
 from tasks.context import BUILTIN_MODELS, NO_STUDENT, Context, Round
 from tasks.stage import Stage
+from world.manifest import check_same_tokenizer_files, copy_assets, verify_assets, write_assets
 
 log = logging.getLogger("mpd")
 SHIPPED = Path(__file__).resolve().parents[1] / "world" / "assets"
@@ -46,8 +47,8 @@ def bootstrap_assets(
     from ``sources`` (role -> assets directory): the roles in ``parts`` fine-tuned into the
     config's ``bootstrap`` world, the others copied. The sources' manifests are kept as the
     new one's parents. Rerunning the same command after a kill resumes from the checkpoints."""
-    import world.bootstrap  # torch: loaded only when a world is trained
-    from world.manifest import check_same_tokenizer_files, verify_assets, write_assets
+    # deferred: pulls in torch and transformers, loaded only when a world is trained
+    import world.bootstrap
 
     parents = {}
     for role, src in (sources or {}).items():
@@ -102,8 +103,6 @@ def ensure_bootstrap(
     writer = store.writer("bootstrap", 0, key.key, code_version=key.code)
     started = time.monotonic()
     if copy:
-        from world.manifest import copy_assets
-
         manifest = copy_assets(SHIPPED, writer.dir)
         source = f"shipped {SHIPPED} ({manifest['command']})"
     else:

@@ -46,14 +46,17 @@ def engine_for(
             _ENGINES.pop(old).close()
     if key not in _ENGINES:
         if cfg.kind == "vllm":
+            # deferred: pulls in torch (train.models): loaded when a stage first asks for this engine
             from engines.vllm import load_vllm_engine
 
             _ENGINES[key] = load_vllm_engine(model_path, cfg, dtype=cfg.dtype or dtype)
         elif cfg.kind == "openai":
+            # deferred: pulls in torch (train.models) and httpx: loaded when a stage asks for it
             from engines.openai import load_openai_engine
 
             _ENGINES[key] = load_openai_engine(model_path, cfg, journal_dir=journal_dir)
         else:
+            # deferred: pulls in torch: loaded when a stage first asks for this engine
             from engines.hf import load_hf_engine
 
             _ENGINES[key] = load_hf_engine(

@@ -11,8 +11,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from data.answers import answers_match, format_prompt
 from data.errors import UserError
+from data.gym import gym_grader
 from data.store import StageWriter
+from data.traces import think_close_id, trace_rows
+from engines.base import GenerationParams
 from tasks.common import computing
 
 
@@ -22,14 +26,12 @@ def grader_of(cfg: Any) -> Callable[[str | None, str], bool]:
     problems = cfg.problems
     file = problems.file
     if problems.source == "file" and file is not None:
+        # deferred: pulls in sympy, for the math grader only (mpd --help imports every stage)
         from data.mathscore import grade
 
         return lambda pred, gold: grade(pred, gold, file.scorer)
     if problems.source == "reasoning_gym" and problems.reasoning_gym is not None:
-        from data.gym import gym_grader
-
         return gym_grader(problems.reasoning_gym, problems.seed_for(cfg.seed))
-    from data.answers import answers_match
 
     return answers_match
 
@@ -47,8 +49,6 @@ def chat_prompt(tokenizer: Any, question: str) -> list[int]:
     Real checkpoints (Qwen3) and the built-in tokenizer both carry a template;
     a tokenizer without one falls back to the contract in ``data.answers``.
     """
-    from data.answers import format_prompt
-
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
@@ -61,8 +61,6 @@ def chat_prompt(tokenizer: Any, question: str) -> list[int]:
 def chat_prompts(tokenizer: Any, questions: list[str]) -> list[list[int]]:
     """:func:`chat_prompt` of many questions in one batched call of the template and of the
     tokenizer (the same ids; one call a question was ~18% of a large round's training join)."""
-    from data.answers import format_prompt
-
     if not questions:
         return []
     if getattr(tokenizer, "chat_template", None):
@@ -88,8 +86,6 @@ def generate_traces(
     extra: Callable[[dict, dict, int], dict] | None = None,
 ) -> list[dict]:
     """Generate and grade; one trace row per (record, sample). ``extra`` adds columns."""
-    from data.traces import think_close_id, trace_rows
-
     with computing():
         completions = engine.generate(prompts, params)
     return trace_rows(
@@ -154,7 +150,7 @@ def generate_stage(
     The sample, solve and evaluate stages differ only in their problems, sampling and extra
     columns; the resumable, Prefect-visible shard loop is this one. Returns the manifest extra.
     """
-    from engines.base import GenerationParams
+    # deferred: pulls in Prefect: imported when a stage runs, not by mpd --help or config
     from tasks.shards import run_shards
 
     tok = engine.tokenizer

@@ -16,13 +16,14 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from data.configbase import StrictModel
-from data.gym import GymConfig
+from data.gym import GymConfig, gym_records
 from data.schemas import PROBLEMS
-from data.sources import ProblemSourceConfig
+from data.sources import ProblemSourceConfig, load_problems
 from data.tables import PROBLEMS as PROBLEMS_TABLE
 from tasks.common import StageResult
 from tasks.context import Context, Round
 from tasks.stage import Stage
+from world import build_problems
 
 log = logging.getLogger("mpd")
 
@@ -83,18 +84,12 @@ def problem_records(cfg: ProblemsConfig, seed: int) -> list[dict]:
     """
     seed = cfg.seed_for(seed)
     if cfg.source == "file":
-        from data.sources import load_problems
-
         assert cfg.file is not None  # guaranteed by the validator
         records = load_problems(cfg.file, seed)
     elif cfg.source == "reasoning_gym":
-        from data.gym import gym_records
-
         assert cfg.reasoning_gym is not None  # guaranteed by the validator
         records = gym_records(cfg.reasoning_gym, seed)
     else:
-        from world import build_problems
-
         records = [
             {**r, "source": "builtin"}
             for r in build_problems(seed, cfg.n_train, cfg.n_test, cfg.n_heldout, cfg.difficulty)

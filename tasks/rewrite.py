@@ -19,6 +19,8 @@ from data.prompts import DEFAULT_REWRITE_PROMPT
 from data.schemas import REWRITES
 from data.store import StageWriter
 from data.tables import REWRITES as REWRITES_TABLE
+from data.traces import split_counts, think_close_id
+from engines.base import GenerationParams
 from tasks.common import StageResult
 from tasks.context import Context, Round
 from tasks.engines import stage_engine
@@ -83,7 +85,7 @@ def rewrite_body(
     tokenizer and those ids are stored: the teacher scores and the student
     trains on exactly these ids, never a re-tokenization.
     """
-    from engines.base import GenerationParams
+    # deferred: pulls in torch (mpd --help imports every stage module, via tasks.registry)
     from train.models import TokenizerMismatchError, check_same_tokenizer
 
     tok = engine.tokenizer
@@ -121,7 +123,8 @@ def rewrite_body(
             row.update(_orig_columns(s))
         return rows
 
-    from tasks.shards import run_shards  # Prefect: imported when a stage runs, not by config
+    # deferred: pulls in Prefect: imported when a stage runs, not by mpd --help or config
+    from tasks.shards import run_shards
 
     n_shards = run_shards(
         writer,
@@ -148,8 +151,6 @@ def _orig_columns(sample: dict) -> dict:
 
 
 def _retokenize(row: dict, tokenizer: Any) -> None:
-    from data.traces import split_counts, think_close_id
-
     ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
     if row["finish_reason"] == "stop":
         ids.append(tokenizer.eos_token_id)
@@ -162,6 +163,7 @@ def run(ctx: Context, rnd: Round) -> StageResult:
     cfg, name = ctx.cfg.rewrite, ctx.cfg.models.rewriter
     rewriter, r, student = ctx.role_model("rewriter", rnd), rnd.r, rnd.student
     key = ctx.key(STAGE, rnd)
+    # deferred: pulls in torch (mpd --help imports every stage module, via tasks.registry)
     from train.models import load_tokenizer
 
     return ctx.run(

@@ -143,7 +143,8 @@ def score_body(
             for r, s in zip(chosen, scored, strict=True)
         ]
 
-    from tasks.shards import run_shards  # Prefect: imported when a stage runs, not by config
+    # deferred: pulls in Prefect: imported when a stage runs, not by mpd --help or config
+    from tasks.shards import run_shards
 
     n_shards = run_shards(
         writer,

@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data.errors import best_effort
 from data.store import StageWriter
+from tasks import cluster
 from tasks.common import shards
 from tasks.failing import failed_quietly
 
@@ -103,8 +104,6 @@ def run_shards(
     progress = _Progress(stage, round_, len(parts), done=len(parts) - len(todo))
 
     from prefect.context import FlowRunContext
-
-    from tasks import cluster
 
     def inputs(i: int) -> Any:
         return parts[i] if load is None else load(i, parts[i])

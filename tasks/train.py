@@ -174,6 +174,7 @@ def build_examples(
     reads the problem inside this "be concise" template while the student reads
     the plain problem; both score the same target ids.
     """
+    # deferred: pulls in torch (mpd --help imports every stage module, via tasks.registry)
     from train.batching import Example
 
     prompt = example_prompts(problems, tokenizer, teacher_template=teacher_template)
@@ -234,6 +235,7 @@ def train_body(
     device: str,
     teacher_path: str | None = None,
 ) -> dict:
+    # deferred: the trainer, its examples and model loading pull in torch (start-up time)
     from train.example_file import EXAMPLES_FILE, remove_examples, target_tokens
     from train.models import load_model, load_tokenizer
     from train.trainer import train
@@ -289,7 +291,8 @@ def run(ctx: Context, rnd: Round) -> StageResult:
     teacher_path = rnd.teacher.path if rnd.teacher else str(ctx.model_path(m.teacher))
 
     def body(w: Any) -> dict:
-        from train.example_file import EXAMPLES_FILE, stored_examples  # torch: imported late
+        # deferred: pulls in torch (mpd --help imports every stage module, via tasks.registry)
+        from train.example_file import EXAMPLES_FILE, stored_examples
         from train.models import load_tokenizer
 
         rows = training_rows(

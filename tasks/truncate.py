@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from data.schemas import TRUNCATIONS
 from data.store import StageWriter
 from data.tables import TRUNCATIONS as TRUNCATIONS_TABLE
+from data.traces import split_counts, think_close_id, trace_row
 from tasks.common import StageResult, stage_files
 from tasks.context import Context, Round
 from tasks.generation import grader_of
@@ -63,8 +64,6 @@ def truncated_ids(sample_ids: list[int], rewrite_ids: list[int], close_id: int) 
     Without ``</think>`` in the rewrite (a user filter may keep one), the whole
     rewrite counts as thinking and the cut sample has no answer either.
     """
-    from data.traces import split_counts
-
     r_think, _, _ = split_counts(rewrite_ids, close_id)
     s_think, _, _ = split_counts(sample_ids, close_id)
     reasoning = sample_ids[: s_think - 1] if close_id in sample_ids else sample_ids
@@ -82,8 +81,6 @@ def truncate_rows(
     grader: Callable[[str | None, str], bool],
 ) -> list[dict]:
     """One truncation target per kept rewrite; ``samples[i]`` is ``rewrites[i]``'s sample."""
-    from data.traces import think_close_id, trace_row
-
     close = think_close_id(tokenizer)
     rows = []
     for rw, s in zip(rewrites, samples, strict=True):
@@ -128,7 +125,8 @@ def truncate_body(
 ) -> dict:
     """The round's truncation targets, in the rewrites' order, one resumable shard per
     ``shard_rows`` kept rewrites (each shard's rewrites and samples read when it runs)."""
-    from tasks.shards import run_shards  # Prefect: imported when a stage runs, not by config
+    # deferred: pulls in Prefect: imported when a stage runs, not by mpd --help or config
+    from tasks.shards import run_shards
 
     where, of_sample = aligned(rewrites, samples, kept=decisions)
 
@@ -161,6 +159,7 @@ def run(ctx: Context, rnd: Round) -> StageResult:
     r, student = rnd.r, rnd.student
 
     def body(w: Any) -> dict:
+        # deferred: pulls in torch (mpd --help imports every stage module, via tasks.registry)
         from train.models import load_tokenizer
 
         return truncate_body(

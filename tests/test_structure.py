@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
+import subprocess
+import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,6 +69,7 @@ class Import:
     module: str  # the importing module, e.g. "flows.cli"
     path: str  # its file, relative to the repository
     line: int
+    end: int  # the statement's last line
     target: str  # dotted: a module of ours when it is one, else what the statement names
     local: bool  # inside a function
     type_only: bool  # under ``if TYPE_CHECKING:``: never runs
@@ -127,7 +131,15 @@ def _imports_of(module: str, path: Path) -> Iterator[Import]:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.Import | ast.ImportFrom):
                 for target in _targets(module, child):
-                    yield Import(module, rel, child.lineno, target, local, type_only)
+                    yield Import(
+                        module,
+                        rel,
+                        child.lineno,
+                        child.end_lineno or child.lineno,
+                        target,
+                        local,
+                        type_only,
+                    )
             inner = local or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
             guarded = type_only or (isinstance(child, ast.If) and _is_type_checking(child))
             yield from visit(child, inner, guarded)
@@ -212,16 +224,28 @@ def test_only_flows_and_tasks_import_prefect() -> None:
     assert not wrong, "\n".join(wrong)
 
 
+def _reason_lines(imp: Import, covered: set[tuple[str, int]]) -> range:
+    """The lines that may carry an import's reason: its own, and the one above its block of
+    consecutive import statements (one comment may head a block)."""
+    top = imp.line
+    while (imp.path, top - 1) in covered:
+        top -= 1
+    return range(top - 1, imp.end + 1)
+
+
 def test_a_function_local_import_of_our_own_code_says_why() -> None:
     """Our own modules are imported at the top; one deferred (its chain pulls torch or Prefect
-    into ``mpd --help``) carries ``# deferred: <reason>`` on its line or the line above."""
-    local = sorted({(imp.path, imp.line) for imp in OWN if imp.local})
+    into ``mpd --help``) carries ``# deferred: <reason>`` on its line or above its block."""
+    local = {(imp.path, imp.line): imp for imp in OWN if imp.local}
     print(f"function-local imports of our own modules: {len(local)}")
+    covered = {(imp.path, n) for imp in IMPORTS for n in range(imp.line, imp.end + 1)}
     lines = {path: (REPO / path).read_text().splitlines() for path, _ in local}
     bare = [
-        f"{path}:{line}: {lines[path][line - 1].strip()}"
-        for path, line in local
-        if not any(REASON.search(text) for text in lines[path][max(line - 2, 0) : line])
+        f"{imp.where}: {lines[imp.path][imp.line - 1].strip()}"
+        for imp in sorted(local.values(), key=lambda i: (i.path, i.line))
+        if not any(
+            REASON.search(lines[imp.path][n - 1]) for n in _reason_lines(imp, covered) if n >= 1
+        )
     ]
     assert not bare, f"{len(bare)} function-local imports without a reason:\n" + "\n".join(bare)
 
@@ -274,3 +298,31 @@ def test_the_embedded_picture_is_the_shared_one() -> None:
         if folder[a] in arrows:
             arrows[folder[a]].add(folder[b])
     assert arrows == MAY_IMPORT
+
+
+STARTUP_FORBIDDEN = ("torch", "transformers", "prefect", "vllm", "sympy")
+
+
+def test_mpd_help_imports_no_heavy_library() -> None:
+    """What the ``# deferred:`` imports are for: ``mpd --help`` (and the modules ``mpd sql``,
+    ``mpd status`` and ``mpd config show`` run, all imported at the top of flows/cli.py) load
+    no torch, transformers, Prefect, vLLM or sympy."""
+    code = (
+        "import json, sys\n"
+        "from flows.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print(json.dumps(sorted(set({STARTUP_FORBIDDEN!r}) & set(sys.modules))))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == []

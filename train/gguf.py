@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from data.errors import UserError
+from data.fsutil import sha256_file
 from data.memory import naming_memory
 
 # Short names of GGUF files that ship inside installed packages: name -> (package, file).
@@ -50,8 +51,6 @@ def import_gguf(gguf_file: Path | str, out: Path | str) -> dict[str, Any]:
     into place, so a killed import leaves no half directory."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from data.fsutil import sha256_file
 
     src, out = Path(gguf_file).expanduser(), Path(out).expanduser()
     if not src.is_file():

@@ -71,6 +71,7 @@ from train.fused import (
     chunked_divergence_loss,
     chunked_topk_divergence_loss,
 )
+from train.models import load_model, load_tokenizer
 from train.schedule import build_scheduler
 
 CHUNK_SIZE = 1024  # positions per chunk of logits: 1024 × 151936 × 4 B = 0.6 GB for Qwen3
@@ -576,8 +577,6 @@ class LaunchSpec(StrictModel):
 def run_spec(path: Path | str) -> TrainResult:
     """Train from a LaunchSpec file in this process, one of `accelerate`'s/torchrun's processes."""
     from accelerate import Accelerator
-
-    from train.models import load_model, load_tokenizer
 
     spec = LaunchSpec.model_validate_json(Path(path).read_text())
     if spec.threads:
