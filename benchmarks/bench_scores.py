@@ -284,7 +284,7 @@ def _loss(s_logits, ids: np.ndarray, lp: np.ndarray, mask, kind: str):
     """Per-token top-k loss of one trace, as the trainer computes it (tail bucket on)."""
     import torch
 
-    from train.losses import topk_per_token_divergence
+    from train.topk_losses import topk_per_token_divergence
 
     ids_t, lp_t = torch.from_numpy(ids)[None], torch.from_numpy(lp)[None]
     return topk_per_token_divergence(s_logits, ids_t, lp_t, mask, kind=kind, tail=True)[0]

@@ -16,8 +16,8 @@ from train.losses import (
     cross_entropy,
     per_token_divergence,
     reduce_tokens,
-    topk_per_token_divergence,
 )
+from train.topk_losses import topk_per_token_divergence
 
 torch.set_num_threads(1)
 F64 = torch.float64

@@ -1,4 +1,4 @@
-"""train/losses.py against naive references written here with loops and plain softmax formulas."""
+"""train/losses.py and train/topk_losses.py against naive references written here with loops and plain softmax formulas."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from train.losses import (
-    TAIL_EPS,
     align_vocab,
     cross_entropy,
     forward_kl,
@@ -18,6 +17,9 @@ from train.losses import (
     reverse_kl,
     shift_for_causal_lm,
     target_mask,
+)
+from train.topk_losses import (
+    TAIL_EPS,
     topk_forward_kl,
     topk_generalized_jsd,
     topk_per_token_divergence,

@@ -29,7 +29,9 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from train.losses import Kind, cross_entropy, per_token_divergence, topk_per_token_divergence
+from train.divergences import Kind
+from train.losses import cross_entropy, per_token_divergence
+from train.topk_losses import topk_per_token_divergence
 
 
 def vocab_rows(weight: Tensor, vocab_limit: int | None) -> Tensor:
@@ -151,7 +153,7 @@ def chunked_topk_divergence(
     """`losses.topk_per_token_divergence` with the student's logits made chunk by chunk.
 
     The student still needs its full-vocabulary logits (for log_softmax), so chunking pays here
-    too. Teacher ids/logprobs [B, T, k]; see `losses.topk_log_probs` for the buckets and τ.
+    too. Teacher ids/logprobs [B, T, k]; see `topk_losses.topk_log_probs` for the buckets and τ.
     """
     fn = partial(_topk_chunk, kind=kind, beta=beta, temperature=temperature, tail=tail)
     per_position = (student_hidden, teacher_topk_ids, teacher_topk_logprobs.detach())

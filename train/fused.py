@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from train.chunked import vocab_rows
-from train.losses import KINDS, Kind, _divergence, _kl, topk_buckets
+from train.divergences import KINDS, Kind, divergence, kl
+from train.topk_losses import topk_buckets
 
 _FORWARD_KL, _REVERSE_KL = "forward_kl", "reverse_kl"
 
@@ -96,7 +97,7 @@ def _divergence_rule(
         del teacher_logits
         coef = None if w is None else (w / temperature)[:, None]
         if kind == _FORWARD_KL:
-            values = _kl(log_t, log_s)
+            values = kl(log_t, log_s)
             if coef is None:
                 return values, None
             return values, log_s.exp_().sub_(log_t.exp_()).mul_(coef)
@@ -109,7 +110,7 @@ def _divergence_rule(
                 return values, None
             return values, ratio.sub_(values[:, None]).mul_(p_s).mul_(coef)
         log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
-        kl_tm = _kl(log_t, log_m)
+        kl_tm = kl(log_t, log_m)
         del log_t
         p_s = log_s.exp()
         ratio = log_s.sub_(log_m)  # log p_s − log m
@@ -144,7 +145,7 @@ def _topk_rule(
 ) -> ChunkRule:
     """Top-k bucket divergence; autograd on the [n, k (+1)] buckets, analytic over the vocabulary.
 
-    The buckets are those of `losses.topk_log_probs`: ℓ_j = log p_s(id_j), the student's
+    The buckets are those of `topk_losses.topk_log_probs`: ℓ_j = log p_s(id_j), the student's
     log-softmax at τ = 1 over its full vocabulary gathered at the teacher's k ids, then (with
     `tail`) one more bucket log(1 − Σ_j p_j), then log_softmax(· / τ) over the buckets, on both
     sides. Everything after the gather is small and is differentiated by one `torch.autograd.grad`
@@ -155,7 +156,7 @@ def _topk_rule(
     def buckets(log_s: Tensor, rows: slice) -> Tensor:
         """The per-token divergence from the gathered student log-probs [n, k]."""
         log_s, log_t = topk_buckets(log_s, logprobs[rows], temperature=temperature, tail=tail)
-        return _divergence(log_s, log_t, kind, beta)
+        return divergence(log_s, log_t, kind, beta)
 
     def rule(logits: Tensor, rows: slice, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
         log_full = _log_softmax(logits, 1.0)
@@ -358,7 +359,7 @@ def chunked_topk_divergence_loss(
     """`chunked.chunked_topk_divergence` reduced with `token_weight`, gradient made in forward.
 
     loss = Σ_{masked i} w_i · D(q_s‖q_t or q_t‖q_s, as `kind`)(i) over the k (+ tail) buckets of
-    `losses.topk_log_probs`; see `_topk_rule` for how the gradient is made.
+    `topk_losses.topk_log_probs`; see `_topk_rule` for how the gradient is made.
     """
     _check_loss_args(kind, beta, temperature)
     mask = mask.bool()

@@ -11,6 +11,8 @@ Pure functions of tensors, no model code. Conventions shared by every function h
   with the logits: build it with `target_mask` and `shift_for_causal_lm`.
 - Per-token functions return [...] with zeros where the mask is False; `reduce_tokens` turns them into
   the step loss. Keeping the two apart lets callers log per-token values and pick the denominator.
+- The divergences themselves (KL, JSD_β) are ``train/divergences.py``; the top-k losses, whose
+  teacher is k stored (id, logprob) pairs per position, ``train/topk_losses.py``.
 - Math runs in float32 whatever the input dtype (float64 inputs stay float64, for gradient checks).
 - The teacher side is detached: gradients reach the student only.
 - Student logits must be finite; teacher log-probs may be −inf (processed top-k logprobs can be),
@@ -26,40 +28,14 @@ One optimizer step of several micro-batches::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-Kind = Literal["forward_kl", "reverse_kl", "jsd"]
-KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
+from train.divergences import Kind, divergence, log_probs, masked
 
-# Floor on the top-k "tail" bucket's mass: float32 sums of k probabilities carry ~1e-7 of rounding,
-# so a tail below this is noise (it is 0 up to rounding when k = V).
-TAIL_EPS = 1e-6
-
-
-# ---- Helpers: dtype, vocabulary, masks -----------------------------------------------------
-
-
-def _float(x: Tensor) -> Tensor:
-    """float32 for half/bfloat16/float32 inputs, float64 kept as is."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def _log_probs(logits: Tensor, temperature: float) -> Tensor:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return F.log_softmax(_float(logits) / temperature, dim=-1)
-
-
-def _masked(per_token: Tensor, mask: Tensor) -> Tensor:
-    if per_token.shape != mask.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} != positions {tuple(per_token.shape)}")
-    return torch.where(mask.bool(), per_token, per_token.new_zeros(()))
+# ---- Vocabulary and masks: which positions and ids a loss compares -------------------------
 
 
 def align_vocab(
@@ -110,37 +86,6 @@ def shift_for_causal_lm(
     return logits[:, :-1], input_ids[:, 1:], token_mask[:, 1:]
 
 
-# ---- Divergences between two log-probability tensors over the last dimension ---------------
-
-
-def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p‖q) = Σ_v p(v) (log p(v) − log q(v)) over the last dimension, with 0·log 0 = 0."""
-    terms = log_p.exp() * (log_p - log_q)
-    return torch.where(log_p == -math.inf, 0.0, terms).sum(-1)
-
-
-def _jsd(log_s: Tensor, log_t: Tensor, beta: float) -> Tensor:
-    """Generalised JSD with TRL's weights and endpoints; see `generalized_jsd`."""
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if beta == 0.0:
-        return _kl(log_t, log_s)  # forward KL(p_t‖p_s)
-    if beta == 1.0:
-        return _kl(log_s, log_t)  # reverse KL(p_s‖p_t)
-    log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
-    return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
-
-
-def _divergence(log_s: Tensor, log_t: Tensor, kind: str, beta: float) -> Tensor:
-    if kind == "forward_kl":
-        return _kl(log_t, log_s)
-    if kind == "reverse_kl":
-        return _kl(log_s, log_t)
-    if kind == "jsd":
-        return _jsd(log_s, log_t, beta)
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-
-
 # ---- Full-vocabulary per-token losses: [..., V] logits on both sides -----------------------
 
 
@@ -158,9 +103,9 @@ def per_token_divergence(
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, vocab_limit)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student {student_logits.shape} != teacher {teacher_logits.shape}")
-    log_s = _log_probs(student_logits, temperature)
-    log_t = _log_probs(teacher_logits.detach(), temperature).to(log_s.dtype)
-    return _masked(_divergence(log_s, log_t, kind, beta), mask)
+    log_s = log_probs(student_logits, temperature)
+    log_t = log_probs(teacher_logits.detach(), temperature).to(log_s.dtype)
+    return masked(divergence(log_s, log_t, kind, beta), mask)
 
 
 def forward_kl(
@@ -253,166 +198,9 @@ def cross_entropy(
     """Cross-entropy −log p_s(y) per position, y = `target_ids` (aligned with the logits), [...]."""
     if vocab_limit is not None:
         student_logits = student_logits[..., :vocab_limit]
-    log_s = _log_probs(student_logits, temperature)
+    log_s = log_probs(student_logits, temperature)
     ids = torch.where(mask.bool(), target_ids, torch.zeros_like(target_ids)).long()  # -100 → 0
-    return _masked(-log_s.gather(-1, ids.unsqueeze(-1)).squeeze(-1), mask)
-
-
-# ---- Top-k per-token losses: the teacher is k stored (id, logprob) pairs per position ------
-
-
-def _log_rest(log_p: Tensor) -> Tensor:
-    """log(1 − Σ_k p_k) as [..., 1], with the rest floored at TAIL_EPS; stable near 0 and 1."""
-    log_in = torch.logsumexp(log_p, dim=-1, keepdim=True).clamp_max(math.log1p(-TAIL_EPS))
-    return torch.where(  # log1mexp: expm1 near 0, log1p away from it (both branches finite)
-        log_in > -math.log(2.0), torch.log(-torch.expm1(log_in)), torch.log1p(-torch.exp(log_in))
-    )
-
-
-def topk_log_probs(
-    student_logits: Tensor,
-    teacher_topk_ids: Tensor,
-    teacher_topk_logprobs: Tensor,
-    *,
-    temperature: float = 1.0,
-    tail: bool = False,
-    vocab_limit: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Student and teacher log-probabilities over the teacher's k ids, [..., k] (or [..., k+1]).
-
-    The stored teacher values are log-softmax at τ = 1 over the full vocabulary, so the teacher's
-    tempered logits are unknown. Both sides are therefore built alike: first the τ = 1 log-probs on
-    the k ids (student: log_softmax over its full vocabulary, then gathered), with `tail` one more
-    bucket log(1 − Σ_k p), floored at TAIL_EPS; then τ is applied to these bucket log-probs,
-    log_softmax(ℓ / τ) over the k (+1) buckets. Without a tail this is exactly the tempered student
-    renormalised over the k ids. With a tail and τ ≠ 1 the tail is tempered as one atom (its true
-    tempered mass needs the teacher's unseen logits). Identical inputs give identical buckets.
-    """
-    if vocab_limit is not None:
-        student_logits = student_logits[..., :vocab_limit]
-    log_s = _log_probs(student_logits, 1.0).gather(-1, teacher_topk_ids.long())
-    return topk_buckets(log_s, teacher_topk_logprobs, temperature=temperature, tail=tail)
-
-
-# A candidate the scores did not keep (teacher logprob +inf, "not stored": data.schemas.decode_topk;
-# −inf keeps its meaning, a candidate of zero probability, and NaN stays a broken value that makes
-# the trainer skip the step) gets this on both sides:
-# exp() of it is exactly 0 in float32, so it holds no mass and gets no gradient, where −inf would
-# make 0·(−inf − −inf) a NaN in the divergence and its backward.
-DROPPED_LOGPROB = -1e4
-
-
-def topk_buckets(
-    log_s: Tensor, teacher_topk_logprobs: Tensor, *, temperature: float, tail: bool
-) -> tuple[Tensor, Tensor]:
-    """The buckets of `topk_log_probs` from the student's τ = 1 log-probs gathered at the
-    teacher's ids: candidates the teacher's scores did not keep (logprob +inf) are left out of
-    both sides, so their mass joins the tail bucket."""
-    log_t = _float(teacher_topk_logprobs.detach()).to(log_s.dtype)
-    if log_s.shape != log_t.shape:
-        raise ValueError(f"top-k ids {tuple(log_s.shape)} != logprobs {tuple(log_t.shape)}")
-    kept = log_t != math.inf  # NaN compares unequal: it stays, and the step is skipped
-    log_s = torch.where(kept, log_s, DROPPED_LOGPROB)
-    log_t = torch.where(kept, log_t, DROPPED_LOGPROB)
-    if tail:
-        log_s = torch.cat([log_s, _log_rest(log_s)], dim=-1)
-        log_t = torch.cat([log_t, _log_rest(log_t)], dim=-1)
-    return _log_probs(log_s, temperature), _log_probs(log_t, temperature)
-
-
-def topk_per_token_divergence(
-    student_logits: Tensor,
-    teacher_topk_ids: Tensor,
-    teacher_topk_logprobs: Tensor,
-    mask: Tensor,
-    *,
-    kind: Kind,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    tail: bool = False,
-    vocab_limit: int | None = None,
-) -> Tensor:
-    """The full-vocabulary divergence `kind` between the bucket distributions of `topk_log_probs`."""
-    log_s, log_t = topk_log_probs(
-        student_logits,
-        teacher_topk_ids,
-        teacher_topk_logprobs,
-        temperature=temperature,
-        tail=tail,
-        vocab_limit=vocab_limit,
-    )
-    return _masked(_divergence(log_s, log_t, kind, beta), mask)
-
-
-def topk_forward_kl(
-    student_logits: Tensor,
-    teacher_topk_ids: Tensor,
-    teacher_topk_logprobs: Tensor,
-    mask: Tensor,
-    *,
-    temperature: float = 1.0,
-    tail: bool = False,
-    vocab_limit: int | None = None,
-) -> Tensor:
-    """Forward KL(q_t‖q_s) = Σ_b q_t(b) (log q_t(b) − log q_s(b)), b over the k ids (+ tail)."""
-    return topk_per_token_divergence(
-        student_logits,
-        teacher_topk_ids,
-        teacher_topk_logprobs,
-        mask,
-        kind="forward_kl",
-        temperature=temperature,
-        tail=tail,
-        vocab_limit=vocab_limit,
-    )
-
-
-def topk_reverse_kl(
-    student_logits: Tensor,
-    teacher_topk_ids: Tensor,
-    teacher_topk_logprobs: Tensor,
-    mask: Tensor,
-    *,
-    temperature: float = 1.0,
-    tail: bool = False,
-    vocab_limit: int | None = None,
-) -> Tensor:
-    """Reverse KL(q_s‖q_t) = Σ_b q_s(b) (log q_s(b) − log q_t(b)), b over the k ids (+ tail)."""
-    return topk_per_token_divergence(
-        student_logits,
-        teacher_topk_ids,
-        teacher_topk_logprobs,
-        mask,
-        kind="reverse_kl",
-        temperature=temperature,
-        tail=tail,
-        vocab_limit=vocab_limit,
-    )
-
-
-def topk_generalized_jsd(
-    student_logits: Tensor,
-    teacher_topk_ids: Tensor,
-    teacher_topk_logprobs: Tensor,
-    mask: Tensor,
-    *,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    tail: bool = False,
-    vocab_limit: int | None = None,
-) -> Tensor:
-    """`generalized_jsd`'s JSD_β (β=0 forward KL, β=1 reverse KL) over the k ids (+ tail)."""
-    return topk_per_token_divergence(
-        student_logits,
-        teacher_topk_ids,
-        teacher_topk_logprobs,
-        mask,
-        kind="jsd",
-        beta=beta,
-        temperature=temperature,
-        tail=tail,
-        vocab_limit=vocab_limit,
-    )
+    return masked(-log_s.gather(-1, ids.unsqueeze(-1)).squeeze(-1), mask)
 
 
 # ---- Reduction -----------------------------------------------------------------------------
