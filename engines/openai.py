@@ -5,9 +5,8 @@ come back through vLLM's ``return_token_ids`` extension, and scoring uses its
 ``prompt_logprobs`` extension (with ``echo``). A server without them is told
 apart with one clear line, not a traceback.
 
-Requests are sent concurrently (``max_concurrency`` in flight, one pooled
-connection each) and retried with exponential backoff on 429, 5xx and
-connection errors; ``Retry-After`` is honoured. A call can keep a journal
+Requests are sent concurrently and retried with backoff (``engines/openai_http.py``, which
+also tells a refused request from one given up on). A call can keep a journal
 (:mod:`engines.journal`) so that a restart sends only the requests that had not
 finished: a stage passes ``journal=`` (one file per shard, e.g. a dotfile in its
 staging directory), or the engine names the file in ``journal_dir`` after the
@@ -20,17 +19,11 @@ journaled, and masked if a server echoes it in an error.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from data.errors import TransientError
 from engines.base import (
     Completion,
     EngineUnavailableError,
@@ -40,6 +33,11 @@ from engines.base import (
 )
 from engines.config import EngineConfig
 from engines.journal import Journal
+from engines.openai_http import (
+    Poster,
+    display_url,
+    read_key,
+)
 from engines.remote import (
     logprobs_request_size,
     model_vocab_size,
@@ -51,19 +49,6 @@ from engines.remote import (
 from train.models import load_tokenizer
 
 log = logging.getLogger("mpd.engines.openai")
-
-RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
-MAX_DELAY_S = 60.0
-
-
-# A request that failed is one line, of one of two kinds: refused (the user's to fix) or
-# failing after every retry (transient). Each is caught by its meaning, never together.
-class EngineRefusedError(EngineUnavailableError):
-    """The server refused the request (401, 403, 404, 400…): its configuration, not luck."""
-
-
-class EngineGaveUpError(TransientError):
-    """The request kept failing (429, 5xx, connection) after the engine's own retries."""
 
 
 class OpenAIEngine:
@@ -86,7 +71,7 @@ class OpenAIEngine:
     ) -> None:
         self.tokenizer = tokenizer
         self.model = model
-        self.url = _display_url(base_url.rstrip("/") + "/completions")
+        self.url = display_url(base_url.rstrip("/") + "/completions")
         self._endpoint = base_url.rstrip("/") + "/completions"
         self.vocab_limit = min(len(tokenizer), model_vocab or len(tokenizer))
         self.model_vocab = model_vocab or len(tokenizer)
@@ -97,7 +82,7 @@ class OpenAIEngine:
         self.max_logprobs = max_logprobs
         self.journal_dir = Path(journal_dir) if journal_dir is not None else None
         self.last_call: dict[str, int] = {}  # requests sent and resumed by the latest call
-        self._key = _read_key(api_key_env)
+        self._key = read_key(api_key_env)
 
     def __repr__(self) -> str:  # the default repr would be harmless; this one is explicit
         return f"OpenAIEngine({self.url!r}, model={self.model!r})"
@@ -174,6 +159,18 @@ class OpenAIEngine:
             for r, t in zip(results, target_ids, strict=True)
         ]
 
+    def _poster(self) -> Poster:
+        """This call's poster, with the engine's settings as they are now."""
+        return Poster(
+            self._endpoint,
+            self.url,
+            self._key,
+            max_concurrency=self.max_concurrency,
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            retry_backoff_s=self.retry_backoff_s,
+        )
+
     def close(self) -> None:
         """Nothing to release: each call opens and closes its own connection pool."""
 
@@ -242,85 +239,14 @@ class OpenAIEngine:
 
         completed = False
         try:
-            _run_coroutine(lambda: self._send(bodies, todo, parse, finished))
+            self._poster().post_all(bodies, todo, parse, finished)
             completed = True
         finally:
             book.close(completed=completed)
         return [r for r in results if r is not None]
 
-    async def _send(
-        self,
-        bodies: list[dict],
-        todo: list[int],
-        parse: Callable[[int, dict], dict],
-        finished: Callable[[int, dict], None],
-    ) -> None:
-        if not todo:
-            return
-        limit = asyncio.Semaphore(self.max_concurrency)
-        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-        timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 30.0))
-        pool = httpx.Limits(
-            max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
-        )
-        async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=pool) as client:
-
-            async def one(i: int) -> None:
-                async with limit:
-                    reply = await self._post(client, bodies[i])
-                finished(i, parse(i, reply))
-
-            tasks = [asyncio.create_task(one(i)) for i in todo]
-            try:
-                await asyncio.gather(*tasks)
-            finally:  # the first failure ends the call: stop everything still in flight
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _post(self, client: httpx.AsyncClient, body: dict) -> dict:
-        """One request, retried on 429/5xx/connection errors with exponential backoff."""
-        problem = ""
-        for attempt in range(self.max_retries + 1):
-            retry_after = None
-            try:
-                resp = await client.post(self._endpoint, json=body)
-            except httpx.TransportError as exc:
-                problem = _describe_transport(exc)
-            else:
-                if resp.status_code == 200:
-                    try:
-                        return resp.json()
-                    except ValueError:
-                        problem = "HTTP 200 with a body that is not JSON"
-                else:
-                    problem = f"HTTP {resp.status_code}: {self._mask(_server_message(resp))}"
-                    if resp.status_code not in RETRY_STATUS and resp.status_code < 500:
-                        raise EngineRefusedError(f"{self.url}: {problem}")
-                    retry_after = _retry_after(resp)
-            if attempt < self.max_retries:
-                delay = min(self.retry_backoff_s * 2**attempt, MAX_DELAY_S)
-                await asyncio.sleep(max(delay, retry_after or 0.0))
-        raise EngineGaveUpError(
-            f"{self.url}: {problem} (gave up after {self.max_retries + 1} attempt(s))"
-        )
-
-    def _mask(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
-
 
 # -- helpers ------------------------------------------------------------------------------
-def _read_key(env: str | None) -> str | None:
-    if not env:
-        return None
-    key = os.environ.get(env)
-    if not key:
-        raise EngineUnavailableError(
-            f"the openai engine's api_key_env names {env}, but that environment variable is not set"
-        )
-    return key
-
-
 def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:
     for i, p in enumerate(prompts):
         if len(p) == 0:
@@ -332,67 +258,6 @@ def _first_choice(reply: dict, url: str) -> dict:
     if not choices:
         raise EngineUnavailableError(f"{url} answered without choices: not a completions API?")
     return choices[0]
-
-
-def _server_message(resp: httpx.Response) -> str:
-    """The server's own error message, first line, at most 300 characters."""
-    try:
-        raw = resp.json()
-        err = raw.get("error", raw) if isinstance(raw, dict) else raw
-        msg = err.get("message", err) if isinstance(err, dict) else err
-        text = str(msg)
-    except ValueError:
-        text = resp.text
-    lines = text.strip().splitlines()
-    return (lines[0] if lines else resp.reason_phrase)[:300]
-
-
-def _retry_after(resp: httpx.Response) -> float | None:
-    try:
-        return min(float(resp.headers.get("retry-after", "")), MAX_DELAY_S)
-    except ValueError:
-        return None
-
-
-def _describe_transport(exc: httpx.TransportError) -> str:
-    text = str(exc).strip().splitlines()
-    detail = text[0] if text else ""
-    if isinstance(exc, httpx.ConnectError):
-        return f"cannot connect ({detail or 'connection refused'})"
-    if isinstance(exc, httpx.TimeoutException):
-        return f"timed out ({type(exc).__name__})"
-    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-
-
-def _display_url(url: str) -> str:
-    """``url`` without any user:password part, fit for logs and errors."""
-    parsed = httpx.URL(url)
-    return str(parsed.copy_with(username=None, password=None)) if parsed.userinfo else url
-
-
-def _run_coroutine(make: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run a coroutine to completion from sync code, even under a running event loop."""
-    try:
-        asyncio.get_running_loop()
-        in_loop = True
-    except RuntimeError:
-        in_loop = False
-    if not in_loop:  # the usual case; outside the except block, so errors carry no context
-        asyncio.run(make())
-        return
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            asyncio.run(make())
-        except BaseException as exc:  # boundary: a thread hands its failure to the caller's
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name="mpd-openai")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
 
 
 def load_openai_engine(

@@ -24,7 +24,8 @@ import pytest
 from engines.base import EngineUnavailableError, GenerationParams
 from engines.config import EngineConfig
 from engines.hf import HFEngine, load_hf_engine
-from engines.openai import EngineGaveUpError, EngineRefusedError, OpenAIEngine
+from engines.openai import OpenAIEngine
+from engines.openai_http import EngineGaveUpError, EngineRefusedError
 from tasks.engines import engine_for
 from tasks.generation import chat_prompt
 from tests.conftest import REPO, free_port

@@ -38,7 +38,7 @@ from data.sources import ProblemSourceError
 from data.storage_errors import StorageError, StorageUnreachableError
 from data.store import CorruptShardError
 from engines.base import EngineUnavailableError
-from engines.openai import EngineGaveUpError, EngineRefusedError
+from engines.openai_http import EngineGaveUpError, EngineRefusedError
 from engines.vllm_proc import WorkerError, WorkerRefusedError
 from flows import cli
 from flows.config import ConfigError

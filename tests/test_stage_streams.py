@@ -34,7 +34,7 @@ import tasks.score
 import tasks.truncate
 from data.store import StageStore
 from engines.hf import load_hf_engine
-from engines.openai import EngineGaveUpError
+from engines.openai_http import EngineGaveUpError
 from tasks.common import read_stage
 from tasks.context import Context
 from tasks.engines import close_engines
