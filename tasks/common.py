@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.diskfull import naming
-from data.store import StageStore, StageWriter
+from data.stage_writer import StageWriter
+from data.store import StageStore
 
 log = logging.getLogger("mpd")
 

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from data.configbase import StrictModel
 from data.schemas import EVALS
-from data.store import StageWriter
+from data.stage_writer import StageWriter
 from data.tables import EVALS as EVALS_TABLE
 from tasks.common import StageResult
 from tasks.context import Context, Round

@@ -21,7 +21,7 @@ from data.errors import UserError
 from data.sandbox import QueryTimeoutError, arrow_view, open_sandbox, parquet_view, run_query_on
 from data.schemas import DECISIONS, REWRITES, SAMPLES, SchemaError, conform
 from data.sql_guard import SqlError, check_read_only, one_line
-from data.store import StageWriter
+from data.stage_writer import StageWriter
 from data.tables import DECISIONS as DECISIONS_TABLE
 from tasks.common import StageResult, read_stage, stage_files
 from tasks.context import Context, Round

@@ -14,7 +14,7 @@ import pyarrow as pa
 from data.answers import answers_match, format_prompt
 from data.errors import UserError
 from data.gym import gym_grader
-from data.store import StageWriter
+from data.stage_writer import StageWriter
 from data.traces import think_close_id, trace_rows
 from engines.base import GenerationParams
 from tasks.common import computing

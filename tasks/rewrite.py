@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from data.configbase import StrictModel
 from data.prompts import DEFAULT_REWRITE_PROMPT
 from data.schemas import REWRITES
-from data.store import StageWriter
+from data.stage_writer import StageWriter
 from data.tables import REWRITES as REWRITES_TABLE
 from data.traces import split_counts, think_close_id
 from engines.base import GenerationParams

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from data.configbase import StrictModel
 from data.schemas import SAMPLES
-from data.store import StageWriter
+from data.stage_writer import StageWriter
 from data.tables import SAMPLES as SAMPLES_TABLE
 from tasks.common import StageResult
 from tasks.context import Context, Round

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from data.configbase import StrictModel
 from data.prompts import CONCISE_CUE
 from data.schemas import SCORES, encode_topk
-from data.store import StageWriter
+from data.stage_writer import StageWriter
 from data.tables import SCORES as SCORES_TABLE
 from tasks.common import StageResult, computing
 from tasks.context import Context, Recipe, Round

@@ -27,7 +27,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data.errors import best_effort
-from data.store import StageWriter
+from data.stage_writer import StageWriter
 from tasks import cluster
 from tasks.common import shards
 from tasks.failing import failed_quietly

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.schemas import SCORES, TRAIN_LOG, decode_topk
-from data.store import StageWriter
+from data.stage_writer import StageWriter
 from data.tables import TRAIN_LOG as TRAIN_LOG_TABLE
 from tasks.common import StageResult, add_compute, stage_files
 from tasks.context import Context, Recipe, Round

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data.schemas import TRUNCATIONS
-from data.store import StageWriter
+from data.stage_writer import StageWriter
 from data.tables import TRUNCATIONS as TRUNCATIONS_TABLE
 from data.traces import split_counts, think_close_id, trace_row
 from tasks.common import StageResult, stage_files

@@ -202,12 +202,12 @@ def _wait_healthy(url: str, server: subprocess.Popen, log_path: Path, timeout: f
 
 
 def write_manifest(round_dir: Path, stage: str, round_: int) -> None:
-    """A real manifest (data.store.Manifest) committing the round directory's Parquet files,
+    """A real manifest (data.manifest.Manifest) committing the round directory's Parquet files,
     for tests that lay out a workspace by hand: SQL views read the files a manifest lists."""
     import json
 
     from data.fsutil import sha256_file
-    from data.store import MANIFEST, FileEntry, Manifest
+    from data.manifest import MANIFEST, FileEntry, Manifest
 
     files = [
         FileEntry(f.name, f.stat().st_size, sha256_file(f))

@@ -35,8 +35,8 @@ from data.lock import WorkspaceBusyError
 from data.memory import MemoryExhaustedError
 from data.schemas import SchemaError
 from data.sources import ProblemSourceError
+from data.stage_writer import CorruptShardError
 from data.storage_errors import StorageError, StorageUnreachableError
-from data.store import CorruptShardError
 from engines.base import EngineUnavailableError
 from engines.openai_http import EngineGaveUpError, EngineRefusedError
 from engines.vllm_proc import WorkerError, WorkerRefusedError

@@ -15,7 +15,8 @@ import pyarrow as pa
 import pytest
 
 from data.schemas import DECISIONS
-from data.store import CorruptShardError, StageStore
+from data.stage_writer import CorruptShardError
+from data.store import StageStore
 
 
 def decisions(round_: int, lo: int, hi: int) -> pa.Table:

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from data.schemas import REWRITES, SCORES, TRUNCATIONS, encode_topk
-from data.store import StageWriter
+from data.stage_writer import StageWriter
 from tasks.common import computing, read_stage
 from tasks.context import Context, Round
 from tasks.generation import chat_prompt, generate_traces, grader_of, shard_seed
