@@ -14,12 +14,21 @@ def test_a_stage_key_covers_the_code_it_imports_transitively() -> None:
     """train reaches the losses through the trainer and grades through data.answers; the
     filter reaches neither, so editing the losses cannot recompute a filter."""
     train = module_closure("tasks.train")
-    for reached in ["train.trainer", "train.losses", "train.fused", "train.models", "data.answers"]:
+    for reached in [
+        "train.trainer",
+        "train.losses",
+        "train.topk_losses",
+        "train.divergences",  # the KL/JSD every loss is made of (train/fused.py's too)
+        "train.fused",
+        "train.models",
+        "data.answers",
+    ]:
         assert reached in train, reached
     assert "engines.hf" not in train  # training runs no engine: an engine edit leaves it cached
     sample = module_closure("tasks.sample")
     assert {"engines.vllm", "engines.openai", "data.traces", "data.answers"} <= set(sample)
-    assert "train.losses" not in sample
+    assert {"engines.openai_http", "data.stage_writer"} <= set(sample)  # its requests, its commit
+    assert not {"train.losses", "train.divergences"} & set(sample)
     filt = module_closure("tasks.filter")
     assert "train.losses" not in filt and "engines.hf" not in filt
     assert {"data", "tasks"} <= set(filt)  # a package's __init__ runs before its modules
