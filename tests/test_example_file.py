@@ -160,7 +160,7 @@ def test_every_step_gets_the_batches_the_list_gave(tmp_path: Path, tok, max_leng
     for step in range(epochs):
         indices = old.batch(step)
         assert new.batch(step) == indices
-        for idx in micro_batches(indices, 4, world=1, rank=0):
+        for idx in micro_batches(indices, 4):
             a, b = collate([kept[i] for i in idx], 0), collate([view[i] for i in idx], 0)
             for name, tensor in vars(a).items():
                 other = getattr(b, name)

@@ -32,6 +32,7 @@ from train.batching import (
     fit_examples,
     micro_batches,
     save_examples,
+    share,
 )
 from train.checkpoint import CheckpointMismatchError, checkpoint_name, latest_checkpoint
 from train.config import LoraConfig, TrainConfig
@@ -157,12 +158,16 @@ def test_batch_plan_is_deterministic_epoch_wise_and_length_sorted() -> None:
     assert sorted(set(tiny.batch(0))) == [0, 1, 2] and len(tiny.batch(5)) == 8
 
 
-def test_micro_batches_are_the_same_for_accumulation_and_processes() -> None:
+def test_micro_batches_are_shared_by_every_process_whatever_their_count() -> None:
+    """The distributed trainer's data split: the micro-batches do not depend on the process
+    count, and the processes' shares of each are its rows, each once, in order."""
     batch = list(range(16))
-    one = micro_batches(batch, 4, world=1, rank=0)  # 1 process, grad_accum 4
-    two = [micro_batches(batch, 4, world=2, rank=r) for r in (0, 1)]  # 2 processes × 2
-    assert one == [batch[0:4], batch[4:8], batch[8:12], batch[12:16]]
-    assert [two[0][0], two[1][0], two[0][1], two[1][1]] == one
+    micro = micro_batches(batch, 4)  # grad_accum 4
+    assert micro == [batch[0:4], batch[4:8], batch[8:12], batch[12:16]]
+    for world in (1, 2, 3, 4):
+        for m in micro:
+            shares = [share(m, world, r) for r in range(world)]
+            assert [i for s in shares for i in s] == m and all(shares)
 
 
 def test_collate_masks_by_length_so_eos_counts_when_pad_is_eos() -> None:

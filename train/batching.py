@@ -12,8 +12,8 @@ Token t of the concatenated sequence is predicted by position t − 1, so target
 predicted by position len(prompt) + j − 1; row j of the top-k arrays describes that position.
 
 Order: the global batch of optimizer step i is a pure function of (seed, i, the examples'
-lengths, the global batch size). Resuming therefore needs only the step number, and one process
-with gradient accumulation 2 visits exactly the batches two data-parallel processes do.
+lengths, the global batch size). Resuming therefore needs only the step number, and any number
+of data-parallel processes visits the same batches (each takes its `share` of each micro-batch).
 """
 
 from __future__ import annotations
@@ -151,16 +151,20 @@ class BatchPlan:
         return batches
 
 
-def micro_batches(
-    indices: Sequence[int], batch_size: int, world: int, rank: int
-) -> list[list[int]]:
-    """This process's micro-batches of one global batch, in accumulation order.
-
-    Micro-batch m is indices[m·b : (m+1)·b]; process r takes m = a·world + r at accumulation step a,
-    so at each step all processes hold neighbouring (similar-length) micro-batches.
-    """
+def micro_batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The micro-batches of one global batch, in accumulation order: indices[m·b : (m+1)·b]."""
     count = len(indices) // batch_size
-    return [list(indices[m * batch_size : (m + 1) * batch_size]) for m in range(rank, count, world)]
+    return [list(indices[m * batch_size : (m + 1) * batch_size]) for m in range(count)]
+
+
+def share(indices: Sequence[int], world: int, rank: int) -> list[int]:
+    """Process `rank`'s contiguous slice of a micro-batch (sizes differ by one at most).
+
+    Every process takes part in every micro-batch: the global batch, and so each step, is the
+    same for any process count (a process with nothing to do would hang the others' collective,
+    hence batch_size ≥ processes)."""
+    n = len(indices)
+    return list(indices[rank * n // world : (rank + 1) * n // world])
 
 
 @dataclass

@@ -1,22 +1,30 @@
-"""Resumable training checkpoints that a crash can never leave half-written and visible.
+"""Resumable training checkpoints that a crash can never leave half-written and visible, and
+that any number of processes can resume (resharding).
 
 Layout, one directory per checkpoint::
 
     out_dir/checkpoints/step-000050/
-        trainable.pt    {parameter name: tensor}: every weight (full fine-tuning) or the adapters
-        optimizer.pt    AdamW moments and step counts
+        dcp/            torch.distributed.checkpoint: the trainable weights (every weight, or
+                        the adapters) and the AdamW moments, each process writing its own shards
+                        (.distcp files) and rank 0 the .metadata that says where each piece lies
         scheduler.pt    the LambdaLR counter (the factor itself is recomputed from the config)
-        rng.pt          per process: torch CPU (+ CUDA), python and numpy generator states
+        rng-0.pt ...    per process: torch CPU (+ CUDA), python and numpy generator states
         state.json      {"step": 50, "elapsed_s": 81.2, "log": [...rows...], "config": {...},
-                         "seed": 0, "world_size": 1}
+                         "seed": 0, "world_size": 2}
 
-Everything is written into a hidden `.tmp-step-000050/`, state.json last, each file fsynced; the
-directory is then renamed into place. A reader takes only `step-NNNNNN` directories that hold a
-state.json, so a checkpoint killed mid-write (still hidden, or a stray directory without its state
-file) is never resumed from. The data order needs no saved state: it is a function of the step.
-A write that fails (a full disk) removes its hidden directory before raising one line naming the
-checkpoint: the failure gives back the space it took, and the next run resumes from the last
-complete checkpoint.
+Why DCP: a checkpoint of an FSDP run is sharded (no process ever holds the whole model), and
+its state dict is keyed by parameter name, not by who held what, so 2 processes' checkpoint
+loads into 1 process, or 8, and a DDP run's into an FSDP run. `world_size` is recorded for the
+reader, never checked: the data order is a function of the step (train.batching), the global
+batch does not depend on the process count, and a process with no saved RNG of its own rank
+(more processes than before) reseeds its dropout stream.
+
+Everything is written into a hidden `.tmp-step-000050/`, state.json last (by rank 0, after
+every process's shards are fsynced), then the directory is renamed into place. A reader takes
+only `step-NNNNNN` directories that hold a state.json, so a checkpoint killed mid-write (still
+hidden, or a stray directory without its state file) is never resumed from. A write that fails
+(a full disk) removes its hidden directory before raising one line naming the checkpoint.
+Several hosts: out_dir must be one shared filesystem (every process writes its shards there).
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,24 +41,14 @@ import numpy as np
 import torch
 
 from data.diskfull import naming
-from data.errors import UserError
+from data.errors import UserError, one_line
 from data.fsutil import atomic_write_json, fsync_dir, removed_on_failure
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
+DCP = "dcp"
 KEEP = 2  # complete checkpoints kept: the newest, and one more in case the newest's disk is bad
 _NAME = re.compile(r"^step-(\d{6,})$")
-
-
-@dataclass
-class Checkpoint:
-    """What one checkpoint holds, as in-memory objects."""
-
-    trainable: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
-    rng: list[dict[str, Any]]  # index = process rank
-    state: dict[str, Any]
 
 
 class CheckpointMismatchError(UserError):
@@ -123,27 +120,57 @@ def _save(obj: Any, path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def write_checkpoint(out_dir: Path, step: int, ckpt: Checkpoint) -> Path:
-    """Write atomically (tmp dir, state.json last, rename), then prune to the KEEP newest."""
+def _trainable_state(module: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """{"model": trainable weights, "optim": AdamW state}, keyed by parameter name (DCP form:
+    sharded DTensors under FSDP, whole tensors otherwise; wrapper prefixes removed)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model, optim = get_state_dict(
+        module, optimizer, options=StateDictOptions(ignore_frozen_params=True)
+    )
+    return {"model": model, "optim": optim}
+
+
+def write_checkpoint(
+    out_dir: Path,
+    step: int,
+    *,
+    dist: Any,
+    module: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+) -> Path:
+    """Every process: its shards and RNG; rank 0: the rest, state.json last, rename, prune.
+
+    `dist`: train.distributed.Dist (rank, barrier). Collective: every process calls it.
+    """
+    import torch.distributed.checkpoint as dcp
+
     root = Path(out_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
     # A full disk: one line naming the checkpoint, said once the partial one is gone (so the
     # free space it reports is what the next try will have).
     with naming(final), removed_on_failure(tmp):
-        tmp.mkdir(parents=True)
-        _save(ckpt.trainable, tmp / "trainable.pt")
-        _save(ckpt.optimizer, tmp / "optimizer.pt")
-        _save(ckpt.scheduler, tmp / "scheduler.pt")
-        _save(ckpt.rng, tmp / "rng.pt")
-        atomic_write_json(tmp / STATE, {**ckpt.state, "step": step})
-    if final.exists():  # a stale one from a run that was reset: replace it whole
-        _discard(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    for old in complete_checkpoints(out_dir)[:-KEEP]:
-        _discard(old)
+        dcp.save(_trainable_state(module, optimizer), checkpoint_id=str(tmp / DCP))
+        _save(rng_state(), tmp / f"rng-{dist.rank}.pt")
+        dist.barrier()
+        if dist.is_main:
+            _save(scheduler.state_dict(), tmp / "scheduler.pt")
+            atomic_write_json(tmp / STATE, {**state, "step": step, "world_size": dist.world})
+    if dist.is_main:
+        if final.exists():  # a stale one from a run that was reset: replace it whole
+            _discard(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        for old in complete_checkpoints(out_dir)[:-KEEP]:
+            _discard(old)
+    dist.barrier()
     return final
 
 
@@ -156,18 +183,16 @@ def _discard(path: Path) -> None:
 
 
 def check_compatible(
-    state: dict[str, Any], *, config: dict[str, Any], seed: int, world_size: int, path: Path
+    state: dict[str, Any], *, config: dict[str, Any], seed: int, path: Path
 ) -> None:
     """A checkpoint resumes only the run that wrote it; anything else would silently mix runs.
 
-    `checkpoint_every` may change between the two (it does not change what is computed).
+    `checkpoint_every` and `distributed` (process count, strategy, launcher) may change between
+    the two: they do not change what is computed.
     """
-    differ = sorted(
-        k for k in config if k != "checkpoint_every" and state["config"].get(k) != config[k]
-    )
-    differ += [
-        name for name, ours in (("seed", seed), ("world_size", world_size)) if state[name] != ours
-    ]
+    free = ("checkpoint_every", "distributed")
+    differ = sorted(k for k in config if k not in free and state["config"].get(k) != config[k])
+    differ += ["seed"] if state["seed"] != seed else []
     if differ:
         raise CheckpointMismatchError(
             f"{path} was written by a different run ({', '.join(differ)} differ); "
@@ -175,25 +200,45 @@ def check_compatible(
         )
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """A complete checkpoint's state.json (step, log, config, seed)."""
+    return json.loads((Path(path) / STATE).read_text())
+
+
 def restore(
-    ckpt: Checkpoint,
+    path: Path,
     *,
-    params: dict[str, torch.Tensor],
+    dist: Any,
+    module: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    rank: int,
 ) -> None:
-    """Put weights, optimizer, schedule and this process's RNG back as they were at the save."""
-    if set(params) != set(ckpt.trainable):
+    """Put weights, optimizer, schedule and this process's RNG back as they were at the save,
+    whatever the process count that saved them (DCP reshards to this run's layout)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    path = Path(path)
+    if not (path / DCP).is_dir():
+        raise CheckpointMismatchError(f"{path} is not a checkpoint of this version: remove it")
+    target = _trainable_state(module, optimizer)
+    try:
+        dcp.load(target, checkpoint_id=str(path / DCP))
+    except (RuntimeError, KeyError, ValueError) as exc:  # the planner: names or shapes differ
         raise CheckpointMismatchError(
-            "the checkpoint's trainable parameters differ from this model's"
-        )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(ckpt.trainable[name])
-    optimizer.load_state_dict(ckpt.optimizer)
-    scheduler.load_state_dict(ckpt.scheduler)
-    set_rng_state(ckpt.rng[rank])
+            f"{path}: its trainable parameters differ from this model's ({one_line(exc)})"
+        ) from None
+    set_state_dict(  # not strict: the frozen weights are not in a checkpoint, by design
+        module,
+        optimizer,
+        model_state_dict=target["model"],
+        optim_state_dict=target["optim"],
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),
+    )
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng = path / f"rng-{dist.rank}.pt"
+    if rng.is_file():  # a process the saving run did not have keeps its fresh dropout seed
+        set_rng_state(torch.load(rng, weights_only=False))
 
 
 def save_model_dir(model: Any, tokenizer: Any, target: Path) -> None:
@@ -208,16 +253,3 @@ def save_model_dir(model: Any, tokenizer: Any, target: Path) -> None:
         _discard(target)
     os.replace(tmp, target)
     fsync_dir(target.parent)
-
-
-def read_checkpoint(path: Path) -> Checkpoint:
-    """Load a checkpoint written by `write_checkpoint` (our own files: full unpickling)."""
-    path = Path(path)
-
-    def load(name: str) -> Any:
-        return torch.load(path / name, map_location="cpu", weights_only=False)
-
-    state = json.loads((path / STATE).read_text())
-    return Checkpoint(
-        load("trainable.pt"), load("optimizer.pt"), load("scheduler.pt"), load("rng.pt"), state
-    )

@@ -42,6 +42,45 @@ class LoraConfig(StrictModel):
     merge: bool = Field(True, description="Merge adapters into the saved round checkpoint.")
 
 
+class DistributedConfig(StrictModel):
+    """How many processes train, and how they share the model. None of it is in a stage key:
+    the global batch and the loss's normalisation do not depend on it (train.trainer), so 1 and
+    8 processes, DDP or FSDP, train the same student within float rounding."""
+
+    nproc: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Training processes on this host (torchrun --nproc-per-node; one per GPU). "
+        "1 trains in the stage's own process.",
+        json_schema_extra=NOT_IN_KEY,
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every process holds the whole model; fsdp: PyTorch FSDP2 "
+        "(fully_shard), each process holds 1/N of weights, gradients and optimizer state.",
+        json_schema_extra=NOT_IN_KEY,
+    )
+    launcher: list[str] | None = Field(
+        None,
+        description="Command (argv words, no shell) that starts the processes instead of "
+        "torchrun on this host, e.g. for several hosts; `-m train.trainer SPEC` is appended. "
+        "It runs as given: set it only in configs you trust.",
+        json_schema_extra=NOT_IN_KEY,
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in backward (less memory, "
+        "~1/3 more compute; the same values).",
+        json_schema_extra=NOT_IN_KEY,
+    )
+
+    @property
+    def launched(self) -> bool:
+        """Whether the train stage starts separate processes (else it trains in its own)."""
+        return self.nproc > 1 or bool(self.launcher)
+
+
 class TrainConfig(StrictModel):
     loss: Literal["reverse_kl", "forward_kl", "jsd", "ce"] = Field(
         "reverse_kl", description="Divergence to the teacher (ce = SFT on the target trace)."
@@ -72,3 +111,12 @@ class TrainConfig(StrictModel):
         json_schema_extra=NOT_IN_KEY,
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    precision: Literal["model", "bf16-mixed"] = Field(
+        "model",
+        description="model: weights, optimizer and compute in models.dtype; bf16-mixed: "
+        "float32 master weights and optimizer, bf16 compute (FSDP casts the parameters, one "
+        "process or DDP autocast), so a small learning rate is not rounded away.",
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, json_schema_extra=NOT_IN_KEY
+    )

@@ -7,9 +7,10 @@
 
 One optimizer step, and why it is built this way:
 
-1. Its global batch (cfg.batch_size × cfg.grad_accum × processes sequences) comes from
-   `batching.BatchPlan`, a function of (seed, step): resuming needs only the step number, and one
-   process accumulating 2 micro-batches sees exactly what 2 data-parallel processes see. The
+1. Its global batch (cfg.batch_size × cfg.grad_accum sequences, whatever the process count) comes
+   from `batching.BatchPlan`, a function of (seed, step): resuming needs only the step number.
+   Each of N processes takes its share of every micro-batch (`share`), so 1 and N processes
+   train on the same batches and make the same steps, within float rounding. The
    examples are a list or a `train.example_file.ExampleView` (the train stage's: a memory-mapped
    Arrow file, each example cut from it when its micro-batch is collated); the plan and each
    step's token count read their lengths, never the examples.
@@ -27,9 +28,9 @@ One optimizer step, and why it is built this way:
 5. One row per step (data.schemas.TRAIN_LOG) goes to `log_fn`; a checkpoint is written every
    cfg.checkpoint_every steps and at the last one, and a restart resumes from the newest.
 
-Several processes: `torchrun --nproc_per_node 2 -m train.trainer spec.json` on CPUs (gloo; note
-that `accelerate launch --cpu --num_processes 2` starts only one process), or
-`accelerate launch --num_processes 2 -m train.trainer spec.json` on GPUs. See `LaunchSpec`.
+Several processes: `torchrun --nproc-per-node 2 -m train.trainer spec.json` (gloo on CPUs, NCCL
+on GPUs), DDP or FSDP2 as cfg.distributed.strategy says (train.distributed); the train stage
+starts it itself (train.launch). See `LaunchSpec`.
 """
 
 from __future__ import annotations
@@ -41,36 +42,42 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
-from data.configbase import StrictModel
-from data.errors import UserError
+from data.errors import InternalError, UserError
 from data.fsutil import atomic_write_json
 from data.memory import naming_memory
-from train.batching import BatchPlan, Example, collate, fit_examples, load_examples, micro_batches
+from train.batching import (
+    BatchPlan,
+    Example,
+    collate,
+    fit_examples,
+    load_examples,
+    micro_batches,
+    share,
+)
 from train.checkpoint import (
-    Checkpoint,
     check_compatible,
     clean_partial,
     latest_checkpoint,
-    read_checkpoint,
+    read_state,
     restore,
-    rng_state,
     save_model_dir,
     write_checkpoint,
 )
 from train.config import LoraConfig, TrainConfig
+from train.distributed import Dist
 from train.example_file import ExampleView, open_examples
 from train.fused import (
     chunked_cross_entropy_loss,
     chunked_divergence_loss,
     chunked_topk_divergence_loss,
 )
+from train.launch import RESULT, LaunchSpec, progress, rank_failures
 from train.models import load_model, load_tokenizer
 from train.schedule import build_scheduler
 
@@ -98,57 +105,6 @@ class TrainResult:
     dropped_examples: int = 0  # prompt alone ≥ cfg.max_length
     truncated_examples: int = 0  # target cut to fit cfg.max_length
     step_seconds: float = 0.0  # inside train_step this run (the compute floor; no checkpoints)
-
-
-class Dist:
-    """The few collective operations the loop needs, for one process or several under accelerate."""
-
-    def __init__(self, accelerator: Any = None) -> None:
-        self.acc = accelerator
-        self.world = 1 if accelerator is None else accelerator.num_processes
-        self.rank = 0 if accelerator is None else accelerator.process_index
-        if accelerator is not None and str(accelerator.mixed_precision) == "fp16":
-            raise TrainInputError("fp16 mixed precision needs a GradScaler step: use bf16 or fp32")
-        if accelerator is not None and accelerator.gradient_accumulation_steps != 1:
-            raise TrainInputError(
-                "set cfg.grad_accum, not the Accelerator's gradient_accumulation_steps"
-            )
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def prepare(self, module: nn.Module) -> nn.Module:
-        return module if self.acc is None else self.acc.prepare_model(module)
-
-    def no_sync(self, module: nn.Module, *, sync: bool):
-        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-        return nullcontext() if sync or self.acc is None else self.acc.no_sync(module)
-
-    def backward(self, loss: Tensor) -> None:
-        if self.acc is None:
-            loss.backward()
-        else:
-            self.acc.backward(loss)  # also unscales/scales under the Accelerator's mixed precision
-
-    def sum(self, value: Tensor) -> Tensor:
-        return value if self.world == 1 else self.acc.reduce(value, reduction="sum")
-
-    def clip(self, params: list[nn.Parameter], max_norm: float) -> Tensor:
-        if self.acc is None:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return self.acc.clip_grad_norm_(params, max_norm)
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        from accelerate.utils import gather_object
-
-        return gather_object([obj])
-
-    def barrier(self) -> None:
-        if self.acc is not None:
-            self.acc.wait_for_everyone()
 
 
 class HiddenStates(nn.Module):
@@ -203,7 +159,8 @@ def train(
     log_fn: Callable[[dict[str, Any]], None] | None = None,
     seed: int = 0,
     round_idx: int = 0,
-    accelerator: Any = None,
+    dist: Dist | None = None,
+    fresh: Callable[[], Any] | None = None,
 ) -> TrainResult:
     """Train `model` in place for cfg.steps optimizer steps; see the module docstring.
 
@@ -211,6 +168,9 @@ def train(
     itself). `tokenizer`: saved with the model, and len(tokenizer) slices padding rows off the
     logits. `out_dir` None trains in memory: no checkpoints, nothing saved. `log_fn` gets each
     TRAIN_LOG row on the main process. Reseeds torch's generator (from `seed`) for dropout.
+    `dist`: the process group of a launched run (None: this process alone). `fresh`: builds
+    the untrained student again, on rank 0 of an FSDP run only: the trained weights are
+    gathered into it to be saved whole (the sharded model has no whole weight to save).
     """
     run = prepare_run(
         model,
@@ -219,7 +179,7 @@ def train(
         teacher=teacher,
         tokenizer=tokenizer,
         seed=seed,
-        accelerator=accelerator,
+        dist=dist,
     )
     out = None if out_dir is None else Path(out_dir)
     start, log, elapsed, resumed = (
@@ -238,7 +198,7 @@ def train(
             log_fn(row)
         if out is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             _save_checkpoint(run, out, step, log, seed)
-    final, model_dir = _finish(run, out, tokenizer)
+    final, model_dir = _finish(run, out, tokenizer, fresh)
     skipped = sum(row["skipped"] for row in log)
     return TrainResult(
         final, log, skipped, resumed, model_dir, run.dropped, run.truncated, step_seconds
@@ -296,27 +256,34 @@ def prepare_run(
     teacher: Any = None,
     tokenizer: Any = None,
     seed: int = 0,
-    accelerator: Any = None,
+    dist: Dist | None = None,
 ) -> Run:
     """Check the inputs and build model wrapper, optimizer, schedule and batch plan (no resume).
 
     `train` is prepare_run + resume + `train_step` per step + checkpoints + the final save; the
     pieces are public so that a benchmark can interleave single steps of several runs.
     """
-    dist = Dist(accelerator)
+    dist = dist or Dist()
     kept, lengths, target_lengths, dropped, truncated = _fit(examples, cfg.max_length)
     _check_inputs(kept, cfg, model, teacher)
+    if cfg.batch_size < dist.world:
+        raise TrainInputError(
+            f"train.batch_size {cfg.batch_size} cannot be shared by {dist.world} processes: "
+            f"raise it to {dist.world} or more (lower grad_accum to keep the step's size)"
+        )
     torch.manual_seed(seed)  # LoRA's initial adapters: the same on every process
     peft = _with_lora(model, cfg.lora) if cfg.lora.enabled else None
     lm = model if peft is None else peft.get_base_model()
     lm.train()
-    module = dist.prepare(HiddenStates(lm))
-    device = next(lm.parameters()).device
+    if cfg.distributed.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = dist.wrap(HiddenStates(lm), list(lm.get_decoder().layers))
+    device = dist.device or next(lm.parameters()).device
     if teacher is not None:
         teacher.eval().to(device)
     torch.manual_seed(seed + dist.rank)  # dropout: one stream per process
     optimizer = _optimizer(lm, cfg)
-    plan = BatchPlan(lengths, _global_size(cfg, dist), seed)
+    plan = BatchPlan(lengths, cfg.batch_size * cfg.grad_accum, seed)
     pad_id = getattr(tokenizer, "pad_token_id", None)  # any id works: masks come from lengths
     return Run(
         cfg,
@@ -337,10 +304,6 @@ def prepare_run(
         dropped,
         truncated,
     )
-
-
-def _global_size(cfg: TrainConfig, dist: Dist) -> int:
-    return cfg.batch_size * cfg.grad_accum * dist.world
 
 
 def _with_lora(model: Any, lora: LoraConfig) -> Any:
@@ -392,21 +355,30 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     cfg, dist = run.cfg, run.dist
     indices = run.plan.batch(step - 1)
     n_tokens = int(run.target_lengths[indices].sum())
-    micro = micro_batches(indices, cfg.batch_size, dist.world, dist.rank)
+    micro = micro_batches(indices, cfg.batch_size)
     local = torch.zeros((), device=run.device)
-    for a, idx in enumerate(micro):
+    for a, whole in enumerate(micro):
+        idx = share(whole, dist.world, dist.rank)
         batch = collate([run.examples[i] for i in idx], run.pad_id).to(run.device)
         # The teacher first, before the student's graph exists: the step's peak memory is then
         # max(teacher activations, student graph) rather than their sum.
         teacher_hidden = _teacher_hidden(run.teacher, batch) if _online(cfg) else None
-        with dist.no_sync(run.module, sync=a == len(micro) - 1):
+        with dist.no_sync(run.module, sync=a == len(micro) - 1), _autocast(run):
             hidden = run.module(batch.input_ids, batch.attention_mask)[:, :-1]
-            hidden = hidden.to(run.lm.get_output_embeddings().weight.dtype)  # autocast: bf16
+            hidden = hidden.to(run.lm.get_output_embeddings().weight.dtype)
             loss = _loss(run, batch, hidden, teacher_hidden, n_tokens)
             del teacher_hidden
-            dist.backward(loss * dist.world)  # DDP averages over processes; the loss is their sum
+            (loss * dist.world).backward()  # DDP/FSDP average over processes; the loss is a sum
         local += loss.detach()
     return _update(run, dist.sum(local), n_tokens)
+
+
+def _autocast(run: Run):
+    """bf16 compute over float32 weights (cfg.precision "bf16-mixed") where FSDP does not
+    already cast the parameters itself (its MixedPrecisionPolicy: train.distributed)."""
+    if run.cfg.precision != "bf16-mixed" or run.dist.sharded:
+        return nullcontext()
+    return torch.autocast(run.device.type, dtype=torch.bfloat16)
 
 
 def _online(cfg: TrainConfig) -> bool:
@@ -501,48 +473,55 @@ def _update(run: Run, loss: Tensor, n_tokens: int) -> dict[str, Any]:
 
 
 def _save_checkpoint(run: Run, out: Path, step: int, log: list[dict], seed: int) -> None:
-    rng = run.dist.gather(rng_state())
-    if run.dist.is_main:
-        trainable = {n: p.detach().cpu() for n, p in run.lm.named_parameters() if p.requires_grad}
-        state = {
-            "elapsed_s": log[-1]["elapsed_s"],
-            "log": log,
-            "config": run.cfg.model_dump(mode="json"),
-            "seed": seed,
-            "world_size": run.dist.world,
-        }
-        ckpt = Checkpoint(
-            trainable, run.optimizer.state_dict(), run.scheduler.state_dict(), rng, state
-        )
-        write_checkpoint(out, step, ckpt)
-    run.dist.barrier()
+    state = {
+        "elapsed_s": log[-1]["elapsed_s"],
+        "log": log,
+        "config": run.cfg.model_dump(mode="json"),
+        "seed": seed,
+    }
+    write_checkpoint(
+        out,
+        step,
+        dist=run.dist,
+        module=run.module,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        state=state,
+    )
 
 
 def _resume(run: Run, out: Path, seed: int) -> tuple[int, list[dict], float, int | None]:
-    """Load the newest complete checkpoint, if any: (step, log, elapsed, step resumed from)."""
+    """Load the newest complete checkpoint, if any: (step, log, elapsed, step resumed from).
+
+    Rank 0 picks it and tells the others, so all load the same one."""
     if run.dist.is_main:
         clean_partial(out)
-    run.dist.barrier()
-    path = latest_checkpoint(out)
+    path = run.dist.broadcast(latest_checkpoint(out))
     if path is None:
         return 0, [], 0.0, None
-    ckpt = read_checkpoint(path)
-    config = run.cfg.model_dump(mode="json")
-    check_compatible(ckpt.state, config=config, seed=seed, world_size=run.dist.world, path=path)
-    params = {n: p for n, p in run.lm.named_parameters() if p.requires_grad}
+    state = read_state(path)
+    check_compatible(state, config=run.cfg.model_dump(mode="json"), seed=seed, path=path)
     restore(
-        ckpt, params=params, optimizer=run.optimizer, scheduler=run.scheduler, rank=run.dist.rank
+        path, dist=run.dist, module=run.module, optimizer=run.optimizer, scheduler=run.scheduler
     )
-    step = int(ckpt.state["step"])
-    return step, list(ckpt.state["log"]), float(ckpt.state["elapsed_s"]), step
+    step = int(state["step"])
+    return step, list(state["log"]), float(state["elapsed_s"]), step
 
 
-def _finish(run: Run, out: Path | None, tokenizer: Any) -> tuple[Any, Path | None]:
-    """The trained model (adapters merged on request), saved to out/model on the main process."""
+def _finish(
+    run: Run, out: Path | None, tokenizer: Any, fresh: Callable[[], Any] | None
+) -> tuple[Any, Path | None]:
+    """The trained model (adapters merged on request), saved to out/model on the main process.
+
+    FSDP: the shards are gathered whole on rank 0, into `fresh()` (the model again, untrained);
+    the other ranks return None as the model."""
     model = run.lm if run.peft is None else run.peft
-    if run.peft is not None and run.cfg.lora.merge:
-        model = run.peft.merge_and_unload()
-    model.eval()
+    if run.dist.sharded:
+        model = _gathered(run, fresh)
+    if model is not None and run.peft is not None and run.cfg.lora.merge:
+        model = model.merge_and_unload()
+    if model is not None:
+        model.eval()
     if out is None:
         return model, None
     target = out / MODEL_DIR
@@ -552,53 +531,71 @@ def _finish(run: Run, out: Path | None, tokenizer: Any) -> tuple[Any, Path | Non
     return model, target
 
 
+def _gathered(run: Run, fresh: Callable[[], Any] | None) -> Any:
+    """Rank 0: a whole copy of the sharded model, built by `fresh` and loaded with the
+    gathered weights (with fresh adapters first under LoRA); the other ranks: None."""
+    full = run.dist.full_state_dict(run.module)  # collective: every rank takes part
+    if not run.dist.is_main:
+        return None
+    if fresh is None:
+        raise InternalError("an FSDP run needs `fresh` to save its gathered weights")
+    model = fresh()
+    peft = _with_lora(model, run.cfg.lora) if run.cfg.lora.enabled else None
+    lm = model if peft is None else peft.get_base_model()
+    prefix = "lm."  # HiddenStates(lm)'s parameter names
+    lm.load_state_dict({k.removeprefix(prefix): v for k, v in full.items()}, strict=True)
+    return model if peft is None else peft
+
+
 # ---- Launched runs (one process per device) --------------------------------------------------
 
 
-class LaunchSpec(StrictModel):
-    """Everything a launched process needs, as one JSON file (no Python objects cross processes)."""
-
-    model: str = Field(description="Hugging Face model directory of the student.")
-    examples: str = Field(
-        description="JSON lines written by batching.save_examples, or an examples file (.arrow,"
-        " train.example_file: memory-mapped by every process)"
-    )
-    out_dir: str = Field(description="Checkpoints, out_dir/model and out_dir/log.json go here.")
-    config: TrainConfig = Field(default_factory=TrainConfig)
-    teacher: str | None = Field(None, description="Teacher directory (online mode).")
-    tokenizer: str | None = Field(None, description="Tokenizer directory, saved with the model.")
-    seed: int = 0
-    round_idx: int = 0
-    threads: int | None = Field(None, ge=1, description="torch threads per process.")
-    cpu: bool = Field(False, description="Force CPU (gloo) even when GPUs are visible.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-
 def run_spec(path: Path | str) -> TrainResult:
-    """Train from a LaunchSpec file in this process, one of `accelerate`'s/torchrun's processes."""
-    from accelerate import Accelerator
+    """Train from a LaunchSpec file in this process, one of torchrun's (or alone: world 1).
 
+    Rank 0 writes out_dir/log.json and out_dir/result.json (what the train stage reads back),
+    and prints one line per step for the stage to pass on (train.launch.PROGRESS)."""
     spec = LaunchSpec.model_validate_json(Path(path).read_text())
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    accelerator = Accelerator(cpu=spec.cpu)
-    model = load_model(spec.model, dtype=spec.dtype, device="cpu")
-    teacher = load_model(spec.teacher, dtype=spec.dtype, device="cpu") if spec.teacher else None
+    cfg = spec.config
+    mixed = cfg.precision == "bf16-mixed"
+    dist = Dist.from_env(cfg.distributed.strategy, cpu=spec.cpu, mixed_precision=mixed)
+    dtype = "float32" if mixed else spec.dtype  # bf16-mixed keeps float32 master weights
+
+    def fresh() -> Any:
+        return load_model(spec.model, dtype=dtype, device="cpu")
+
     result = train(
-        model,
+        fresh(),
         _launch_examples(Path(spec.examples)),
-        spec.config,
+        cfg,
         out_dir=spec.out_dir,
-        teacher=teacher,
+        teacher=load_model(spec.teacher, dtype=dtype, device="cpu") if spec.teacher else None,
         tokenizer=load_tokenizer(spec.tokenizer) if spec.tokenizer else None,
+        log_fn=lambda row: progress(row, cfg.steps),
         seed=spec.seed,
         round_idx=spec.round_idx,
-        accelerator=accelerator,
+        dist=dist,
+        fresh=fresh if dist.is_main else None,
     )
-    if accelerator.is_main_process:
-        atomic_write_json(Path(spec.out_dir) / "log.json", result.log)
-    accelerator.end_training()
+    if dist.is_main:
+        out = Path(spec.out_dir)
+        atomic_write_json(out / "log.json", result.log)
+        atomic_write_json(out / RESULT, result_summary(result))
+    dist.close()
     return result
+
+
+def result_summary(result: TrainResult) -> dict[str, Any]:
+    """What the train stage records of a launched run besides its log (out_dir/result.json)."""
+    return {
+        "skipped_steps": result.skipped_steps,
+        "resumed_from": result.resumed_from,
+        "step_seconds": result.step_seconds,
+        "dropped_examples": result.dropped_examples,
+        "truncated_examples": result.truncated_examples,
+    }
 
 
 def _launch_examples(path: Path) -> Sequence[Example]:
@@ -606,4 +603,5 @@ def _launch_examples(path: Path) -> Sequence[Example]:
 
 
 if __name__ == "__main__":
-    run_spec(sys.argv[1])
+    with rank_failures(sys.argv[1]):
+        run_spec(sys.argv[1])
