@@ -11,6 +11,7 @@ them, the round's starting student (and the online teacher), and the train confi
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
@@ -235,49 +236,112 @@ def train_body(
     device: str,
     teacher_path: str | None = None,
 ) -> dict:
+    """Train into the staging directory (in this process, or on cfg.distributed's processes),
+    then write the log table; checkpoints, the examples file and the launch files stay out of
+    the commit."""
     # deferred: the trainer, its examples and model loading pull in torch (start-up time)
     from train.example_file import EXAMPLES_FILE, remove_examples, target_tokens
+
+    teacher = teacher_path if cfg.teacher_mode == "online" else None
+    where = dict(student_path=student_path, round_=round_, seed=seed, dtype=dtype, device=device)
+    if cfg.distributed.launched:
+        rows, summary = _train_launched(writer, cfg, examples, teacher=teacher, **where)
+    else:
+        rows, summary = _train_here(writer, cfg, examples, teacher=teacher, **where)
+    add_compute(summary["step_seconds"])  # the optimizer steps: this stage's compute floor
+    shutil.rmtree(writer.dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(writer.dir / LAUNCH_DIR, ignore_errors=True)
+    for name in ("log.json", "result.json"):
+        (writer.dir / name).unlink(missing_ok=True)
+    remove_examples(writer.dir / EXAMPLES_FILE)  # staging only, like the checkpoints
+    writer.write_table("log.parquet", pa.Table.from_pylist(rows), TRAIN_LOG)
+    return {
+        "examples": len(examples),
+        "skipped_steps": summary["skipped_steps"],
+        "resumed_from": summary["resumed_from"],
+        "target_tokens": target_tokens(examples),
+    }
+
+
+LAUNCH_DIR = "launch"  # a launched run's spec, log, pid and error files (staging only)
+
+
+def _log_step(round_: int, step: int, steps: int, loss: float | None) -> None:
+    if step % 10 == 0 or step == steps:
+        shown = loss if loss is not None else float("nan")
+        log.info("round %d train    step %d/%d loss %.4f", round_, step, steps, shown)
+
+
+def _train_here(
+    writer: StageWriter,
+    cfg: TrainConfig,
+    examples: Sequence[Any],
+    *,
+    student_path: str,
+    teacher: str | None,
+    round_: int,
+    seed: int,
+    dtype: str,
+    device: str,
+) -> tuple[list[dict], dict]:
+    """One process: this one (the trainer's result as the launched run's result.json)."""
     from train.models import load_model, load_tokenizer
-    from train.trainer import train
+    from train.trainer import result_summary, train
 
-    model = load_model(student_path, dtype=dtype, device=device)
-    teacher = None
-    if cfg.teacher_mode == "online" and teacher_path is not None:
-        teacher = load_model(teacher_path, dtype=dtype, device=device)
-    rows: list[dict] = []
-
-    def log_row(row: dict) -> None:
-        rows.append(row)
-        if row["step"] % 10 == 0 or row["step"] == cfg.steps:
-            log.info(
-                "round %d train    step %d/%d loss %.4f",
-                round_,
-                row["step"],
-                cfg.steps,
-                row["loss"] if row["loss"] is not None else float("nan"),
-            )
-
+    weights = "float32" if cfg.precision == "bf16-mixed" else dtype  # float32 master weights
     result = train(
-        model,
+        load_model(student_path, dtype=weights, device=device),
         examples,
         cfg,
         out_dir=writer.dir,
-        teacher=teacher,
+        teacher=load_model(teacher, dtype=weights, device=device) if teacher else None,
         tokenizer=load_tokenizer(student_path),
-        log_fn=log_row,
+        log_fn=lambda row: _log_step(round_, row["step"], cfg.steps, row["loss"]),
         seed=seed,
         round_idx=round_,
     )
-    add_compute(result.step_seconds)  # the optimizer steps: this stage's compute floor
-    shutil.rmtree(writer.dir / "checkpoints", ignore_errors=True)
-    remove_examples(writer.dir / EXAMPLES_FILE)  # staging only, like the checkpoints
-    writer.write_table("log.parquet", pa.Table.from_pylist(result.log), TRAIN_LOG)
-    return {
-        "examples": len(examples),
-        "skipped_steps": result.skipped_steps,
-        "resumed_from": result.resumed_from,
-        "target_tokens": target_tokens(examples),
-    }
+    return result.log, result_summary(result)
+
+
+def _train_launched(
+    writer: StageWriter,
+    cfg: TrainConfig,
+    examples: Sequence[Any],
+    *,
+    student_path: str,
+    teacher: str | None,
+    round_: int,
+    seed: int,
+    dtype: str,
+    device: str,
+) -> tuple[list[dict], dict]:
+    """cfg.distributed's processes (train.launch): rank 0 writes the model into staging, the
+    log and the result beside it; a dead process fails the stage as transient (retried, and
+    the retry resumes from the newest checkpoint, at any process count)."""
+    import torch
+
+    from train.example_file import EXAMPLES_FILE
+    from train.launch import LaunchSpec, run_launched
+
+    spec = LaunchSpec(
+        model=student_path,
+        examples=str(writer.dir / EXAMPLES_FILE),
+        out_dir=str(writer.dir),
+        config=cfg,
+        teacher=teacher,
+        tokenizer=student_path,
+        seed=seed,
+        round_idx=round_,
+        cpu=device == "cpu" or not torch.cuda.is_available(),
+        dtype=dtype,
+        run_dir=str(writer.dir / LAUNCH_DIR),
+    )
+    summary = run_launched(
+        spec,
+        cfg.distributed,
+        on_progress=lambda step, steps, loss: _log_step(round_, step, steps, loss),
+    )
+    return json.loads((writer.dir / "log.json").read_text()), summary
 
 
 def run(ctx: Context, rnd: Round) -> StageResult:

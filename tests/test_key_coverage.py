@@ -298,6 +298,19 @@ def flat(d: dict, prefix: str = "") -> dict[str, str]:
 NOT_SHAPING: list[tuple[str, dict]] = [
     ("filter.timeout_s", {"filter": {"timeout_s": 5}}),
     ("train.checkpoint_every", {"train": {"checkpoint_every": 3}}),
+    (
+        "train.distributed",
+        {
+            "train": {
+                "distributed": {
+                    "nproc": 8,
+                    "strategy": "fsdp",
+                    "launcher": ["srun", "torchrun"],
+                    "activation_checkpointing": True,
+                }
+            }
+        },
+    ),
     ("engines.*.shard_workers", {"engines": {"student": {"shard_workers": 4}}}),
     ("runner.kind", {"runner": {"kind": "dask", "n_workers": 3}}),
     ("rounds", {"rounds": 5}),  # more rounds add keys, they change none
@@ -368,3 +381,10 @@ def test_every_engine_setting_is_sorted_in_or_out_of_the_key() -> None:
 def test_keys_name_no_workspace(tmp_path: Path) -> None:
     """Two workspaces with the same config have the same keys (what ``cache_from`` shares)."""
     assert keys(tmp_path / "a") == keys(tmp_path / "b")
+
+
+def test_train_precision_shapes_train_and_what_follows(tmp_path: Path) -> None:
+    """bf16-mixed trains with float32 master weights and bf16 compute: another student, so
+    train and everything after it recompute (the process count and strategy do not)."""
+    change = {"train": {"precision": "bf16-mixed"}}
+    assert changed(tmp_path, change) == {"1/train", "1/eval", *ROUND_2}

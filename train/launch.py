@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,29 +217,49 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 def failure(run_dir: Path, code: int, model: str, log_path: Path) -> Exception:
-    """The error a failed launch raises, by meaning (module docstring)."""
+    """The error a failed launch raises, by meaning (module docstring).
+
+    A process's own error file is the cause when it says user, resource or bug: torchrun then
+    stops the other processes (SIGTERM: they die without a word). Otherwise a process died
+    from outside, or lost its peers because one did: transient."""
     errors = {
         int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in run_dir.glob("error-*.json")
     }
     started = sorted(int(p.stem.split("-")[1]) for p in run_dir.glob("rank-*.pid"))
     where = f"(log: {log_path})"
-    died = [r for r in started if r not in errors]
-    if died or not errors:
-        who = f"rank {died[0]}" if died else "a training process"
-        return RankDiedError(
-            f"train: {who} of {len(started) or '?'} died (exit code {code}); the stage is "
-            f"retried and resumes from its newest checkpoint {where}"
-        )
-    for kind in ("user", "resource", "transient", "bug"):
+    for kind, error in (("user", TrainRankError), ("resource", MemoryExhaustedError)):
         for rank, err in sorted(errors.items()):
-            if err["kind"] != kind:
-                continue
-            said = f"train rank {rank} of {len(started)} ({model}): {err['message']}"
-            if kind == "user":
-                return TrainRankError(said)
-            if kind == "resource":
-                return MemoryExhaustedError(said)
-            if kind == "transient":
-                return RankDiedError(f"{said}; retried from the newest checkpoint {where}")
-            return TrainBugError(f"{said} {where}")
-    raise InternalError(f"unknown error kinds in {run_dir}: {errors}")
+            if err["kind"] == kind:
+                return error(f"train rank {rank} of {len(started)} ({model}): {err['message']}")
+    for rank, err in sorted(errors.items()):
+        if err["kind"] == "bug":
+            return TrainBugError(f"train rank {rank} failed: {err['message']} {where}")
+    cause = root_cause(log_path)
+    who = "a training process" if cause is None else f"rank {cause[0]} of {len(started) or '?'}"
+    how = f"exit code {code}" if cause is None else _exit_said(cause[1])
+    return RankDiedError(
+        f"train: {who} died ({how}); the stage is retried and resumes from its newest "
+        f"checkpoint {where}"
+    )
+
+
+_ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+def root_cause(log_path: Path) -> tuple[int, int] | None:
+    """(rank, exit code) of the first process that failed, as torchrun's summary names it."""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 65536))
+            tail = fh.read().decode(errors="replace")
+    except OSError:
+        return None
+    found = _ROOT_CAUSE.findall(tail)
+    return (int(found[-1][0]), int(found[-1][1])) if found else None
+
+
+def _exit_said(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
