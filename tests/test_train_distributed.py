@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,7 +30,20 @@ import torch
 from data.store import StageStore
 from tasks.common import stage_files
 from tasks.train import LAUNCH_DIR, example_prompts, train_body, training_rows
-from tests.test_campaign import REPO, copy, manifests, mpd, ok, outcomes, planned, sets, table
+from tests.test_campaign import (
+    REPO,
+    copy,
+    kill9,
+    manifests,
+    mpd,
+    ok,
+    outcomes,
+    planned,
+    sets,
+    start,
+    table,
+    wait_for,
+)
 from train.checkpoint import latest_checkpoint
 from train.config import TrainConfig
 from train.example_file import EXAMPLES_FILE, stored_examples
@@ -208,3 +222,65 @@ def test_distributed_rank_killed_mid_train_resumes_on_two_then_one_process(
     a, b = weights(done["model"]), weights(straight["model"])
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=WEIGHTS_ATOL, msg=name)
+
+
+def test_distributed_rank_out_of_memory_is_one_line_naming_rank_model_and_size(
+    fsdp_lora: Path, tmp_path: Path
+) -> None:
+    """Rank 1 cannot allocate in its second step: the stage fails with one line that names
+    the rank, the model and the memory asked for (a resource error: not retried)."""
+    from data.errors import kind_of
+    from data.memory import MemoryExhaustedError
+    from tests.oom_rank import ASKED
+
+    torchrun = [sys.executable, "-m", "train.torchrun", "--standalone", "--nproc-per-node", "2"]
+    launcher = [*torchrun, "-m", "tests.oom_rank"]
+    cfg = TrainConfig(**BODY, distributed={"launcher": launcher})
+    with pytest.raises(MemoryExhaustedError) as caught:
+        body(tmp_path, fsdp_lora, cfg)
+    said = str(caught.value)
+    assert "\n" not in said and kind_of(caught.value) == "resource"
+    assert said.startswith(f"train rank 1 of 2 ({STUDENT}): out of memory training step 2")
+    assert str(ASKED) in said
+
+
+def test_distributed_batch_smaller_than_the_process_count_is_a_user_mistake(
+    tmp_path: Path,
+) -> None:
+    """Every process takes a share of every micro-batch: fewer sequences than processes is
+    refused at start-up, one line, exit 2, before anything runs."""
+    out = mpd("run", "-w", tmp_path / "ws", *sets({"train.distributed.nproc": 4}))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("mpd: error:")]
+    assert "batch_size 2 cannot be shared by distributed.nproc 4 processes" in line
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_distributed_training_processes_end_with_a_stopped_mpd(
+    fsdp_lora: Path, tmp_path: Path, how: str
+) -> None:
+    """SIGTERM (a scheduler's stop) or kill -9 of ``mpd`` alone, mid-training: torchrun and
+    every training process end within seconds (they die with their parent), none is left."""
+    ws = copy(fsdp_lora, tmp_path / "ws")
+    log = tmp_path / "run.log"
+    proc = start(ws, log, changes={**FSDP_LORA, "train.steps": 5000})
+    try:
+        pids = wait_for(ws, ".staging/train/round=1/*/launch/rank-1.pid", proc, log)
+        ranks = [int(p.read_text()) for p in sorted(pids[0].parent.glob("rank-*.pid"))]
+        agent = int(Path(f"/proc/{ranks[0]}/stat").read_text().split(")")[-1].split()[1])
+        os.kill(proc.pid, getattr(signal, how))
+        proc.wait(timeout=30)
+    finally:
+        kill9(proc)
+    deadline = time.monotonic() + 20
+    while any(_alive(p) for p in (agent, *ranks)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in (agent, *ranks) if _alive(p)], log.read_text()[-2000:]

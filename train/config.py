@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from data.configbase import NOT_IN_KEY, StrictModel
 
@@ -120,3 +120,15 @@ class TrainConfig(StrictModel):
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig, json_schema_extra=NOT_IN_KEY
     )
+
+    @model_validator(mode="after")
+    def _shared_by_every_process(self) -> TrainConfig:
+        """Each process takes a share of every micro-batch (train.batching.share): a process
+        with none would leave the others waiting in their collectives."""
+        if self.batch_size < self.distributed.nproc:
+            raise ValueError(
+                f"batch_size {self.batch_size} cannot be shared by distributed.nproc "
+                f"{self.distributed.nproc} processes: raise it (lower grad_accum to keep the "
+                "step's size)"
+            )
+        return self
