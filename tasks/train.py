@@ -260,6 +260,11 @@ def train_body(
         "skipped_steps": summary["skipped_steps"],
         "resumed_from": summary["resumed_from"],
         "target_tokens": target_tokens(examples),
+        **(
+            {"rank_peak_rss_mb": summary["rank_peak_rss_mb"]}
+            if "rank_peak_rss_mb" in summary
+            else {}
+        ),
     }
 
 
@@ -341,6 +346,9 @@ def _train_launched(
         cfg.distributed,
         on_progress=lambda step, steps, loss: _log_step(round_, step, steps, loss),
     )
+    ranks = sorted((writer.dir / LAUNCH_DIR).glob("rank-*.json"), key=lambda p: int(p.stem[5:]))
+    peaks = [json.loads(p.read_text())["peak_rss_mb"] for p in ranks]
+    summary["rank_peak_rss_mb"] = [round(mb, 1) for mb in peaks]
     return json.loads((writer.dir / "log.json").read_text()), summary
 
 

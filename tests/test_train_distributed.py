@@ -150,14 +150,16 @@ def references(tmp_path_factory: pytest.TempPathFactory, fsdp_lora: Path) -> dic
 
 
 @pytest.mark.parametrize(
-    ("strategy", "lora"), [("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True)]
+    ("strategy", "lora", "recompute"),
+    [("ddp", False, False), ("ddp", True, False), ("fsdp", False, True), ("fsdp", True, False)],
 )
 def test_distributed_stage_body_matches_one_process(
-    fsdp_lora: Path, references: dict, tmp_path: Path, strategy: str, lora: bool
+    fsdp_lora: Path, references: dict, tmp_path: Path, strategy: str, lora: bool, recompute: bool
 ) -> None:
-    """2 processes, DDP or FSDP, full or LoRA: the loss, token count and learning rate of every
-    step, and the saved model's weights, are one process's (within the module's tolerance)."""
-    distributed = {"nproc": 2, "strategy": strategy}
+    """2 processes, DDP or FSDP, full or LoRA (FSDP full with activation checkpointing): the
+    loss, token count and learning rate of every step, and the saved model's weights, are one
+    process's (within the module's tolerance)."""
+    distributed = {"nproc": 2, "strategy": strategy, "activation_checkpointing": recompute}
     cfg = TrainConfig(**BODY, lora={"enabled": lora, "r": 4, "alpha": 8}, distributed=distributed)
     got, ref = body(tmp_path, fsdp_lora, cfg), references[lora]
     assert [(r["step"], r["tokens"], r["lr"]) for r in got["log"]] == [

@@ -6,8 +6,9 @@ torchrun started and stopped as one process group, and a failed run told apart b
     # runs: python -m train.torchrun --standalone --nproc-per-node 2 -m train.trainer spec.json
     #   or: <cfg.distributed.launcher ...> -m train.trainer spec.json   (several hosts)
 
-Each process writes `run_dir/rank-<r>.pid` when it starts and, when it fails, `error-<r>.json`
-({"kind": "user" | "resource" | "transient" | "bug", "message": one line}). After a non-zero
+Each process writes `run_dir/rank-<r>.pid` when it starts, `rank-<r>.json` (its peak memory)
+when it ends well and, when it fails, `error-<r>.json` ({"kind": "user" | "resource" |
+"transient" | "bug", "message": one line}). After a non-zero
 exit the stage reads them:
 
 - a process that left no error file died from outside (kill -9, the kernel's OOM killer, a
@@ -119,6 +120,8 @@ def rank_failures(spec_path: str) -> Iterator[None]:
         (Path(run_dir) / f"rank-{rank}.pid").write_text(str(os.getpid()))
     try:
         yield
+        if run_dir is not None:
+            (Path(run_dir) / f"rank-{rank}.json").write_text(json.dumps(peak_memory()))
     except BaseException as exc:  # boundary: every failure of the process is recorded by kind
         kind = rank_kind(exc)
         if run_dir is not None:
@@ -128,6 +131,19 @@ def rank_failures(spec_path: str) -> Iterator[None]:
             print(f"mpd: error: rank {rank}: {one_line(exc)}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         raise
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak resident memory (MB), and its GPU's peak allocation when it has one:
+    what one rank needed (benchmarks/bench_train_distributed.py, scripts/gpu-check.sh)."""
+    import resource
+
+    import torch
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def rank_kind(exc: BaseException) -> str:
@@ -164,7 +180,7 @@ def run_launched(
     assert spec.run_dir is not None
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for old in [*run_dir.glob("error-*.json"), *run_dir.glob("rank-*.pid")]:
+    for old in [*run_dir.glob("error-*.json"), *run_dir.glob("rank-*.*")]:
         old.unlink()  # an earlier attempt's
     spec_path = run_dir / "spec.json"
     spec_path.write_text(spec.model_dump_json())
