@@ -36,12 +36,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from data.memory import MemoryExhaustedError
 from train.batching import Example, save_examples
 from train.config import DistributedConfig, TrainConfig
 from train.launch import LaunchSpec, run_launched
 from train.tiny import TinyModelConfig, build_tiny_model
 
-MODES = {"1 process": (1, "ddp"), "2 ddp": (2, "ddp"), "2 fsdp": (2, "fsdp")}
+# Qwen3's published shapes (config.json of Qwen/Qwen3-0.6B and -1.7B): built from config,
+# random weights (only shapes matter for time and memory).
+PRESETS = {
+    "qwen3-0.6b": {"hidden_size": 1024, "num_hidden_layers": 28, "intermediate_size": 3072},
+    "qwen3-1.7b": {"hidden_size": 2048, "num_hidden_layers": 28, "intermediate_size": 6144},
+}
+QWEN3 = {"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "vocab": 151936}
+K = 32  # stored top-k per position (score.top_k of the real configs)
 
 
 class Vocab:
@@ -56,10 +64,17 @@ class Vocab:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--preset", choices=["tiny", *PRESETS], default="tiny")
+    p.add_argument("--hidden", type=int, default=256, help="tiny only")
+    p.add_argument("--layers", type=int, default=4, help="tiny only")
+    p.add_argument("--vocab", type=int, default=4096, help="tiny only")
+    p.add_argument("--nproc", type=int, default=2, help="processes to compare with 1")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", choices=["model", "bf16-mixed"], default="model")
+    p.add_argument("--loss", choices=["ce", "topk"], default="ce", help="topk: fused top-k KL")
+    p.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--recompute", action="store_true", help="activation checkpointing")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
@@ -68,8 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def setup(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    """The student directory and the examples file (random ids: only shapes matter for time)."""
+def shapes(args: argparse.Namespace) -> tuple[TinyModelConfig, int]:
+    """The student's architecture and vocabulary size."""
+    if args.preset in PRESETS:
+        qwen = {k: v for k, v in QWEN3.items() if k != "vocab"}
+        return TinyModelConfig(**PRESETS[args.preset], **qwen), QWEN3["vocab"]
     heads = max(2, args.hidden // 64)
     cfg = TinyModelConfig(
         hidden_size=args.hidden,
@@ -78,32 +96,57 @@ def setup(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
         num_key_value_heads=max(1, heads // 2),
         intermediate_size=4 * args.hidden,
     )
+    return cfg, args.vocab
+
+
+def setup(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    """The student directory and the examples file (random ids: only shapes matter for time)."""
+    cfg, vocab = shapes(args)
     model_dir = root / "student"
-    build_tiny_model(Vocab(args.vocab), cfg, seed=0).save_pretrained(model_dir)
+    build_tiny_model(Vocab(vocab), cfg, seed=0).save_pretrained(model_dir)
     rng = np.random.default_rng(0)
     half = args.seq // 2
-    examples = [
-        Example(
-            rng.integers(3, args.vocab, half).tolist(), rng.integers(3, args.vocab, half).tolist()
-        )
-        for _ in range(args.batch * 4)
-    ]
+
+    def example() -> Example:
+        prompt, target = rng.integers(3, vocab, half).tolist(), rng.integers(3, vocab, half)
+        if args.loss == "ce":
+            return Example(prompt, target.tolist())
+        ids = rng.integers(3, vocab, (half, K))
+        ids[:, 0] = target  # the target token among the teacher's top-k, as it mostly is
+        logprobs = np.sort(rng.normal(-6, 2, (half, K)).astype(np.float32), axis=1)[:, ::-1]
+        return Example(prompt, target.tolist(), ids, np.ascontiguousarray(logprobs) - 0.1)
+
+    examples = [example() for _ in range(args.batch * args.accum * 4)]
     data = root / "examples.jsonl"
     save_examples(data, examples)
     return model_dir, data
 
 
+def modes(args: argparse.Namespace) -> dict[str, dict]:
+    """name -> train.distributed: the single-process trainer (`python -m train.trainer`, no
+    torchrun), and `--nproc` processes with DDP and with FSDP."""
+    n = args.nproc
+    return {
+        "1 process": {"launcher": [sys.executable]},
+        f"{n} ddp": {"nproc": n, "strategy": "ddp"},
+        f"{n} fsdp": {"nproc": n, "strategy": "fsdp"},
+    }
+
+
 def one_run(root: Path, name: str, model: Path, data: Path, args: argparse.Namespace, i: int):
-    """(median step seconds, [peak RSS MB per process]) of one launched run."""
-    nproc, strategy = MODES[name]
+    """(median step seconds, [peak memory per process]) of one launched run."""
+    distributed = DistributedConfig(**modes(args)[name], activation_checkpointing=args.recompute)
+    topk = {"loss": "reverse_kl", "teacher_mode": "offline_topk"}
     cfg = TrainConfig(
-        loss="ce",
+        **(topk if args.loss == "topk" else {"loss": "ce"}),
+        precision=args.precision,
         steps=args.steps,
         batch_size=args.batch,
+        grad_accum=args.accum,
         max_length=args.seq + 8,
         warmup_steps=0,
         checkpoint_every=10**6,  # only the last step's
-        distributed={"nproc": nproc, "strategy": strategy},
+        distributed=distributed,
     )
     out = root / f"{name.replace(' ', '-')}-{i}"
     spec = LaunchSpec(
@@ -112,47 +155,66 @@ def one_run(root: Path, name: str, model: Path, data: Path, args: argparse.Names
         out_dir=str(out),
         config=cfg,
         threads=args.threads,
-        cpu=True,
+        cpu=args.device == "cpu",
         run_dir=str(out / "launch"),
     )
-    run_launched(spec, DistributedConfig(nproc=nproc, strategy=strategy))
+    try:
+        run_launched(spec, distributed)
+    except MemoryExhaustedError as exc:
+        print(f"{name}: {exc}")
+        return None, []
     log = json.loads((out / "log.json").read_text())
     times = np.diff([0.0] + [r["elapsed_s"] for r in log])[args.warmup : args.steps - 1]
     ranks = sorted((out / "launch").glob("rank-*.json"))
-    return statistics.median(times), [json.loads(p.read_text())["peak_rss_mb"] for p in ranks]
+    return statistics.median(times), [json.loads(p.read_text()) for p in ranks]
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cores = os.cpu_count()
-    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, {cores} cores")
-    results: dict[str, list[tuple[float, list[float]]]] = {name: [] for name in MODES}
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} cores")
+    results: dict[str, list[tuple[float, list[dict]]]] = {name: [] for name in modes(args)}
     with tempfile.TemporaryDirectory(prefix="bench-train-dist-") as tmp:
         root = Path(tmp)
         model, data = setup(root, args)
         for i in range(args.repeats):
-            order = list(MODES)[i % len(MODES) :] + list(MODES)[: i % len(MODES)]
+            names = list(results)
+            order = names[i % len(names) :] + names[: i % len(names)]
             for name in order:
                 results[name].append(one_run(root, name, model, data, args, i))
-    base = statistics.median(t for t, _ in results["1 process"])
+    report(args, results)
+
+
+def report(args: argparse.Namespace, results: dict[str, list[tuple[float, list[dict]]]]) -> None:
+    """One row per mode: median step, its ratio to 1 process, peak memory of each process."""
+    cfg, vocab = shapes(args)
+    base = statistics.median(t or float("nan") for t, _ in results["1 process"])
     print(
-        f"tiny Qwen3 hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}; "
-        f"global batch {args.batch} x {args.seq} tokens; {args.steps} steps, median of "
-        f"{args.repeats} runs"
+        f"{args.preset}: Qwen3 hidden {cfg.hidden_size} x {cfg.num_hidden_layers} layers, vocab "
+        f"{vocab}; {args.device}, precision {args.precision}, loss {args.loss}; global batch "
+        f"{args.accum} x {args.batch} x {args.seq} tokens; {args.steps} steps, median of {args.repeats} runs"
     )
-    print(f"{'mode':<10} {'step_ms':>8} {'ratio':>6}  peak_rss_mb per process")
+    gpu = args.device == "cuda"
+    print(
+        f"{'mode':<10} {'step_ms':>8} {'ratio':>6}  peak {'GPU' if gpu else 'RSS'} MB per process"
+    )
     for name, runs in results.items():
+        if any(t is None for t, _ in runs):
+            print(f"{name:<10} out of memory")
+            continue
         step = statistics.median(t for t, _ in runs)
-        peaks = [max(run[1][r] for run in runs) for r in range(len(runs[0][1]))]
+        field = "cuda_peak_mb" if gpu else "peak_rss_mb"
+        peaks = [max(run[1][r].get(field, 0.0) for run in runs) for r in range(len(runs[0][1]))]
         shown = " ".join(f"{mb:.0f}" for mb in peaks)
         print(f"{name:<10} {step * 1e3:>8.1f} {step / base:>6.2f}  {shown}")
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(
-        f"{cores} cores, {args.threads} thread(s) a process: the ideal 2-process ratio is "
-        f"{1 / min(2, max(1, (cores or 1) // args.threads)):.2f} on an idle machine; above it is "
-        "the collectives' cost plus the cores other work takes (one device per process: "
-        "scripts/gpu-check.sh)."
-    )
+    if not gpu:
+        cores = os.cpu_count() or 1
+        print(
+            f"{cores} cores, {args.threads} thread(s) a process: the ideal {args.nproc}-process "
+            f"ratio is {1 / min(args.nproc, max(1, cores // args.threads)):.2f} on an idle "
+            "machine; above it is the collectives' cost plus the cores other work takes (one "
+            "device per process: scripts/gpu-check.sh)."
+        )
 
 
 if __name__ == "__main__":
