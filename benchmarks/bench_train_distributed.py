@@ -40,7 +40,7 @@ from data.memory import MemoryExhaustedError
 from train.batching import Example, save_examples
 from train.config import DistributedConfig, TrainConfig
 from train.launch import LaunchSpec, run_launched
-from train.tiny import TinyModelConfig, build_tiny_model
+from world.config import TinyModelConfig, build_tiny_model
 
 # Qwen3's published shapes (config.json of Qwen/Qwen3-0.6B and -1.7B): built from config,
 # random weights (only shapes matter for time and memory).

@@ -52,7 +52,7 @@ from train.models import load_model, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
-STUDENT = REPO / "assets" / "world" / "student"
+STUDENT = REPO / "world" / "assets" / "student"
 FSDP_LORA = {
     "train.steps": 6,
     "train.grad_accum": 2,
