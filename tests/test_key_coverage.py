@@ -258,7 +258,7 @@ def test_the_libraries_each_stage_computes_with_are_in_its_key(tmp_path: Path) -
     for where, dists in {
         "0/problems": ("datasets", "reasoning-gym", "pyarrow"),
         "1/sample": ("torch", "transformers", "tokenizers", "peft"),
-        "1/train": ("torch", "transformers", "peft", "accelerate", "duckdb"),
+        "1/train": ("torch", "transformers", "peft", "duckdb"),
         "1/filter": ("duckdb", "pyarrow"),
     }.items():
         assert {d: docs[where].get(d) for d in dists} == {d: version(d) for d in dists}, where

@@ -31,7 +31,7 @@ from train.models import load_model
 from train.trainer import train
 
 
-def test_two_processes_match_one_process_with_the_same_config(tmp_path: Path) -> None:
+def test_distributed_two_processes_match_one_process_with_the_same_config(tmp_path: Path) -> None:
     """Global batch 8 each way: 2 micro-batches of 4, each shared by 2 processes or not.
 
     Offline top-k reverse KL with a mid-run checkpoint (the RNG states of both processes are

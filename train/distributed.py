@@ -32,7 +32,15 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
 
+from data.errors import UserError
+
 Strategy = Literal["ddp", "fsdp"]
+
+
+class TooFewDevicesError(UserError):
+    """More processes on a host than GPUs it shows: one GPU a process (one line)."""
+
+
 TIMEOUT = timedelta(minutes=30)  # a collective waiting on a dead peer fails after this
 
 
@@ -60,7 +68,13 @@ class Dist:
         gpu = torch.cuda.is_available() and not cpu
         device = torch.device("cpu")
         if gpu:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local >= count:
+                raise TooFewDevicesError(
+                    f"process {local} of this host needs GPU {local}, but {count} are visible: "
+                    "lower train.distributed.nproc, or make more GPUs visible"
+                )
+            device = torch.device("cuda", local)
             torch.cuda.set_device(device)
         launched = "WORLD_SIZE" in os.environ  # else `python -m train.trainer` alone: no group
         if launched and not tdist.is_initialized():

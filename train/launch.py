@@ -213,8 +213,9 @@ def _run(
                 log.write(line)
                 log.flush()
                 if line.startswith(PROGRESS.encode()):
-                    step, steps, loss = line.split()[1:4]
-                    on_progress(int(step), int(steps), float(loss))
+                    with contextlib.suppress(ValueError):  # a line cut short: progress only
+                        step, steps, loss = line.split()[1:4]
+                        on_progress(int(step), int(steps), float(loss))
             return proc.wait()
         finally:
             stop_group(proc)
