@@ -54,7 +54,7 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 
 STUDENT = REPO / "world" / "assets" / "student"
 FSDP_LORA = {
-    "train.steps": 6,
+    "train.steps": 12,
     "train.grad_accum": 2,
     "train.checkpoint_every": 2,
     "train.lora.enabled": "true",
@@ -74,18 +74,33 @@ def losses(rows: list[dict]) -> list[float]:
 # -- the real mpd run ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fsdp_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 1-round campaign whose train stage ran on 2 FSDP processes with LoRA adapters."""
-    ws = tmp_path_factory.mktemp("fsdp") / "ws"
-    ok(mpd("run", "-w", ws, "--rounds", 1, *sets(FSDP_LORA)))
+    """A 1-round campaign whose train stage ran on 2 FSDP processes with LoRA adapters, and
+    whose rank 1 was killed (-9) once a checkpoint was written: the stage task retried."""
+    root = tmp_path_factory.mktemp("fsdp")
+    ws, log = root / "ws", root / "run.log"
+    proc = start(ws, log, changes=FSDP_LORA)
+    try:
+        wait_for(ws, ".staging/train/round=1/*/checkpoints/step-000002", proc, log)
+        (pid,) = wait_for(ws, ".staging/train/round=1/*/launch/rank-1.pid", proc, log)
+        os.kill(int(pid.read_text()), signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        kill9(proc)
+    (root / "killed.log").write_text(log.read_text())
     return ws
 
 
-def test_distributed_mpd_run_commits_one_model_and_matches_one_process(
+def test_distributed_mpd_run_retries_a_dead_rank_and_matches_one_process(
     fsdp_lora: Path, tmp_path: Path
 ) -> None:
-    """The committed model is one Hugging Face directory (adapters merged), no checkpoint or
-    launch file shipped; the process count is in no key (the same run on 1 process reuses
-    everything), and retraining round 1 on 1 process gives the same loss trajectory."""
+    """The dead rank failed the stage as transient: the same run retried it, resuming from the
+    checkpoint. The committed model is one Hugging Face directory (adapters merged), no
+    checkpoint or launch file shipped; the process count is in no key (the same run on 1
+    process reuses everything), and retraining round 1 on 1 process gives the same loss
+    trajectory."""
+    said = (fsdp_lora.parent / "killed.log").read_text()
+    assert "train: rank 1 of 2 died (killed by SIGKILL)" in said and "Retry 1/2" in said
+    assert manifests(fsdp_lora)["1/train"]["extra"]["resumed_from"] >= 2
     model = fsdp_lora / "train" / "round=1" / "model"
     assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
     assert not (model / "adapter_config.json").exists()
@@ -93,7 +108,8 @@ def test_distributed_mpd_run_commits_one_model_and_matches_one_process(
     assert shipped == {"_manifest.json", "log.parquet", "model"}
     assert not list((fsdp_lora / ".staging").glob("train/**/rank-*.pid"))
     two = table(fsdp_lora, "train", 1).to_pylist()
-    assert [r["step"] for r in two] == list(range(1, 7))
+    assert [r["step"] for r in two] == list(range(1, 13))
+    assert len(manifests(fsdp_lora)["1/train"]["extra"]["rank_peak_rss_mb"]) == 2
 
     ws = copy(fsdp_lora, tmp_path / "ws")
     ok(mpd("run", "-w", ws, "--rounds", 1, *sets({**FSDP_LORA, **ONE})))
