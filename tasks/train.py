@@ -11,10 +11,10 @@ them, the round's starting student (and the online teacher), and the train confi
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from tasks.generation import chat_prompts
 from tasks.stage import Stage
 from tasks.stream import key_positions
 from train.config import TrainConfig
+from train.launch import LAUNCH_DIR, RESULT, LaunchSpec, run_launched
 
 log = logging.getLogger("mpd")
 
@@ -236,22 +237,35 @@ def train_body(
     device: str,
     teacher_path: str | None = None,
 ) -> dict:
-    """Train into the staging directory (in this process, or on cfg.distributed's processes),
-    then write the log table; checkpoints, the examples file and the launch files stay out of
-    the commit."""
+    """Train into the staging directory, in this process or on cfg.distributed's (train.launch:
+    a dead process fails the stage as transient; the retry resumes from the newest checkpoint,
+    at any process count); then the log table. Checkpoints, the examples file and the launch
+    files stay out of the commit."""
     # deferred: the trainer, its examples and model loading pull in torch (start-up time)
     from train.example_file import EXAMPLES_FILE, remove_examples, target_tokens
 
-    teacher = teacher_path if cfg.teacher_mode == "online" else None
-    where = dict(student_path=student_path, round_=round_, seed=seed, dtype=dtype, device=device)
+    spec = LaunchSpec(  # the run, for either way of training
+        model=student_path,
+        examples=str(writer.dir / EXAMPLES_FILE),
+        out_dir=str(writer.dir),
+        config=cfg,
+        teacher=teacher_path if cfg.teacher_mode == "online" else None,
+        tokenizer=student_path,
+        seed=seed,
+        round_idx=round_,
+        cpu=device == "cpu",  # else each process takes a GPU if it sees one (train.distributed)
+        dtype=dtype,
+        run_dir=str(writer.dir / LAUNCH_DIR),
+    )
+    progress = functools.partial(_log_step, round_)
     if cfg.distributed.launched:
-        rows, summary = _train_launched(writer, cfg, examples, teacher=teacher, **where)
+        rows, summary = run_launched(spec, cfg.distributed, on_progress=progress)
     else:
-        rows, summary = _train_here(writer, cfg, examples, teacher=teacher, **where)
+        rows, summary = _train_here(spec, examples, device, progress)
     add_compute(summary["step_seconds"])  # the optimizer steps: this stage's compute floor
     shutil.rmtree(writer.dir / "checkpoints", ignore_errors=True)
     shutil.rmtree(writer.dir / LAUNCH_DIR, ignore_errors=True)
-    for name in ("log.json", "result.json"):
+    for name in ("log.json", RESULT):
         (writer.dir / name).unlink(missing_ok=True)
     remove_examples(writer.dir / EXAMPLES_FILE)  # staging only, like the checkpoints
     writer.write_table("log.parquet", pa.Table.from_pylist(rows), TRAIN_LOG)
@@ -260,15 +274,8 @@ def train_body(
         "skipped_steps": summary["skipped_steps"],
         "resumed_from": summary["resumed_from"],
         "target_tokens": target_tokens(examples),
-        **(
-            {"rank_peak_rss_mb": summary["rank_peak_rss_mb"]}
-            if "rank_peak_rss_mb" in summary
-            else {}
-        ),
+        **{k: v for k, v in summary.items() if k == "rank_peak_rss_mb"},  # launched only
     }
-
-
-LAUNCH_DIR = "launch"  # a launched run's spec, log, pid and error files (staging only)
 
 
 def _log_step(round_: int, step: int, steps: int, loss: float | None) -> None:
@@ -278,78 +285,27 @@ def _log_step(round_: int, step: int, steps: int, loss: float | None) -> None:
 
 
 def _train_here(
-    writer: StageWriter,
-    cfg: TrainConfig,
-    examples: Sequence[Any],
-    *,
-    student_path: str,
-    teacher: str | None,
-    round_: int,
-    seed: int,
-    dtype: str,
-    device: str,
+    spec: LaunchSpec, examples: Sequence[Any], device: str, progress: Callable[..., None]
 ) -> tuple[list[dict], dict]:
-    """One process: this one (the trainer's result as the launched run's result.json)."""
+    """The spec's run in this process: its log and result (as a launched run's result.json)."""
+    # deferred: the trainer and model loading pull in torch (start-up time)
     from train.models import load_model, load_tokenizer
     from train.trainer import result_summary, train
 
-    weights = "float32" if cfg.precision == "bf16-mixed" else dtype  # float32 master weights
+    cfg = spec.config
+    dtype = "float32" if cfg.precision == "bf16-mixed" else spec.dtype  # float32 master weights
     result = train(
-        load_model(student_path, dtype=weights, device=device),
+        load_model(spec.model, dtype=dtype, device=device),
         examples,
         cfg,
-        out_dir=writer.dir,
-        teacher=load_model(teacher, dtype=weights, device=device) if teacher else None,
-        tokenizer=load_tokenizer(student_path),
-        log_fn=lambda row: _log_step(round_, row["step"], cfg.steps, row["loss"]),
-        seed=seed,
-        round_idx=round_,
+        out_dir=spec.out_dir,
+        teacher=load_model(spec.teacher, dtype=dtype, device=device) if spec.teacher else None,
+        tokenizer=load_tokenizer(spec.model),
+        log_fn=lambda row: progress(row["step"], cfg.steps, row["loss"]),
+        seed=spec.seed,
+        round_idx=spec.round_idx,
     )
     return result.log, result_summary(result)
-
-
-def _train_launched(
-    writer: StageWriter,
-    cfg: TrainConfig,
-    examples: Sequence[Any],
-    *,
-    student_path: str,
-    teacher: str | None,
-    round_: int,
-    seed: int,
-    dtype: str,
-    device: str,
-) -> tuple[list[dict], dict]:
-    """cfg.distributed's processes (train.launch): rank 0 writes the model into staging, the
-    log and the result beside it; a dead process fails the stage as transient (retried, and
-    the retry resumes from the newest checkpoint, at any process count)."""
-    import torch
-
-    from train.example_file import EXAMPLES_FILE
-    from train.launch import LaunchSpec, run_launched
-
-    spec = LaunchSpec(
-        model=student_path,
-        examples=str(writer.dir / EXAMPLES_FILE),
-        out_dir=str(writer.dir),
-        config=cfg,
-        teacher=teacher,
-        tokenizer=student_path,
-        seed=seed,
-        round_idx=round_,
-        cpu=device == "cpu" or not torch.cuda.is_available(),
-        dtype=dtype,
-        run_dir=str(writer.dir / LAUNCH_DIR),
-    )
-    summary = run_launched(
-        spec,
-        cfg.distributed,
-        on_progress=lambda step, steps, loss: _log_step(round_, step, steps, loss),
-    )
-    ranks = sorted((writer.dir / LAUNCH_DIR).glob("rank-*.json"), key=lambda p: int(p.stem[5:]))
-    peaks = [json.loads(p.read_text())["peak_rss_mb"] for p in ranks]
-    summary["rank_peak_rss_mb"] = [round(mb, 1) for mb in peaks]
-    return json.loads((writer.dir / "log.json").read_text()), summary
 
 
 def run(ctx: Context, rnd: Round) -> StageResult:

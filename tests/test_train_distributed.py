@@ -29,7 +29,7 @@ import torch
 
 from data.store import StageStore
 from tasks.common import stage_files
-from tasks.train import LAUNCH_DIR, example_prompts, train_body, training_rows
+from tasks.train import example_prompts, train_body, training_rows
 from tests.test_campaign import (
     REPO,
     copy,
@@ -47,7 +47,7 @@ from tests.test_campaign import (
 from train.checkpoint import latest_checkpoint
 from train.config import TrainConfig
 from train.example_file import EXAMPLES_FILE, stored_examples
-from train.launch import RankDiedError
+from train.launch import LAUNCH_DIR, RankDiedError
 from train.models import load_model, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

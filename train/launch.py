@@ -46,6 +46,7 @@ from train.config import DistributedConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = "result.json"
+LAUNCH_DIR = "launch"  # the train stage's run_dir in its staging directory (not committed)
 PROGRESS = "mpd-train-step"  # rank 0's line per step: "mpd-train-step 3 30 2.4512"
 PARENT_ENV = "MPD_TRAIN_PARENT"  # the pid a process started by train.torchrun must have as parent
 STOP_GRACE_S = 10.0
@@ -173,8 +174,9 @@ def run_launched(
     dcfg: DistributedConfig,
     *,
     on_progress: Callable[[int, int, float], None] = lambda step, steps, loss: None,
-) -> dict[str, Any]:
-    """Run the spec's training on `dcfg`'s processes; rank 0's out_dir/result.json.
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run the spec's training on `dcfg`'s processes: rank 0's log rows (out_dir/log.json) and
+    result (out_dir/result.json, with each process's peak RSS as `rank_peak_rss_mb`).
 
     Raises by meaning (module docstring) when the run fails."""
     assert spec.run_dir is not None
@@ -188,7 +190,13 @@ def run_launched(
     code = _run(command(dcfg, spec_path), log_path, on_progress, own=not dcfg.launcher)
     if code != 0:
         raise failure(run_dir, code, spec.model, log_path)
-    return json.loads((Path(spec.out_dir) / RESULT).read_text())
+    out = Path(spec.out_dir)
+    summary = json.loads((out / RESULT).read_text())
+    ranks = sorted(run_dir.glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    summary["rank_peak_rss_mb"] = [
+        round(json.loads(p.read_text())["peak_rss_mb"], 1) for p in ranks
+    ]
+    return json.loads((out / "log.json").read_text()), summary
 
 
 def _run(
