@@ -118,13 +118,6 @@ class Dist:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def gather(self, obj: Any) -> list[Any]:
-        if not self.active:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        tdist.all_gather_object(out, obj)
-        return out
-
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""
         if not self.active:
