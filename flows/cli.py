@@ -23,7 +23,7 @@ from data.errors import kind_of, one_line
 from data.lock import WorkspaceLock
 from data.objstore import ObjectStore
 from data.store import StageStore
-from flows.config import ConfigError, RunConfig, dump_config, load_config
+from flows.config import SERVED, ConfigError, RunConfig, dump_config, load_config
 from flows.errors import UserError
 from flows.logs import setup_logging
 from flows.modes import MODES, plan_keys, round_stages
@@ -442,7 +442,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # deferred: pulls in Prefect, which reads its settings at import: after prefect_env()
     from flows.serve import nightly_schedule, serve_nightly
 
-    _load(args)  # config errors end here, before anything is registered
+    # Config errors end here, before anything is registered; and what the served deployment's
+    # runs will refuse (they are anyone's to start, flows/trusted.py) is refused now.
+    load_config(args.config, args.overrides, workspace=args.workspace, labels=SERVED)
     try:
         nightly_schedule(args.cron, args.timezone)
     except ValueError as exc:  # a bad cron string or time zone

@@ -10,6 +10,7 @@ strictly (duplicate keys, infinity, alias bombs) is ``flows/configfile.py``'s jo
 
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from data.configbase import StrictModel
 from data.objstore import default_cache, is_url
 from engines.config import EnginesConfig
 from flows.configfile import ConfigError, Origins, deep_merge, parse_yaml, read_yaml
+from flows.trusted import check_config_path, check_overrides
 from tasks.cluster import RunnerConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.filter import FilterConfig
@@ -141,10 +143,23 @@ class Labels:
 
     override: str = "--set"
     workspace: str = "-w"
+    config: str = "-c"
+    untrusted: bool = False  # a deployment's: flows/trusted.py says what it may not set
 
 
 CLI = Labels()
-DEPLOYMENT = Labels(override="overrides item", workspace="workspace parameter")
+DEPLOYMENT = Labels(
+    override="overrides item",
+    workspace="workspace parameter",
+    config="config parameter",
+    untrusted=True,
+)
+SERVED = Labels(  # mpd serve: the CLI's options become the deployment's parameters
+    override="--set (a deployment parameter)",
+    workspace="-w",
+    config="-c (a deployment parameter)",
+    untrusted=True,
+)
 
 
 def load_config(
@@ -161,9 +176,14 @@ def load_config(
     override, or the workspace, as ``labels`` spell them.
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG
+    if labels.untrusted:
+        check_config_path(path, labels.config)
     data, origins = read_yaml(path)
+    as_read = copy.deepcopy(data)
     for item in overrides or []:
         apply_override(data, item, origins, labels.override)
+    if labels.untrusted:
+        check_overrides(as_read, data, labels.override)
     if workspace is not None:
         data["workspace"] = str(workspace)
         origins.note(("workspace",), f"{labels.workspace} {workspace}", override=True)

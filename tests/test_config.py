@@ -157,7 +157,7 @@ def test_override_errors_name_the_override_not_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^--set problems\.source=file: 'problems'"):
         load_config(path, ["problems.source=file"])
     with pytest.raises(ConfigError, match=r"^overrides item rounds=x: 'rounds'"):
-        load_config(path, ["rounds=x"], labels=DEPLOYMENT)
+        load_config(None, ["rounds=x"], labels=DEPLOYMENT)
 
 
 def test_section_override_merges_key_by_key(tmp_path: Path) -> None:
