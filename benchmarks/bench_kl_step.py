@@ -1,7 +1,7 @@
 """Step time of distillation against SFT, measured side by side in one run on the tiny student.
 
 Three trainer modes train on the same batches (16 sequences of ~256 tokens, token ids drawn at
-random: only shapes matter for time) with `train.trainer.train_step`, the step `train` runs:
+random: only shapes matter for time) with `train.step.train_step`, the step `train` runs:
 
     sft     cross-entropy on the target                          (the baseline)
     topk    offline teacher, stored top-k reverse KL (+ tail)    target: topk / sft ≤ 1.05
@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from train.batching import Example, collate
 from train.config import TrainConfig
-from train.trainer import prepare_run, train_step
+from train.prepare import prepare_run
+from train.step import train_step
 from world.config import TinyModelConfig, build_tiny_model
 
 STUDENT = TinyModelConfig()  # hidden 128, 3 layers, 4 heads, 2 kv heads, intermediate 512

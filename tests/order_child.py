@@ -16,12 +16,13 @@ import sys
 import time
 from pathlib import Path
 
+import train.step as step
 import train.trainer as trainer
 from train.batching import Batch
 
 
 def main(spec: str, digests: Path, hold_at: int | None) -> None:
-    real = trainer.collate
+    real = step.collate  # what each micro-batch is collated by (train.step.train_step)
     seen = 0
 
     def recording(examples: list, pad_id: int) -> Batch:
@@ -40,7 +41,7 @@ def main(spec: str, digests: Path, hold_at: int | None) -> None:
             time.sleep(1)  # held until the test's kill -9
         return batch
 
-    trainer.collate = recording
+    step.collate = recording
     trainer.run_spec(spec)
 
 

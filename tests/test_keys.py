@@ -16,6 +16,8 @@ def test_a_stage_key_covers_the_code_it_imports_transitively() -> None:
     train = module_closure("tasks.train")
     for reached in [
         "train.trainer",
+        "train.step",  # the optimizer step the trainer runs
+        "train.prepare",
         "train.losses",
         "train.topk_losses",
         "train.divergences",  # the KL/JSD every loss is made of (train/fused.py's too)
