@@ -16,6 +16,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import flow
@@ -36,6 +37,7 @@ from flows.nightly import rounds_to_reach
 from flows.preflight import attach_storage, check_inputs
 from flows.stopping import in_flow
 from flows.summary import print_summary
+from flows.trusted import is_owners_run
 from tasks import cluster
 from tasks.context import Context
 from tasks.engines import close_engines
@@ -90,7 +92,9 @@ def campaign_flow(
         try:
             # A deployment's parameters are anyone's to set: a mistake in them is one line that
             # names the parameter, and the run ends Failed (not with a traceback).
-            cfg = load_config(config, overrides, workspace=workspace, labels=DEPLOYMENT)
+            # ``mpd run``'s own flow may set any key; a deployment's run may not (flows/trusted.py).
+            labels = replace(DEPLOYMENT, untrusted=False) if is_owners_run() else DEPLOYMENT
+            cfg = load_config(config, overrides, workspace=workspace, labels=labels)
             for name, value, least in (
                 ("rounds", rounds, 0),
                 ("rounds_per_night", rounds_per_night, 1),

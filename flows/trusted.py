@@ -26,8 +26,10 @@ else could be one the person starting the run wrote.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,27 @@ TRUSTED_KEYS = (
     "train.distributed.launcher",
     "storage.options",
 )
+
+
+_OWNERS_RUN = False  # set by `mpd run` in its own process (flows/commands.py), never by Prefect
+
+
+@contextlib.contextmanager
+def owners_run() -> Iterator[None]:
+    """Mark the flow runs this process starts in the block as its owner's (``mpd run``: the
+    ``--set`` items are the command line's). A flow parameter could not say so: whoever starts
+    a deployment's run sets its parameters; a deployment's run executes in the worker's own
+    process, where this flag is never set."""
+    global _OWNERS_RUN
+    before, _OWNERS_RUN = _OWNERS_RUN, True
+    try:
+        yield
+    finally:
+        _OWNERS_RUN = before
+
+
+def is_owners_run() -> bool:
+    return _OWNERS_RUN
 
 
 class UntrustedParameterError(UserError):

@@ -59,7 +59,7 @@ REASON = re.compile(r"#\s*deferred:\s*\S")
 
 MAX_LINES = 400
 # Left for the lead (other branches edit them now); shrink this set as they are split.
-OVER_MAX_LINES = {"flows/cli.py", "data/catalog.py"}
+OVER_MAX_LINES = {"data/catalog.py"}
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ Several hosts: out_dir must be one shared filesystem (every process writes its s
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 
 from data.diskfull import naming
-from data.errors import UserError, one_line
+from data.errors import UserError, is_disk_full, one_line
 from data.fsutil import atomic_write_json, fsync_dir, removed_on_failure
 
 CHECKPOINTS = "checkpoints"
@@ -131,6 +132,24 @@ def _trainable_state(module: Any, optimizer: torch.optim.Optimizer) -> dict[str,
     return {"model": model, "optim": optim}
 
 
+LOW_SPACE = 1 << 20  # bytes free, after a failed write, below which the disk is called full
+
+
+def _dcp_save(dcp: Any, state: dict[str, Any], where: Path) -> None:
+    """``dcp.save``, with its failures told apart: it wraps every rank's exception in a
+    ``CheckpointException``, a BaseException that no ``except Exception`` sees; and torch's zip
+    writer loses a full disk's ENOSPC ("unexpected pos 704 vs 598"). A full disk becomes an
+    OSError ENOSPC (``naming`` makes it one line); anything else stays a bug, with its text."""
+    try:
+        dcp.save(state, checkpoint_id=str(where))
+    except dcp.api.CheckpointException as exc:
+        causes = [failure[0] for failure in exc.failures.values()]
+        full = any(is_disk_full(cause) for cause in causes)
+        if full or shutil.disk_usage(where.parent).free < LOW_SPACE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where)) from None
+        raise RuntimeError(f"saving the checkpoint {where} failed: {exc}") from None
+
+
 def write_checkpoint(
     out_dir: Path,
     step: int,
@@ -157,7 +176,7 @@ def write_checkpoint(
     # A full disk: one line naming the checkpoint, said once the partial one is gone (so the
     # free space it reports is what the next try will have).
     with naming(final), removed_on_failure(tmp):
-        dcp.save(_trainable_state(module, optimizer), checkpoint_id=str(tmp / DCP))
+        _dcp_save(dcp, _trainable_state(module, optimizer), tmp / DCP)
         _save(rng_state(), tmp / f"rng-{dist.rank}.pt")
         dist.barrier()
         if dist.is_main:
