@@ -37,7 +37,19 @@ from world.config import BootstrapConfig
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 
-Method = Literal["mpd", "on_policy", "off_policy", "self_distill", "sft_compressed", "truncation"]
+Method = Literal[
+    "mpd",
+    "on_policy",
+    "off_policy",
+    "self_distill",
+    "sft_compressed",
+    "truncation",
+    "self_train",
+    "mpd_unfiltered",
+]
+# self_train keeps the shortest correct of n samples per problem: with fewer than four tries
+# there is little to choose from, and the baseline would be a weak straw man.
+SELF_TRAIN_MIN_N = 4
 
 
 class BenchConfig(StrictModel):
@@ -81,7 +93,8 @@ class RunConfig(StrictModel):
         "student's samples), on_policy (the student's samples), off_policy (the teacher's own "
         "solutions), self_distill (the student's samples, teacher = the student told to be "
         "concise), sft_compressed (filtered rewrites, CE), truncation (samples cut to the "
-        "rewrites' length, CE).",
+        "rewrites' length, CE), self_train (the student's own shortest correct sample of "
+        f"sample.n >= {SELF_TRAIN_MIN_N}, CE), mpd_unfiltered (mpd without the filter).",
     )
     workspace: Path = Field(
         Path("runs/tiny"),
@@ -134,6 +147,15 @@ class RunConfig(StrictModel):
         data = {**data, "storage": storage}
         data["workspace"] = storage.get("cache") or default_cache(storage["url"])
         return data
+
+    @model_validator(mode="after")
+    def _self_train_tries(self) -> RunConfig:
+        if self.method == "self_train" and self.sample.n < SELF_TRAIN_MIN_N:
+            raise ValueError(
+                f"method self_train keeps the shortest correct of sample.n samples per problem "
+                f"and needs sample.n >= {SELF_TRAIN_MIN_N}, got {self.sample.n}"
+            )
+        return self
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,12 @@
     sft_compressed  the filtered rewrites; cross-entropy, LoRA      sample rewrite filter
     truncation      each kept rewrite's sample, cut to the          sample rewrite filter truncate
                     rewrite's length + its answer; CE, LoRA
+    self_train      the student's own shortest correct sample of    sample self_select
+                    n >= 4 per problem; CE (rejection-sampling
+                    self-training: no teacher at all)
+    mpd_unfiltered  every rewrite of the student's samples, wrong   sample rewrite score
+                    or longer ones included; KL to the teacher
+                    (MPD without its filter)
 
 ``score`` runs whenever the loss needs the teacher's stored top-k (a KL loss with
 ``teacher_mode: offline_topk``); with ``loss: ce`` or an online teacher it is skipped.
@@ -21,6 +27,9 @@ Why these choices:
 - on_policy, off_policy and self_distill train on every target, unfiltered: the
   KL to the teacher is the correction (GKD, sequence-level KD, OPSDC do not filter),
   and a filter needs a shorter-than-the-original reference only rewrites have.
+- The two ablations isolate MPD's parts. self_train keeps only correct targets, as MPD does,
+  but the student's own: what is left of MPD's gain there is not the teacher's. mpd_unfiltered
+  is MPD with every rewrite: what it loses is the filter's (the gold labels') share.
 - Only rewriting methods filter; the filter SQL is the same file for all of them,
   so mpd, sft_compressed and truncation keep the same rows and differ only in the
   target text and the loss.
@@ -47,7 +56,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from flows.config import RunConfig
+from flows.config import SELF_TRAIN_MIN_N, RunConfig
 from tasks.common import StageResult
 from tasks.context import Context, ModelRef, Recipe, Round
 from tasks.registry import STAGES, campaign_stages, round_plan
@@ -58,7 +67,7 @@ from tasks.stagekey import StageKey
 class Mode:
     """How a method's round differs: the table it trains on, filtered or not, whose teacher."""
 
-    targets: Literal["sample", "solve", "rewrite", "truncate"]
+    targets: Literal["sample", "solve", "rewrite", "truncate", "self_select"]
     filtered: bool
     self_teacher: bool = False
     preset: dict[str, Any] = field(default_factory=dict)
@@ -67,6 +76,9 @@ class Mode:
 # LoRA adapters learn at about ten times a full fine-tune's rate (and tiny.yaml's is gentle): the SFT
 # baselines get their customary rate, the same steps and batch as every method.
 SFT = {"train.loss": "ce", "train.lora.enabled": True, "train.lr": 1e-3}
+# Self-training needs several tries per problem (flows/config.py SELF_TRAIN_MIN_N) for a short
+# correct one to be among them; it trains the whole model, as MPD does, so that only the
+# targets and the loss differ.
 MODES: dict[str, Mode] = {
     "mpd": Mode("rewrite", filtered=True),
     "on_policy": Mode("sample", filtered=False),
@@ -74,6 +86,10 @@ MODES: dict[str, Mode] = {
     "self_distill": Mode("sample", filtered=False, self_teacher=True),
     "sft_compressed": Mode("rewrite", filtered=True, preset=SFT),
     "truncation": Mode("truncate", filtered=True, preset=SFT),
+    "self_train": Mode(
+        "self_select", filtered=False, preset={"train.loss": "ce", "sample.n": SELF_TRAIN_MIN_N}
+    ),
+    "mpd_unfiltered": Mode("rewrite", filtered=False),
 }
 
 

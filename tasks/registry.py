@@ -23,6 +23,7 @@ from tasks import (
     rewrite,
     sample,
     score,
+    self_select,
     solve,
     train,
     truncate,
@@ -41,6 +42,7 @@ STAGE_MODULES: tuple[ModuleType, ...] = (
     score,
     filter,
     truncate,
+    self_select,
     train,
     evaluate,
 )

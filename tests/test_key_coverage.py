@@ -207,7 +207,8 @@ def test_the_solve_stage_is_keyed_by_its_own_module(tmp_path: Path, code_copy: P
 def test_orchestration_and_model_import_code_is_in_no_stage_closure() -> None:
     """The Prefect stage task and the GGUF importer shape no row: editing them recomputes
     nothing (4c4a540 reached both from every stage through tasks/context.py)."""
-    stages = ("sample", "solve", "rewrite", "score", "filter", "truncate", "train", "evaluate")
+    stages = ("sample", "solve", "rewrite", "score", "filter", "truncate", "self_select")
+    stages += ("train", "evaluate")
     for stage in (*stages, "problems", "bootstrap"):
         files = closure(f"tasks.{stage}").files
         assert not {"tasks.prefect_stage", "train.gguf", "tasks.registry"} & set(files), stage

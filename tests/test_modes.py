@@ -24,7 +24,18 @@ from tasks.common import read_stage
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 KEEP_FIRST = Path(__file__).resolve().parent / "fixtures" / "keep_first_filter.sql"
-ORDER = ["mpd", "on_policy", "off_policy", "self_distill", "sft_compressed", "truncation"]
+ORDER = [
+    "mpd",
+    "on_policy",
+    "off_policy",
+    "self_distill",
+    "sft_compressed",
+    "truncation",
+    "self_train",
+    "mpd_unfiltered",
+]
+# self_train needs correct samples to select from: 48 tokens end every trace before its answer.
+EXTRA: dict[str, dict[str, object]] = {"self_train": {"sample.max_tokens": 400}}
 TINY: dict[str, object] = {
     "problems.n_train": 40,
     "problems.n_test": 10,
@@ -78,7 +89,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("modes")
     done: dict[str, Path] = {}
     for method in ORDER:
-        run_mode(root / method, method, list(done.values()))
+        run_mode(root / method, method, list(done.values()), EXTRA.get(method))
         done[method] = root / method
     online = {"train.teacher_mode": "online"}
     run_mode(root / "self_distill_online", "self_distill", list(done.values()), online)
@@ -116,6 +127,15 @@ def test_shared_stages_hit_the_cache(runs: dict[str, Path]) -> None:
         "self_distill": {"0/eval": "cached", "1/sample": "cached", "1/score": "done"},
         "sft_compressed": {"1/sample": "cached", "1/rewrite": "cached", "1/filter": "cached"},
         "truncation": {"1/rewrite": "cached", "1/filter": "cached", "1/truncate": "done"},
+        # MPD without the filter: every stage before train is MPD's own
+        "mpd_unfiltered": {
+            "0/eval": "cached",
+            "1/sample": "cached",
+            "1/rewrite": "cached",
+            "1/score": "cached",
+        },
+        # four samples per problem: a sample stage of its own
+        "self_train": {"0/eval": "cached", "1/sample": "done", "1/self_select": "done"},
     }
     for method, states in expected.items():
         got = outcomes(runs[method])
@@ -156,6 +176,33 @@ def test_each_mode_trains_on_its_own_targets(runs: dict[str, Path]) -> None:
     assert ran["sft_compressed"].loss == ran["truncation"].loss == "ce"
     assert ran["sft_compressed"].lora.enabled and not ran["mpd"].lora.enabled
     assert ran["off_policy"].loss == "forward_kl"
+    assert ran["self_train"].loss == "ce" and not ran["self_train"].lora.enabled
+    assert ran["mpd_unfiltered"] == ran["mpd"]
+
+
+def test_the_ablations_train_on_their_own_targets(runs: dict[str, Path]) -> None:
+    """mpd_unfiltered learns every rewrite (the filter dropped some of them in mpd);
+    self_train learns its own shortest correct sample of four, one per problem that has one."""
+    rewrites = rows(runs["mpd"], "rewrite")
+    kept = sum(d["kept"] for d in rows(runs["mpd"], "filter"))
+    unfiltered = manifest(runs["mpd_unfiltered"], "train")["extra"]["examples"]
+    assert unfiltered == len(rewrites) > kept
+    assert "filter" not in {m.stage for m in StageStore(runs["mpd_unfiltered"]).committed()}
+
+    ws = runs["self_train"]
+    samples = rows(ws, "sample")
+    assert load_config(ws / "run.yaml").sample.n == 4
+    assert {s["sample_idx"] for s in samples} == {0, 1, 2, 3}
+    best: dict[str, tuple] = {}
+    for s in samples:
+        rank = (s["think_tokens"], s["total_tokens"], s["sample_idx"])
+        if s["correct"] and not s["truncated"] and rank < best.get(s["problem_id"], (1e9,)):
+            best[s["problem_id"]] = rank
+    selected = rows(ws, "self_select")
+    assert {r["problem_id"]: r["sample_idx"] for r in selected} == {
+        p: rank[2] for p, rank in best.items()
+    }
+    assert manifest(ws, "train")["extra"]["examples"] == len(selected) == len(best) > 0
 
 
 def test_truncation_targets_are_cut_samples_with_the_rewrites_answer(

@@ -27,7 +27,13 @@ EXPECTED = {
     ("sft_compressed", False): ["sample", "rewrite", "filter", "train", "eval"],
     ("truncation", True): ["sample", "rewrite", "filter", "truncate", "score", "train", "eval"],
     ("truncation", False): ["sample", "rewrite", "filter", "truncate", "train", "eval"],
+    ("self_train", True): ["sample", "self_select", "score", "train", "eval"],
+    ("self_train", False): ["sample", "self_select", "train", "eval"],
+    ("mpd_unfiltered", True): ["sample", "rewrite", "score", "train", "eval"],
+    ("mpd_unfiltered", False): ["sample", "rewrite", "train", "eval"],
 }
+# self_train refuses fewer than four samples per problem (flows/config.py)
+SAMPLE = {"sample": {"n": 4}}
 
 
 @pytest.mark.parametrize("method", sorted(MODES))
@@ -38,7 +44,7 @@ def test_each_plan_runs_a_stage_after_what_it_reads(
     method: str, loss: str, teacher_mode: str
 ) -> None:
     cfg = RunConfig.model_validate(
-        {"method": method, "train": {"loss": loss, "teacher_mode": teacher_mode}}
+        {"method": method, "train": {"loss": loss, "teacher_mode": teacher_mode}, **SAMPLE}
     )
     plan = round_stages(cfg)
     assert plan == EXPECTED[(method, loss != "ce")]
@@ -52,7 +58,7 @@ def test_each_plan_runs_a_stage_after_what_it_reads(
 @pytest.mark.parametrize("method", sorted(MODES))
 def test_declared_config_sections_exist(method: str) -> None:
     """Each name a stage's key gives its config is a path of the run config (or the round)."""
-    cfg = RunConfig.model_validate({"method": method, "score": {"context": "rewrite"}})
+    cfg = RunConfig.model_validate({"method": method, "score": {"context": "rewrite"}, **SAMPLE})
     rnd = Round(1, ModelRef("", ""), recipe=recipe(cfg))
     for stage in STAGES.values():
         assert stage.summary
