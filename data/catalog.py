@@ -3,7 +3,7 @@
 Every stage table is one view over all its rounds::
 
     problems  samples  solutions  rewrites  truncations  scores  decisions  kept
-    train_log  evals  stage_runs  round_summary
+    train_log  evals  stage_runs  round_summary  family_summary
 
 ``stage_runs`` is one row per committed stage run, from the manifests (stage,
 round, key, rows, duration_s, finished_at, shared_from: the workspace a shared
@@ -14,8 +14,9 @@ compute_s: its seconds inside engine calls and optimizer steps).
 A *bench root* (``mpd bench``'s output directory, marked by ``bench.json``)
 holds one workspace per (method, seed). Its tables are the members' tables
 stacked, with ``method`` and ``seed`` columns first, and its ``bench`` view
-(``data/sql/bench.sql``) is the comparison table; ``round_summary`` is per
-workspace and is not defined there.
+(``data/sql/bench.sql``) is the comparison table, with ``bench_family`` (the same per problem
+family) and ``bench_paired`` (each method against mpd on the same problems, seed by seed);
+``round_summary`` and ``family_summary`` are per workspace and are not defined there.
 
 A view reads only *committed* files: those matching the table's glob in
 the table's declaration (:mod:`data.tables`, made by the stage that writes it), inside a ``<stage>/round=<r>/`` directory that holds the
@@ -98,8 +99,14 @@ __all__ = [
 
 # The views beside the stage tables: kept rows, the manifests, and the per-workspace summary
 # (a plain workspace) or the method comparison (a bench root).
-DERIVED_VIEWS: tuple[str, ...] = ("kept", "stage_runs", "round_summary")
-BENCH_DERIVED_VIEWS: tuple[str, ...] = ("kept", "stage_runs", "bench")
+DERIVED_VIEWS: tuple[str, ...] = ("kept", "stage_runs", "round_summary", "family_summary")
+BENCH_DERIVED_VIEWS: tuple[str, ...] = (
+    "kept",
+    "stage_runs",
+    "bench",
+    "bench_family",
+    "bench_paired",
+)
 
 
 def views() -> tuple[str, ...]:
@@ -232,10 +239,15 @@ def empty_select(table: str) -> str:
     return f"SELECT {typed_nulls} WHERE false"
 
 
+def view_sql(name: str) -> str:
+    """A derived view's query, from ``data/sql/<name>.sql``."""
+    text = resources.files("data").joinpath("sql", f"{name}.sql").read_text()
+    return text.strip().rstrip(";")
+
+
 def round_summary_sql() -> str:
     """The round_summary query, from ``data/sql/round_summary.sql``."""
-    text = resources.files("data").joinpath("sql", "round_summary.sql").read_text()
-    return text.strip().rstrip(";")
+    return view_sql("round_summary")
 
 
 def _stage_runs_table(workspace: Path | ObjectStore) -> pa.Table:
@@ -346,11 +358,8 @@ def _plan(workspace: Path | ObjectStore, *, root: Path | None) -> _Plan:
         [_tagged(t, p) for t, p in zip(runs, plan.parts, strict=True)]
     )
     plan.derived = [("kept", "SELECT * FROM decisions WHERE kept")]
-    if members:
-        text = resources.files("data").joinpath("sql", "bench.sql").read_text()
-        plan.derived.append(("bench", text.strip().rstrip(";")))
-    else:
-        plan.derived.append(("round_summary", round_summary_sql()))
+    views = BENCH_DERIVED_VIEWS if members else DERIVED_VIEWS
+    plan.derived += [(name, view_sql(name)) for name in views if name not in ("kept", "stage_runs")]
     return plan
 
 

@@ -99,9 +99,10 @@ def plan(
     root = base.workspace
     methods = methods or list(MODES)
     rounds = rounds or base.rounds
-    chosen = {m: seeds or base.bench.method_seeds.get(m) or [base.seed] for m in methods}
-    runs = [(m, s) for s in sorted({s for v in chosen.values() for s in v}) for m in methods]
-    places = {(m, s): root / m / f"seed={s}" for m, s in runs if s in chosen[m]}
+    # every method on every seed, seed by seed: a stage two methods share is computed by the
+    # first, and an interrupted bench has whole seeds done
+    runs = [(m, s) for s in dict.fromkeys(seeds or base.bench.seeds) for m in methods]
+    places = {(m, s): root / m / f"seed={s}" for m, s in runs}
     members = []
     for m, s in places:
         others = [str(p) for k, p in places.items() if k != (m, s)]

@@ -2,9 +2,11 @@
 
 bench.parquet is ``select * from bench`` over the bench root, one row per
 (method, seed, round, split), so every number in it can be recomputed in SQL
-from the members' ``evals`` (tests/test_bench.py does). bench.md and bench.png
-show the mean over seeds (± the sample standard deviation when there are
-several): the spread is what tells a real difference from noise.
+from the members' ``evals`` (tests/test_bench.py does); bench_family.parquet and
+bench_paired.parquet are the views of the same names (per problem family; each method
+against mpd on the same problems). bench.md (:mod:`flows.bench_tables`) and bench.png show
+the mean over seeds ± its standard error (:mod:`flows.bench_stats`): the spread is what tells
+a real difference from noise.
 
 Pareto front: among all (method, round) points of the test split, those that no
 other point beats on both axes (at least as accurate with at most as many mean
@@ -14,7 +16,6 @@ total tokens, and strictly better on one).
 from __future__ import annotations
 
 import logging
-import statistics
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,23 +26,21 @@ import pyarrow as pa
 from data import catalog
 from data.errors import best_effort
 from data.fsutil import atomic_write_bytes
+from flows.bench_tables import (
+    ReportData,
+    aggregate,
+    every_round,
+    families,
+    num,
+    off_policy_note,
+    pct,
+    summary,
+    tuning,
+)
 from flows.sqlout import write_parquet_atomic
 from flows.summary import save_png
 
 log = logging.getLogger("mpd")
-
-METRICS = (
-    "accuracy",
-    "accuracy_change",
-    "mean_think_tokens",
-    "mean_answer_tokens",
-    "mean_total_tokens",
-    "tokens_change",
-    "truncation_rate",
-    "train_tokens",
-    "wall_s",
-)
-SPLITS = {"test": "Test split", "heldout": "Held-out family"}
 
 
 def print_progress(root: Path, method: str, seed: int, where: str) -> None:
@@ -57,27 +56,9 @@ def print_progress(root: Path, method: str, seed: int, where: str) -> None:
         log.warning("%s: no summary (%s)", where, exc)
         return
     parts = [
-        f"r{r['round']} acc {_pct(r['accuracy'])} think {_num(r['mean_think_tokens'])}"
-        for r in rows
+        f"r{r['round']} acc {pct(r['accuracy'])} think {num(r['mean_think_tokens'])}" for r in rows
     ]
     log.info("%s: %s", where, " | ".join(parts) or "no evaluation")
-
-
-def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and sample sd over seeds, per (method, round, split), in the rows' order."""
-    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["round"], r["split"]), []).append(r)
-    out = []
-    for (method, round_, split), group in groups.items():
-        agg: dict[str, Any] = {"method": method, "round": round_, "split": split}
-        agg["seeds"] = len(group)
-        for name in METRICS:
-            values = [g[name] for g in group if g[name] is not None]
-            agg[name] = statistics.fmean(values) if values else None
-            agg[f"{name}_sd"] = statistics.stdev(values) if len(values) > 1 else None
-        out.append(agg)
-    return out
 
 
 def pareto(points: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -97,117 +78,57 @@ def pareto(points: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(unique.values(), key=lambda p: (p["mean_total_tokens"], -p["accuracy"]))
 
 
-def _pct(v: float | None, sd: float | None = None, *, signed: bool = False) -> str:
-    if v is None:
-        return ""
-    text = f"{v * 100:+.1f}" if signed else f"{v * 100:.1f}%"
-    return text + (f" ± {sd * 100:.1f}" if sd is not None else "")
-
-
-def _num(v: float | None, sd: float | None = None) -> str:
-    if v is None:
-        return ""
-    return f"{v:.0f}" + (f" ± {sd:.0f}" if sd is not None else "")
-
-
 def _label(p: dict[str, Any]) -> str:
     return (
         "the starting student (round 0)" if p["round"] == 0 else f"{p['method']} round {p['round']}"
     )
 
 
-def _cells(a: dict[str, Any]) -> list[str]:
-    def sd(name: str) -> Any:
-        return a.get(f"{name}_sd")
-
-    first = a["round"] == 0
-    return [
-        a["method"],
-        str(a["round"]),
-        _pct(a["accuracy"], sd("accuracy")),
-        "" if first else _pct(a["accuracy_change"], sd("accuracy_change"), signed=True),
-        _num(a["mean_think_tokens"], sd("mean_think_tokens")),
-        _num(a["mean_answer_tokens"], sd("mean_answer_tokens")),
-        _num(a["mean_total_tokens"], sd("mean_total_tokens")),
-        "" if first else _pct(a["tokens_change"], sd("tokens_change"), signed=True) + "%",
-        _pct(a["truncation_rate"], sd("truncation_rate")),
-        "" if first else _num(a["train_tokens"], sd("train_tokens")),
-        "" if a["wall_s"] is None else f"{a['wall_s'] / 60:.1f}",
-    ]
-
-
-HEADER = [
-    "method",
-    "round",
-    "accuracy",
-    "Δ acc (points)",
-    "think",
-    "answer",
-    "total",
-    "Δ tokens",
-    "truncated",
-    "train tokens",
-    "wall (min)",
-]
-
-
-def markdown(
-    agg: list[dict[str, Any]],
-    *,
-    members: list[Any],
-    budget: str,
-    failures: dict[str, str],
-    minutes: float,
-) -> str:
-    cfg = members[0].cfg
-    methods = list(dict.fromkeys(m.method for m in members))
-    per_method = {m: sorted(x.seed for x in members if x.method == m) for m in methods}
-    seeds = sorted({m.seed for m in members})
-    said = {", ".join(map(str, v)) for v in per_method.values()}
-    seeds_text = (
-        f"seeds {said.pop()}"
-        if len(said) == 1
-        else "seeds " + "; ".join(f"{m} {', '.join(map(str, v))}" for m, v in per_method.items())
-    )
+def markdown(data: ReportData) -> str:
+    """bench.md: the header, then the sections of :mod:`flows.bench_tables`."""
+    cfg = data.members[0].cfg
+    methods = list(dict.fromkeys(m.method for m in data.members))
+    seeds = sorted({m.seed for m in data.members})
+    builtin = cfg.problems.source == "builtin"
     ev = cfg.evaluate
+    agg = aggregate(data.rows)
     lines = [
         "# mpd bench",
         "",
-        f"Methods {', '.join(methods)}; {seeds_text}; {cfg.rounds} "
-        f"round(s) each, from the same starting student on the same problems "
-        f"({minutes:.1f} minutes).",
+        f"Methods {', '.join(methods)}; every one on seeds {', '.join(map(str, seeds))}; "
+        f"{cfg.rounds} round(s) each, from the same starting student on the same problems "
+        f"({data.minutes:.1f} minutes).",
         "",
-        f"- Training budget, the same for every method: {budget}.",
+        f"- Training budget, the same for every method: {data.budget}.",
         f"- Evaluation: at most {ev.limit or 'all'} problems per split, temperature "
         f"{ev.temperature:g}, {ev.max_tokens} tokens; round 0 is the starting student.",
-        "- Δ acc: accuracy minus round 0's, in points; Δ tokens: mean total tokens against "
-        "round 0's; wall: the round's stage durations summed (also for stages shared from "
-        "another method's workspace).",
+        "- wall: the round's stage durations summed (also for stages shared from another "
+        "method's workspace).",
+        "",
+        *summary(data),
+        "",
+        *families(data, builtin),
+        *every_round(agg),
     ]
-    if len(seeds) > 1:
-        lines.append(
-            "- Cells: mean ± sample standard deviation over a method's seeds (its `seeds` column)."
-        )
-    for split, title in SPLITS.items():
-        rows = [a for a in agg if a["split"] == split]
-        if not rows:
-            continue
-        lines += ["", f"## {title}", "", "| " + " | ".join(HEADER) + " |"]
-        lines.append("|" + "---|" * len(HEADER))
-        lines += ["| " + " | ".join(_cells(a)) + " |" for a in rows]
+    notes = off_policy_note(data, builtin)
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    if data.tuning:
+        lines += ["", *tuning(data)]
     front = pareto(a for a in agg if a["split"] == "test")
     lines += ["", "## Pareto front (test split: more accurate, fewer tokens)", ""]
     lines += [
-        f"- {_label(p)}: {_pct(p['accuracy'])} at {_num(p['mean_total_tokens'])} mean total tokens"
+        f"- {_label(p)}: {pct(p['accuracy'])} at {num(p['mean_total_tokens'])} mean total tokens"
         for p in front
     ]
     lines += ["", "![accuracy against mean total tokens](bench.png)"]
-    if failures:
-        lines += ["", "## Failed", ""] + [f"- {k}: {v}" for k, v in failures.items()]
+    if data.failures:
+        lines += ["", "## Failed", ""] + [f"- {k}: {v}" for k, v in data.failures.items()]
     lines += [
         "",
-        "Data: bench.parquet, one row per (method, seed, round, split); the same as "
-        '`mpd sql -w <bench root> "select * from bench"`.',
+        "Data: bench.parquet (one row per method, seed, round, split), bench_family.parquet, "
+        'bench_paired.parquet; the same as `mpd sql -w <bench root> "select * from bench"` '
+        "(views bench_family, bench_paired).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -224,7 +145,17 @@ def plot(agg: list[dict[str, Any]], out: Path) -> Path:
     for method in dict.fromkeys(a["method"] for a in test):
         pts = sorted((a for a in test if a["method"] == method), key=lambda a: a["round"])
         xs, ys = [a["mean_total_tokens"] for a in pts], [a["accuracy"] for a in pts]
-        (line,) = ax.plot(xs, ys, "o-", label=method, alpha=0.85)
+        bars = ax.errorbar(
+            xs,
+            ys,
+            xerr=[a.get("mean_total_tokens_se") or 0.0 for a in pts],
+            yerr=[a.get("accuracy_se") or 0.0 for a in pts],
+            fmt="o-",
+            capsize=3,
+            label=method,
+            alpha=0.85,
+        )
+        line = bars.lines[0]
         for a in pts[1:] if pts and pts[0]["round"] == 0 else pts:
             ax.annotate(
                 f"r{a['round']}",
@@ -265,7 +196,7 @@ def plot(agg: list[dict[str, Any]], out: Path) -> Path:
     ax.set_xlabel("mean total tokens (test split)")
     ax.set_ylabel("accuracy (test split)")
     ax.set_ylim(0, 1)
-    ax.set_title("MPD and its alternatives: accuracy against length, per round")
+    ax.set_title("MPD and its alternatives: accuracy against length, per round (± s.e.)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_png(fig, out)
@@ -278,20 +209,43 @@ def write_report(
     budget: str,
     failures: dict[str, str],
     minutes: float,
+    tuning: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """bench.parquet, bench.md and bench.png in ``root``; the table is printed too."""
-    table = catalog.run_query(root, "select * from bench")
-    order = {m: i for i, m in enumerate(dict.fromkeys(x.method for x in members))}
-    rows = sorted(
-        table.to_pylist(),
-        key=lambda r: (order.get(r["method"], len(order)), r["seed"], r["round"], r["split"]),
+    """bench.parquet, bench_family.parquet, bench_paired.parquet, bench.md and bench.png in
+    ``root``; the markdown is printed too."""
+    bench, fams, paired, solve = catalog.internal_queries(
+        root,
+        "select * from bench",
+        "select * from bench_family",
+        "select * from bench_paired",
+        "select avg(correct::double) as accuracy from solutions",
     )
-    write_parquet_atomic(pa.Table.from_pylist(rows, schema=table.schema), root / "bench.parquet")
-    agg = aggregate(rows)
-    text = markdown(agg, members=members, budget=budget, failures=failures, minutes=minutes)
+    order = {m: i for i, m in enumerate(dict.fromkeys(x.method for x in members))}
+
+    def ordered(table: pa.Table, name: str) -> list[dict[str, Any]]:
+        rows = sorted(
+            table.to_pylist(),
+            key=lambda r: (order.get(r["method"], len(order)), r["seed"], r["round"], r["split"]),
+        )
+        write_parquet_atomic(pa.Table.from_pylist(rows, schema=table.schema), root / name)
+        return rows
+
+    rows = ordered(bench, "bench.parquet")
+    data = ReportData(
+        rows=rows,
+        families=ordered(fams, "bench_family.parquet"),
+        paired=ordered(paired, "bench_paired.parquet"),
+        members=members,
+        budget=budget,
+        minutes=minutes,
+        failures=failures,
+        solve_accuracy=solve.column("accuracy")[0].as_py(),
+        tuning=tuning or [],
+    )
+    text = markdown(data)
     atomic_write_bytes(root / "bench.md", text.encode())
-    if agg:
-        plot(agg, root / "bench.png")
+    if rows:
+        plot(aggregate(rows), root / "bench.png")
     sys.stdout.write(text)  # the table, on stdout (print would become a log line in a flow)
     publish(text)
     log.info("bench: %s, %s, %s", root / "bench.md", root / "bench.parquet", root / "bench.png")

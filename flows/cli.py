@@ -95,10 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         help="comma-separated, default all: mpd,on_policy,off_policy,self_distill,"
-        "sft_compressed,truncation",
+        "sft_compressed,truncation,self_train,mpd_unfiltered",
     )
     p.add_argument("--rounds", help="rounds per method (default: the config's)")
-    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the config's)")
+    p.add_argument(
+        "--seeds",
+        help="comma-separated seeds every method runs with (default: the config's bench.seeds, "
+        "0,1,2)",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

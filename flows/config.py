@@ -53,13 +53,13 @@ SELF_TRAIN_MIN_N = 4
 
 
 class BenchConfig(StrictModel):
-    """``mpd bench`` only: which seeds each method runs with."""
+    """``mpd bench`` only: the seeds every method runs with."""
 
-    method_seeds: dict[Method, list[Annotated[int, Field(ge=0)]]] = Field(
-        default_factory=dict,
-        description="Seeds per method, e.g. {mpd: [0, 1, 2]}: the method of interest over "
-        "several seeds (mean ± sd), the baselines once; a method not named runs with `seed`. "
-        "`mpd bench --seeds` runs every method with the seeds it names instead.",
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0, 1, 2],
+        min_length=1,
+        description="Seeds every method runs with, the same for all (mean ± s.e. over them, and "
+        "each method against mpd seed by seed). `mpd bench --seeds` overrides.",
     )
 
 

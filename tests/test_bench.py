@@ -1,7 +1,8 @@
 """``mpd bench``: the comparison table is SQL over the members' evals, and mistakes are one line.
 
-One tiny bench (mpd and sft_compressed, one round, a few problems) runs once per module in
-this process against the session's Prefect server; the tests read what it left. The bench
+One tiny bench (mpd and two methods that share its stages, two seeds, one round, a few
+problems) runs once per module in this process against the session's Prefect server; the tests
+read what it left. The bench
 numbers are recomputed here independently: from each member workspace's own views (not the
 bench root's stacked ones) and from the manifests on disk.
 """
@@ -37,7 +38,8 @@ TINY = {
     "evaluate.max_tokens": 24,
 }
 SETS = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
-METHODS = ["mpd", "sft_compressed"]
+METHODS = ["mpd", "sft_compressed", "mpd_unfiltered"]
+SEEDS = [0, 1]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--rounds",
         "1",
         "--seeds",
-        "0",
+        ",".join(map(str, SEEDS)),
     ]
     argv += SETS
     assert main(argv) == 0
@@ -88,11 +90,16 @@ def recompute(ws: Path) -> dict[tuple[int, str], dict]:
 def test_bench_table_equals_sql_over_the_members_evals(root: Path) -> None:
     rows = pq.read_table(root / "bench.parquet").to_pylist()
     members = json.loads((root / "bench.json").read_text())["members"]
-    assert [(m["method"], m["seed"]) for m in members] == [(m, 0) for m in METHODS]
-    assert [r["method"] for r in rows] == [m for m in METHODS for _ in range(4)]  # 2 rounds x 2
+    assert [(m["method"], m["seed"]) for m in members] == [(m, s) for s in SEEDS for m in METHODS]
+    # 2 rounds x 2 splits per seed
+    assert [r["method"] for r in rows] == [m for m in METHODS for _ in range(4 * len(SEEDS))]
     for member in members:
         want = recompute(root / member["path"])
-        got = {(r["round"], r["split"]): r for r in rows if r["method"] == member["method"]}
+        got = {
+            (r["round"], r["split"]): r
+            for r in rows
+            if (r["method"], r["seed"]) == (member["method"], member["seed"])
+        }
         assert (
             got.keys() == want.keys() == {(0, "test"), (0, "heldout"), (1, "test"), (1, "heldout")}
         )
@@ -121,26 +128,107 @@ def test_the_bench_root_answers_sql_and_the_report_is_written(root: Path) -> Non
     shared = catalog.run_query(
         root,
         "select method, stage, shared_from is not null as shared from stage_runs "
-        "where round = 1 and stage in ('sample', 'rewrite', 'filter') order by method, stage",
+        "where round = 1 and seed = 0 and stage in ('sample', 'rewrite', 'score', 'filter') "
+        "order by method, stage",
     ).to_pylist()
-    assert [(r["method"], r["shared"]) for r in shared] == [
-        ("mpd", False),
-        ("mpd", False),
-        ("mpd", False),
-        ("sft_compressed", True),
-        ("sft_compressed", True),
-        ("sft_compressed", True),
+    assert [(r["method"], r["stage"], r["shared"]) for r in shared] == [
+        ("mpd", "filter", False),
+        ("mpd", "rewrite", False),
+        ("mpd", "sample", False),
+        ("mpd", "score", False),
+        ("mpd_unfiltered", "rewrite", True),  # MPD without the filter: the same stages
+        ("mpd_unfiltered", "sample", True),
+        ("mpd_unfiltered", "score", True),
+        ("sft_compressed", "filter", True),
+        ("sft_compressed", "rewrite", True),
+        ("sft_compressed", "sample", True),
     ]
     bench = catalog.run_query(root, "select * from bench order by method, round, split")
-    assert bench.num_rows == 8
+    assert bench.num_rows == 4 * len(METHODS) * len(SEEDS)
     text = (root / "bench.md").read_text()
     assert "2 optimizer steps x 2 sequences" in text and "## Held-out family" in text
     for method in METHODS:
+        assert f"| {method} | 1 | 0, 1 |" in text  # the summary: last round, seeds
         assert f"| {method} | 1 |" in text
     png = (root / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
     assert width > 300 and height > 200
+
+
+def test_every_method_ran_on_the_same_seeds_and_problems(root: Path) -> None:
+    """Each seed's members answered the same evaluation problems in every round, from one
+    problem set (one problems key for all), and the members are every method on every seed."""
+    members = catalog.run_query(root, "select distinct method, seed from evals").to_pylist()
+    assert sorted((m["method"], m["seed"]) for m in members) == sorted(
+        (m, s) for m in METHODS for s in SEEDS
+    )
+    keys = catalog.run_query(
+        root, "select count(distinct key) as n from stage_runs where stage = 'problems'"
+    ).to_pylist()
+    assert keys == [{"n": 1}]
+    asked = catalog.run_query(
+        root,
+        "select seed, round, split, method, list(problem_id order by problem_id) as ids "
+        "from evals group by all",
+    ).to_pylist()
+    by_place: dict[tuple, set] = {}
+    for a in asked:
+        by_place.setdefault((a["seed"], a["round"], a["split"]), set()).add(tuple(a["ids"]))
+    assert len(by_place) == len(SEEDS) * 2 * 2  # rounds 0, 1 x test, held-out
+    assert all(len(ids) == 1 for ids in by_place.values()), "a method saw other problems"
+    paired = pq.read_table(root / "bench_paired.parquet").to_pylist()
+    assert {(p["method"], p["seed"]) for p in paired} == {
+        (m, s) for m in METHODS if m != "mpd" for s in SEEDS
+    }
+
+
+def test_the_report_has_per_family_rows_and_says_what_the_held_out_family_is(root: Path) -> None:
+    from flows.bench_tables import HELDOUT_MEANING
+
+    text = (root / "bench.md").read_text()
+    assert "## Summary (test split, each method's last round)" in text
+    assert "## Per problem family" in text and "shopping (held out)" in text
+    assert HELDOUT_MEANING in text
+    fams = pq.read_table(root / "bench_family.parquet").to_pylist()
+    for method in METHODS:
+        assert f"| {method} | +" in text.split("## Per problem family")[1]
+        assert {f["family"] for f in fams if f["method"] == method} >= {"shopping"}
+
+
+def test_a_rerun_resumes_from_the_cache_with_a_line_per_method_and_seed(root: Path) -> None:
+    """The same bench again computes nothing (every member's stages are cached: an interrupted
+    bench resumes where it stopped) and logs each member's progress."""
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("mpd").addHandler(handler)
+    try:
+        argv = ["bench", "-w", str(root), "--methods", ",".join(METHODS), "--rounds", "1"]
+        assert main([*argv, "--seeds", ",".join(map(str, SEEDS)), *SETS]) == 0
+    finally:
+        logging.getLogger("mpd").removeHandler(handler)
+    n = len(METHODS) * len(SEEDS)
+    for i, (method, seed) in enumerate(((m, s) for s in SEEDS for m in METHODS), 1):
+        where = f"bench [{i}/{n}] {method} seed {seed}"
+        assert any(line.startswith(f"{where}: r0 acc ") for line in lines), where
+        last = json.loads((root / method / f"seed={seed}" / ".mpd" / "last_run.json").read_text())
+        assert {o["state"] for o in last["stages"].values()} == {"cached"}, (method, seed)
+
+
+def test_off_policy_is_said_to_be_no_contest_on_the_reference_world(tmp_path: Path) -> None:
+    """Where off_policy's row is shown, the report says its teacher cannot solve (measured)."""
+    from flows.bench import plan
+    from flows.bench_tables import ReportData, off_policy_note
+
+    _, members = plan(None, [f"workspace={tmp_path}"], ["mpd", "off_policy"], [0], 1)
+    data = ReportData([], [], [], members, "budget", 1.0, solve_accuracy=0.0225)
+    (note,) = off_policy_note(data, builtin=True)
+    assert "cannot work by construction" in note and "solved 2.2% of the problems" in note
+    _, without = plan(None, [f"workspace={tmp_path}"], ["mpd"], [0], 1)
+    assert off_policy_note(ReportData([], [], [], without, "budget", 1.0), builtin=True) == []
 
 
 @pytest.mark.parametrize(
@@ -173,9 +261,9 @@ def test_a_method_with_another_budget_is_refused(tmp_path: Path) -> None:
         check_budget(members)
 
 
-def test_several_seeds_report_mean_and_spread_and_the_front() -> None:
-    """With --seeds, bench.md shows mean ± sample sd per (method, round, split); the Pareto
-    front keeps the points no other beats on both accuracy and tokens, round 0 once."""
+def test_several_seeds_report_mean_and_standard_error_and_the_front() -> None:
+    """bench.md shows mean ± s.e. over seeds per (method, round, split); the Pareto front
+    keeps the points no other beats on both accuracy and tokens, round 0 once."""
     from flows.bench_report import aggregate, pareto
 
     def row(method: str, seed: int, round_: int, acc: float, tokens: float) -> dict:
@@ -190,6 +278,7 @@ def test_several_seeds_report_mean_and_spread_and_the_front() -> None:
             "split": "test",
             "accuracy": acc,
             "mean_total_tokens": tokens,
+            "think_change": 0.0,
             "truncation_rate": 0.0,
             "train_tokens": 100,
             "wall_s": 60.0,
@@ -205,26 +294,24 @@ def test_several_seeds_report_mean_and_spread_and_the_front() -> None:
     ]
     agg = {(a["method"], a["round"]): a for a in aggregate(rows)}
     assert agg[("a", 1)]["accuracy"] == pytest.approx(0.6)
-    assert agg[("a", 1)]["accuracy_sd"] == pytest.approx(0.1414213562)
+    assert agg[("a", 1)]["accuracy_se"] == pytest.approx(0.1)  # sd 0.1414 / sqrt(2)
     assert agg[("a", 1)]["mean_total_tokens"] == 210 and agg[("a", 1)]["seeds"] == 2
-    assert agg[("b", 1)]["accuracy_sd"] is None  # one seed: no spread to report
+    assert agg[("b", 1)]["accuracy_se"] is None  # one seed: no spread to report
     front = pareto(agg.values())
     assert [(p["method"], p["round"]) for p in front] == [("a", 1)]  # 60% at 210 beats r0
 
 
-def test_method_seeds_run_the_method_of_interest_over_more_seeds(tmp_path: Path) -> None:
-    """bench.method_seeds: mpd over three seeds, the baselines once; --seeds overrides all."""
+def test_every_method_is_planned_on_the_same_seeds(tmp_path: Path) -> None:
+    """The default bench: every method (the ablations too) on seeds 0, 1, 2, seed by seed,
+    each with the same problems section; --seeds replaces the three for every method."""
     from flows.bench import plan
+    from flows.modes import MODES
 
-    sets = [f"workspace={tmp_path}", "bench.method_seeds={mpd: [0, 1, 2]}"]
-    _, members = plan(None, sets, ["mpd", "truncation"], None, 1)
-    assert [(m.method, m.seed) for m in members] == [
-        ("mpd", 0),
-        ("truncation", 0),
-        ("mpd", 1),
-        ("mpd", 2),
-    ]
-    assert members[2].workspace == tmp_path / "mpd" / "seed=1"
-    assert tmp_path / "truncation" / "seed=0" in members[3].cfg.cache_from
-    _, every = plan(None, sets, ["mpd", "truncation"], [4], 1)
-    assert [(m.method, m.seed) for m in every] == [("mpd", 4), ("truncation", 4)]
+    _, members = plan(None, [f"workspace={tmp_path}"], None, None, 1)
+    assert [(m.method, m.seed) for m in members] == [(m, s) for s in (0, 1, 2) for m in MODES]
+    assert {"self_train", "mpd_unfiltered"} <= set(MODES)
+    assert len({m.cfg.problems.model_dump_json() for m in members}) == 1
+    assert members[1].workspace == tmp_path / list(MODES)[1] / "seed=0"
+    assert tmp_path / "mpd" / "seed=2" in members[0].cfg.cache_from
+    _, some = plan(None, [f"workspace={tmp_path}"], ["mpd", "truncation"], [4], 1)
+    assert [(m.method, m.seed) for m in some] == [("mpd", 4), ("truncation", 4)]

@@ -320,6 +320,75 @@ def test_round_summary_map_is_queryable(ws: Path) -> None:
     assert row == [{"w": 2}]
 
 
+def _family_dataset(ws: Path) -> list[dict]:
+    """Three rounds of evals over three training families (test) and one held-out family,
+    families of unequal size, correctness and lengths drawn at random (seeded)."""
+    import random
+
+    rng = random.Random(3)
+    sizes = {("test", "arith"): 5, ("test", "lists"): 3, ("test", "modular"): 7}
+    sizes[("heldout", "transfer")] = 4
+    evals = []
+    for rnd in range(3):
+        for (split, family), n in sizes.items():
+            for i in range(n):
+                think = rng.randint(5, 90)
+                row = eval_row(
+                    rnd, f"{family}-{split}-{i}", split, correct=rng.random() < 0.6,
+                    think_tokens=think, total_tokens=think + 3,
+                )  # fmt: skip
+                evals.append({**row, "family": family})
+        commit(ws, "evals", rnd, [e for e in evals if e["round"] == rnd])
+    return evals
+
+
+def test_family_summary_is_a_naive_per_family_recomputation(ws: Path) -> None:
+    evals = _family_dataset(ws)
+    got = run_query(ws, "SELECT * FROM family_summary").to_pylist()
+    keys = sorted({(e["round"], e["split"], e["family"]) for e in evals})
+    assert [(g["round"], g["split"], g["family"]) for g in got] == keys
+    base = {e["problem_id"]: e for e in evals if e["round"] == 0}
+    for g, key in zip(got, keys, strict=True):
+        rows = [e for e in evals if (e["round"], e["split"], e["family"]) == key]
+        d = [float(e["correct"]) - float(base[e["problem_id"]]["correct"]) for e in rows]
+        mean = sum(d) / len(d)
+        se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+        think0 = _mean([base[e["problem_id"]]["think_tokens"] for e in rows])
+        assert g["eval_n"] == len(rows)
+        assert g["accuracy"] == pytest.approx(_mean([float(e["correct"]) for e in rows]))
+        assert g["mean_think_tokens"] == pytest.approx(_mean([e["think_tokens"] for e in rows]))
+        assert g["accuracy_change"] == pytest.approx(mean)
+        assert g["accuracy_change_se"] == pytest.approx(se)
+        assert g["think_change"] == pytest.approx(g["mean_think_tokens"] / think0 - 1)
+
+
+def test_family_summary_sums_to_round_summary(ws: Path) -> None:
+    """Weighted by eval_n, a round's family rows give round_summary's test and held-out numbers:
+    per-family results hide nothing the aggregate shows, and add nothing it does not."""
+    _family_dataset(ws)
+    families = run_query(ws, "SELECT * FROM family_summary").to_pylist()
+    summary = {r["round"]: r for r in run_query(ws, "SELECT * FROM round_summary").to_pylist()}
+    column = {
+        "test": ("eval_n", "accuracy", "accuracy_change"),
+        "heldout": ("heldout_n", "heldout_accuracy", "heldout_accuracy_change"),
+    }
+    checked = 0
+    for (rnd, split), (n_col, acc_col, change_col) in (
+        ((r, s), cols) for r in summary for s, cols in column.items()
+    ):
+        rows = [f for f in families if f["round"] == rnd and f["split"] == split]
+        n = sum(f["eval_n"] for f in rows)
+        assert n == summary[rnd][n_col] > 0
+        for mine, theirs in (("accuracy", acc_col), ("accuracy_change", change_col)):
+            weighted = sum(f[mine] * f["eval_n"] for f in rows) / n
+            assert weighted == pytest.approx(summary[rnd][theirs]), (rnd, split, mine)
+        if split == "test":
+            think = sum(f["mean_think_tokens"] * f["eval_n"] for f in rows) / n
+            assert think == pytest.approx(summary[rnd]["mean_think_tokens"])
+        checked += 1
+    assert checked == 6 and len({f["family"] for f in families}) == 4
+
+
 def test_round_summary_sql_is_a_readable_file() -> None:
     sql = round_summary_sql()
     assert sql.lstrip().startswith("--") and "FROM rounds" in sql and not sql.endswith(";")

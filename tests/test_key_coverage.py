@@ -317,7 +317,7 @@ NOT_SHAPING: list[tuple[str, dict]] = [
     ("rounds", {"rounds": 5}),  # more rounds add keys, they change none
     ("cache_from", {"cache_from": ["/elsewhere"]}),
     ("storage.cache", {"storage": {"cache": "/tmp/elsewhere"}}),
-    ("bench", {"bench": {"method_seeds": {"mpd": [1, 2]}}}),
+    ("bench", {"bench": {"seeds": [1, 2]}}),
 ]
 
 

@@ -7,6 +7,8 @@
 --   eval_n, accuracy                       evals rows of the split, mean of `correct`
 --   mean_think_tokens, mean_answer_tokens, mean_total_tokens, truncation_rate
 --   accuracy_change                        accuracy − round 0's (same method, seed, split)
+--   accuracy_change_se                     its standard error, paired by problem (round 0
+--                                          answered the same problems): stddev(d) / sqrt(n)
 --   tokens_change, think_change            mean total (think) tokens / round 0's − 1
 --   train_steps, train_tokens              the round's optimizer steps and the target tokens
 --                                          they trained on (train_log); 0 for round 0
@@ -46,6 +48,23 @@ tr AS (
     FROM train_log
     GROUP BY method, seed, round
 ),
+paired AS (
+    SELECT
+        e.method,
+        e.seed,
+        e.round,
+        e.split,
+        stddev_samp(e.correct::DOUBLE - b.correct::DOUBLE) / sqrt(count(*)) AS accuracy_change_se
+    FROM evals AS e
+    JOIN evals AS b
+        ON b.round = 0
+        AND b.method = e.method
+        AND b.seed = e.seed
+        AND b.split = e.split
+        AND b.problem_id = e.problem_id
+        AND b.sample_idx = e.sample_idx
+    GROUP BY e.method, e.seed, e.round, e.split
+),
 wall AS (
     SELECT method, seed, round, sum(duration_s) AS wall_s
     FROM stage_runs
@@ -60,6 +79,7 @@ SELECT
     ev.eval_n,
     ev.accuracy,
     ev.accuracy - base.accuracy0 AS accuracy_change,
+    paired.accuracy_change_se,
     ev.mean_think_tokens,
     ev.mean_answer_tokens,
     ev.mean_total_tokens,
@@ -71,6 +91,7 @@ SELECT
     wall.wall_s
 FROM ev
 LEFT JOIN base USING (method, seed, split)
+LEFT JOIN paired USING (method, seed, round, split)
 LEFT JOIN tr USING (method, seed, round)
 LEFT JOIN wall USING (method, seed, round)
 ORDER BY ev.method, ev.seed, ev.round, ev.split
