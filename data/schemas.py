@@ -45,7 +45,7 @@ PROBLEMS = pa.schema(
         pa.field("round", pa.int32(), nullable=False),
         pa.field("problem_id", pa.string(), nullable=False),
         pa.field("family", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),  # "train" | "test" | "heldout"
+        pa.field("split", pa.string(), nullable=False),  # "train" | "test" | "heldout" | "dev"
         pa.field("difficulty", pa.int32(), nullable=False),
         pa.field("prompt", pa.string(), nullable=False),  # the question, not chat-formatted
         pa.field("answer", pa.string(), nullable=False),  # gold answer, canonical text
@@ -240,7 +240,7 @@ TRAIN_LOG = pa.schema(
 EVALS = pa.schema(
     [
         *TRACE_FIELDS,
-        pa.field("split", pa.string(), nullable=False),  # "test" | "heldout"
+        pa.field("split", pa.string(), nullable=False),  # "test" | "heldout" | "dev"
         pa.field("family", pa.string(), nullable=False),
     ]
 )

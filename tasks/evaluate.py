@@ -26,8 +26,10 @@ log = logging.getLogger("mpd")
 
 
 class EvaluateConfig(StrictModel):
-    splits: list[Literal["test", "heldout"]] = Field(
-        default_factory=lambda: ["test", "heldout"], description="Which splits to evaluate."
+    splits: list[Literal["test", "heldout", "dev"]] = Field(
+        default_factory=lambda: ["test", "heldout"],
+        description="Which splits to evaluate (dev: the development problems, problems.n_dev "
+        "or problems.dev_fraction; `mpd bench --tune` evaluates only there).",
     )
     limit: int | None = Field(None, ge=1, description="At most this many problems per split.")
     n: int = Field(1, ge=1, description="Samples per problem.")

@@ -9,6 +9,7 @@ the file in place and the problem set is rebuilt. A Hugging Face dataset named b
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,21 @@ class ProblemsConfig(StrictModel):
     n_train: int = Field(2000, ge=1, description="builtin: training problems.")
     n_test: int = Field(200, ge=1, description="builtin: test problems (training families).")
     n_heldout: int = Field(100, ge=0, description="builtin: problems of the held-out family.")
+    n_dev: int = Field(
+        0,
+        ge=0,
+        description="builtin: development problems (split dev: the training families, disjoint "
+        "from train and test, from the same generators). `mpd bench --tune` chooses on them, so "
+        "that the test split is read once, after every choice.",
+    )
+    dev_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the training problems moved to split dev by a seeded hash of the "
+        "problem id (any source; your own problems get their dev split this way). Test is never "
+        "touched.",
+    )
     difficulty: int | tuple[int, int] = Field(
         (1, 2),
         description="builtin: 1 (short, small numbers) to 5 (long chains), or an inclusive "
@@ -92,9 +108,29 @@ def problem_records(cfg: ProblemsConfig, seed: int) -> list[dict]:
     else:
         records = [
             {**r, "source": "builtin"}
-            for r in build_problems(seed, cfg.n_train, cfg.n_test, cfg.n_heldout, cfg.difficulty)
+            for r in build_problems(
+                seed, cfg.n_train, cfg.n_test, cfg.n_heldout, cfg.difficulty, n_dev=cfg.n_dev
+            )
         ]
+    records = carve_dev(records, cfg.dev_fraction, seed)
     return [{"round": 0, **r} for r in records]
+
+
+def carve_dev(records: list[dict], fraction: float, seed: int) -> list[dict]:
+    """Move a share ``fraction`` of the train split to split dev, chosen by a seeded hash of
+    each problem id: the same problems whatever the order or number of the others, never one
+    of test. Why a hash and not a draw: adding problems to a file must not reshuffle dev."""
+    if fraction <= 0:
+        return records
+
+    def in_dev(pid: str) -> bool:
+        digest = hashlib.sha256(f"{seed}\0dev\0{pid}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+    return [
+        {**r, "split": "dev"} if r["split"] == "train" and in_dev(r["problem_id"]) else r
+        for r in records
+    ]
 
 
 def run(ctx: Context, rnd: Round) -> StageResult:

@@ -15,7 +15,9 @@ concise and verbose solutions.
 Test and held-out problems are drawn before training problems, each from its
 own ``Random(f"{seed}:{split}:{family}")``: the evaluation sets do not change
 when ``n_train`` does, and training problems are drawn until their question
-is new, so splits are disjoint by question text.
+is new, so splits are disjoint by question text. Development problems (``dev``: the
+training families, for choosing a recipe without looking at test) are drawn last, from
+the same generators, new to every other split; asking for them changes no other split.
 """
 
 from __future__ import annotations
@@ -84,8 +86,9 @@ def build_problems(
     difficulty: Difficulty = 3,
     train_families: Sequence[str] = TRAIN_FAMILIES,
     heldout_families: Sequence[str] = HELDOUT_FAMILIES,
+    n_dev: int = 0,
 ) -> list[dict]:
-    """Train, test and held-out records (in that order), deterministic in ``seed``.
+    """Train, test, held-out and dev records (in that order), deterministic in ``seed``.
 
     ``difficulty`` is one level (1–5) or an inclusive range drawn per problem.
     Train and test use the training families; held-out uses only the held-out
@@ -95,7 +98,8 @@ def build_problems(
     test = _draw_split(seed, "test", n_test, train_families, difficulty, seen)
     heldout = _draw_split(seed, "heldout", n_heldout, heldout_families, difficulty, seen)
     train = _draw_split(seed, "train", n_train, train_families, difficulty, seen)
-    return train + test + heldout
+    dev = _draw_split(seed, "dev", n_dev, train_families, difficulty, seen)
+    return train + test + heldout + dev
 
 
 def problem_from_record(record: dict) -> Problem:
