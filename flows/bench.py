@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from data.errors import kind_of
 from data.fsutil import atomic_write_json
 from data.lock import WorkspaceLock
 from flows.bench_report import print_progress, write_report
+from flows.bench_tune import dev_progress, tune_lrs
 from flows.campaign import campaign_flow
 from flows.config import DEFAULT_CONFIG, RunConfig, load_config
 from flows.errors import UserError
@@ -92,33 +94,58 @@ def plan(
     methods: list[str] | None,
     seeds: list[int] | None,
     rounds: int | None,
+    lrs: dict[str, float] | None = None,
 ) -> tuple[RunConfig, list[Member]]:
-    """The bench's members, every config validated before anything runs."""
+    """The bench's members, every config validated before anything runs; ``lrs``: each
+    method's learning rate, as chosen on the dev split (``--tune``)."""
     path = Path(config) if config is not None else BENCH_CONFIG
     base = load_config(path, overrides)
-    root = base.workspace
     methods = methods or list(MODES)
-    rounds = rounds or base.rounds
     # every method on every seed, seed by seed: a stage two methods share is computed by the
     # first, and an interrupted bench has whole seeds done
     runs = [(m, s) for s in dict.fromkeys(seeds or base.bench.seeds) for m in methods]
-    places = {(m, s): root / m / f"seed={s}" for m, s in runs}
+    places = [Place(m, s, base.workspace / m / f"seed={s}", lr_sets(lrs, m)) for m, s in runs]
+    members = build_members(path, places, overrides, rounds or base.rounds)
+    check_budget(members)
+    return base, members
+
+
+def lr_sets(lrs: dict[str, float] | None, method: str) -> list[str]:
+    """The ``--set`` of a tuned learning rate (after the method's preset, which it replaces)."""
+    return [f"train.lr={lrs[method]!r}"] if lrs and method in lrs else []
+
+
+@dataclass(frozen=True)
+class Place:
+    """A campaign to plan: method, seed, workspace, and ``--set``s of its own."""
+
+    method: str
+    seed: int
+    workspace: Path
+    sets: list[str]
+
+
+def build_members(
+    path: Path, places: list[Place], overrides: list[str], rounds: int
+) -> list[Member]:
+    """Each place's config: the method's preset, the user's overrides, its own sets; every
+    other place of the list in ``cache_from``, so a stage two of them share runs once."""
     members = []
-    for m, s in places:
-        others = [str(p) for k, p in places.items() if k != (m, s)]
+    for p in places:
+        others = [str(o.workspace) for o in places if o is not p]
         sets = [
-            *(f"{k}={json.dumps(v)}" for k, v in MODES[m].preset.items()),
+            *(f"{k}={json.dumps(v)}" for k, v in MODES[p.method].preset.items()),
             *overrides,
-            f"method={m}",
-            f"seed={s}",
+            *p.sets,
+            f"method={p.method}",
+            f"seed={p.seed}",
             f"rounds={rounds}",
             f"cache_from={json.dumps(others)}",
         ]
         cfg = load_config(path, sets)
-        cfg.workspace = places[(m, s)]
-        members.append(Member(m, s, places[(m, s)], sets, cfg))
-    check_budget(members)
-    return base, members
+        cfg.workspace = p.workspace
+        members.append(Member(p.method, p.seed, p.workspace, sets, cfg))
+    return members
 
 
 def check_budget(members: list[Member]) -> None:
@@ -138,8 +165,9 @@ def budget_line(cfg: RunConfig) -> str:
     return (
         f"per round and method: {t.steps} optimizer steps x {t.batch_size * t.grad_accum} "
         f"sequences (batch {t.batch_size} x accumulation {t.grad_accum}) of at most "
-        f"{t.max_length} tokens, lr {t.lr:g} ({t.schedule}); the target tokens each method "
-        "trained on are in the train_tokens column"
+        f"{t.max_length} tokens, {t.schedule} schedule; each method's learning rate is in the "
+        "summary's lr column; the target tokens each method trained on are in the train_tokens "
+        "column"
     )
 
 
@@ -161,6 +189,35 @@ def write_members(root: Path, members: list[Member]) -> None:
     )
 
 
+def run_campaigns(
+    members: list[Member], config: str | None, label: str, after: Callable[[Member, str], None]
+) -> dict[str, str]:
+    """Each member's campaign, one after the other (each a subflow run); ``after`` logs its
+    progress line. A user error (a filter that kept nothing) is returned by member, not
+    raised: the others still run. A bug raises at once, with its traceback."""
+    failures: dict[str, str] = {}
+    for i, m in enumerate(members, 1):
+        where = f"{label} [{i}/{len(members)}] {m.method} " + (
+            f"lr {m.cfg.train.lr:g}" if label.endswith("tune") else f"seed {m.seed}"
+        )
+        log.info("%s: %d round(s) in %s", where, m.cfg.rounds, m.workspace)
+        name = f"{label.replace(' ', '-')}-{m.method}-{m.workspace.name}"
+        state = campaign_flow.with_options(flow_run_name=name)(
+            config=str(config or BENCH_CONFIG),
+            workspace=str(m.workspace),
+            overrides=m.overrides,
+            return_state=True,
+        )
+        if state.is_failed():
+            outcome = state.result(raise_on_failure=False)
+            if isinstance(outcome, BaseException) and kind_of(outcome) == "bug":
+                raise outcome
+            failures[where.split("] ", 1)[1]] = str(state.message or outcome)
+            log.error("%s failed: %s", where, state.message)
+        after(m, where)
+    return failures
+
+
 @flow(name="mpd-bench", log_prints=True)
 def bench_flow(
     config: str | None = None,
@@ -168,8 +225,10 @@ def bench_flow(
     seeds: list[int] | None = None,
     rounds: int | None = None,
     overrides: list[str] | None = None,
+    tune: list[float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every member's campaign (each a subflow run of this one), then write the report.
+    """With ``tune`` (a learning-rate grid), first each method's rate on the dev split
+    (:mod:`flows.bench_tune`); then every member's campaign, then the report.
 
     A member that fails with a user error (a filter that kept nothing) does not
     stop the others: the report shows what finished and names what failed, and
@@ -180,30 +239,32 @@ def bench_flow(
     if FlowRunContext.get() is None:
         setup_logging()
     log.setLevel(logging.INFO)
-    base, members = plan(config, overrides or [], methods, seeds, rounds)
+    overrides = overrides or []
+    base, _ = plan(config, overrides, methods, seeds, rounds)
     root = base.workspace
     root.mkdir(parents=True, exist_ok=True)
-    failures: dict[str, str] = {}
     started = time.monotonic()
     with in_flow(), WorkspaceLock(root):  # in_flow: a stop signal ends it in seconds
+        tuning: list[dict[str, Any]] = []
+        lrs = None
+        if tune:
+            trials = tune_plan(config, overrides, methods, seeds, rounds, tune)
+            log.info("bench tune: %d campaign(s) on the dev split", len(trials))
+            failed = run_campaigns(trials, config, "bench tune", dev_progress)
+            if failed:
+                raise UserError(
+                    f"bench --tune: {len(failed)} dev campaign(s) failed "
+                    f"({'; '.join(f'{k}: {v}' for k, v in failed.items())}); nothing chosen"
+                )
+            tuning, lrs = tune_lrs(root, trials, tune, base.bench.tune_tolerance)
+        _, members = plan(config, overrides, methods, seeds, rounds, lrs)
         log.info("bench: %d campaign(s) under %s; %s", len(members), root, budget_line(base))
-        for i, m in enumerate(members, 1):
-            where = f"bench [{i}/{len(members)}] {m.method} seed {m.seed}"
-            log.info("%s: %d round(s) in %s", where, m.cfg.rounds, m.workspace)
-            state = campaign_flow.with_options(flow_run_name=f"bench-{m.method}-seed{m.seed}")(
-                config=str(config or BENCH_CONFIG),
-                workspace=str(m.workspace),
-                overrides=m.overrides,
-                return_state=True,
-            )
-            if state.is_failed():
-                outcome = state.result(raise_on_failure=False)
-                if isinstance(outcome, BaseException) and kind_of(outcome) == "bug":
-                    raise outcome
-                failures[f"{m.method} seed {m.seed}"] = str(state.message or outcome)
-                log.error("%s failed: %s", where, state.message)
+
+        def after(m: Member, where: str) -> None:
             write_members(root, members)
             print_progress(root, m.method, m.seed, where)
+
+        failures = run_campaigns(members, config, "bench", after)
         catalog.write_catalog(root)
         rows = write_report(
             root,
@@ -211,6 +272,7 @@ def bench_flow(
             budget=budget_line(base),
             failures=failures,
             minutes=(time.monotonic() - started) / 60,
+            tuning=tuning,
         )
     if failures:
         raise UserError(
@@ -219,3 +281,37 @@ def bench_flow(
             f"{root / 'bench.md'}"
         )
     return rows
+
+
+def tune_plan(
+    config: str | Path | None,
+    overrides: list[str],
+    methods: list[str] | None,
+    seeds: list[int] | None,
+    rounds: int | None,
+    grid: list[float],
+) -> list[Member]:
+    """The dev campaigns of ``--tune``: every method at every rate of ``grid``, on the first
+    seed, with the bench's budget, evaluated on the dev split only; each in
+    ``<root>/tune/<method>/lr=<lr>``. Refused (one line) where the problems have no dev split."""
+    path = Path(config) if config is not None else BENCH_CONFIG
+    base = load_config(path, overrides)
+    p = base.problems
+    if not (p.dev_fraction > 0 or (p.source == "builtin" and p.n_dev > 0)):
+        raise UserError(
+            "bench --tune chooses on the dev split, and these problems have none: set "
+            "problems.n_dev (built-in world) or problems.dev_fraction (any source)"
+        )
+    seed = (seeds or base.bench.seeds)[0]
+    places = [
+        Place(m, seed, base.workspace / "tune" / m / f"lr={lr:g}", [*DEV_ONLY, f"train.lr={lr!r}"])
+        for m in methods or list(MODES)
+        for lr in grid
+    ]
+    trials = build_members(path, places, overrides, rounds or base.rounds)
+    check_budget(trials)
+    return trials
+
+
+# A dev campaign evaluates nothing but dev: the test split is never computed before the choice.
+DEV_ONLY = ['evaluate.splits=["dev"]']

@@ -289,7 +289,7 @@ def tuning(data: ReportData) -> list[str]:
         "## Learning rate, chosen on the dev split",
         "",
         "Every method tried the same grid with the same budget on the dev split (problems "
-        "disjoint from train and test), seed of the first member; the rule is in docs/bench.md. "
+        "disjoint from train and test), on the bench's first seed; the rule is in docs/bench.md. "
         "The test split was evaluated only after every choice was committed (tune.json).",
         "",
         *_table(header, body),

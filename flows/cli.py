@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated seeds every method runs with (default: the config's bench.seeds, "
         "0,1,2)",
     )
+    p.add_argument(
+        "--tune",
+        metavar="lr=GRID",
+        help="choose each method's learning rate on the dev split first, from the same grid "
+        "for every method (e.g. lr=1e-5,3e-5,1e-4; needs problems.n_dev or dev_fraction), "
+        "then run the bench on test once (docs/bench.md)",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

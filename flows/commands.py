@@ -17,6 +17,7 @@ from data.catalog import (
 from data.lock import WorkspaceLock
 from data.objstore import ObjectStore
 from data.store import StageStore
+from flows.bench_tune import parse_tune
 from flows.config import SERVED, ConfigError, RunConfig, dump_config, load_config
 from flows.errors import UserError
 from flows.logs import setup_logging
@@ -123,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     prefect_env()
     # deferred: pulls in Prefect, which reads its settings at import: after prefect_env()
-    from flows.bench import bench_flow, parse_list, parse_positive, plan
+    from flows.bench import bench_flow, parse_list, parse_positive, plan, tune_plan
 
     methods = None if args.methods is None else parse_list(args.methods, "methods", list(MODES))
     seeds = None
@@ -139,6 +140,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     # Every mistake ends here, before Prefect starts.
     base, _ = plan(args.config, overrides, methods, seeds, rounds)
+    tune = None if args.tune is None else parse_tune(args.tune)
+    if tune is not None:
+        tune_plan(args.config, overrides, methods, seeds, rounds, tune)
     preflight(base)
 
     return finish(
@@ -149,6 +153,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 seeds=seeds,
                 rounds=rounds,
                 overrides=overrides,
+                tune=tune,
                 return_state=True,
             ),
             start_api(),

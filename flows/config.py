@@ -53,13 +53,21 @@ SELF_TRAIN_MIN_N = 4
 
 
 class BenchConfig(StrictModel):
-    """``mpd bench`` only: the seeds every method runs with."""
+    """``mpd bench`` only: the seeds every method runs with, and how ``--tune`` chooses."""
 
     seeds: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=lambda: [0, 1, 2],
         min_length=1,
         description="Seeds every method runs with, the same for all (mean ± s.e. over them, and "
         "each method against mpd seed by seed). `mpd bench --seeds` overrides.",
+    )
+    tune_tolerance: float = Field(
+        0.02,
+        ge=0.0,
+        le=1.0,
+        description="`mpd bench --tune`: a learning rate counts only if its last round loses at "
+        "most this much dev accuracy against round 0 (0.02 = 2 points); among those, the one "
+        "with the fewest dev think tokens is chosen (flows/bench_tune.py).",
     )
 
 

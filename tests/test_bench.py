@@ -18,6 +18,7 @@ import pytest
 
 from data import catalog
 from flows.cli import main
+from flows.config import load_config
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -239,6 +240,11 @@ def test_off_policy_is_said_to_be_no_contest_on_the_reference_world(tmp_path: Pa
         (["--rounds", "two"], "--rounds expects a positive integer, got 'two'"),
         (["--seeds", "0,x"], "--seeds expects integers, got '0,x'"),
         (["--set", "train.lrr=1"], "unknown key 'train.lrr'"),
+        (["--tune", "lr=1e-5"], "--tune lr needs at least two distinct rates"),
+        (["--tune", "beta=1,2"], "--tune expects lr=V1,V2,..."),
+        (["--tune", "lr=1e-5,x"], "--tune lr: 'x' is not a number"),
+        (["--tune", "lr=1e-5,-1"], "'-1' is not a positive learning rate"),
+        (["--tune", "lr=1e-5,1e-4", "--set", "problems.n_dev=0"], "these problems have none"),
     ],
 )
 def test_mistakes_are_one_line_and_exit_2(
@@ -315,3 +321,84 @@ def test_every_method_is_planned_on_the_same_seeds(tmp_path: Path) -> None:
     assert tmp_path / "mpd" / "seed=2" in members[0].cfg.cache_from
     _, some = plan(None, [f"workspace={tmp_path}"], ["mpd", "truncation"], [4], 1)
     assert [(m.method, m.seed) for m in some] == [("mpd", 4), ("truncation", 4)]
+
+
+# -- --tune: the learning rate chosen on dev, then test once ------------------------------------
+GRID = [1e-5, 1e-3]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tuned") / "bench"
+    argv = ["bench", "-w", str(path), "--methods", "mpd,sft_compressed", "--rounds", "1"]
+    argv += ["--seeds", "0", "--tune", "lr=" + ",".join(map(str, GRID))]
+    assert main([*argv, *SETS, "--set", "problems.n_dev=4"]) == 0
+    return path
+
+
+def manifests(root: Path, stage: str) -> list[tuple[Path, dict]]:
+    return [
+        (p, json.loads(p.read_text()))
+        for p in sorted(root.rglob(f"{stage}/round=*/_manifest.json"))
+    ]
+
+
+def test_no_test_row_exists_before_the_choice_is_committed(tuned: Path) -> None:
+    """The dev campaigns evaluated dev only; every one of their stages finished before
+    tune.json was committed, and every evaluation of the test split after it."""
+    committed_at = json.loads((tuned / "tune.json").read_text())["committed_at"]
+    dev = sorted((tuned / "tune").glob("*/lr=*"))
+    assert len(dev) == 2 * len(GRID)
+    for ws in dev:
+        splits = catalog.run_query(ws, "select distinct split from evals").to_pylist()
+        assert splits == [{"split": "dev"}], ws
+        for path, man in manifests(ws, "*"):
+            assert man["finished_at"] <= committed_at, path
+    test_evals = [
+        (path, man)
+        for path, man in manifests(tuned, "eval")
+        if "tune" not in path.relative_to(tuned).parts
+    ]
+    assert len(test_evals) == 2 * 2  # two methods, rounds 0 and 1
+    for path, man in test_evals:
+        splits = pq.read_table(path.parent, columns=["split"]).column("split").unique()
+        assert "test" in splits.to_pylist() and "dev" not in splits.to_pylist(), path
+        assert man["finished_at"] > committed_at, path
+
+
+def test_every_method_tried_the_same_grid_and_runs_at_its_choice(tuned: Path) -> None:
+    record = json.loads((tuned / "tune.json").read_text())
+    assert record["grid"] == GRID and record["tolerance"] == 0.02
+    trials = record["trials"]
+    assert sorted((t["method"], t["lr"]) for t in trials) == sorted(
+        (m, lr) for m in ("mpd", "sft_compressed") for lr in GRID
+    )
+    for method, lr in record["chosen"].items():
+        assert [t["lr"] for t in trials if t["method"] == method and t["chosen"]] == [lr]
+        ran = load_config(tuned / method / "seed=0" / "run.yaml")
+        assert ran.train.lr == lr and ran.evaluate.splits == ["test", "heldout"]
+        assert all(t["eval_n"] == TINY["evaluate.limit"] for t in trials if t["method"] == method)
+    text = (tuned / "bench.md").read_text()
+    assert "## Learning rate, chosen on the dev split" in text
+    assert text.count("| yes |") == 2
+
+
+def test_the_rule_picks_the_shortest_rate_that_keeps_dev_accuracy() -> None:
+    from flows.bench_tune import choose
+
+    def t(method: str, lr: float, acc: float | None, think: float | None) -> dict:
+        return {"method": method, "lr": lr, "accuracy_change": acc, "think_change": think}
+
+    trials = [
+        t("a", 1e-5, 0.00, -0.10),
+        t("a", 3e-5, -0.01, -0.50),  # within 2 points, shortest: chosen
+        t("a", 1e-4, -0.05, -0.60),  # shorter still, but loses 5 points
+        t("b", 1e-5, -0.04, -0.2),
+        t("b", 3e-5, -0.03, -0.1),  # none keeps accuracy: the most accurate
+        t("c", 1e-5, 0.01, -0.3),
+        t("c", 3e-5, 0.02, -0.3),  # a tie on think tokens: the more accurate
+        t("d", 1e-5, None, None),
+        t("d", 3e-5, 0.0, None),  # no think tokens measured: still eligible, ranked last
+    ]
+    assert choose(trials, 0.02) == {"a": 3e-5, "b": 3e-5, "c": 3e-5, "d": 3e-5}
+    assert choose(trials, 0.0)["a"] == 1e-5
