@@ -39,7 +39,7 @@ def toy_registered() -> Iterator[None]:
 def test_the_plan_picks_the_new_stage_up_from_its_declaration(toy_registered: None) -> None:
     """Every method whose round samples runs it, after sample; off_policy (no sample) does not."""
     for method in modes.MODES:
-        cfg = RunConfig.model_validate({"method": method})
+        cfg = RunConfig.model_validate({"method": method, "sample": {"n": 4}})  # self_train: n >= 4
         plan = modes.round_stages(cfg)
         if "sample" in plan:
             assert plan.index("sample") < plan.index("lengths"), (method, plan)
