@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from data.world import build_problems
 from tasks.problems import ProblemsConfig, carve_dev, problem_records
+from world import build_problems
 
 
 def test_builtin_dev_is_new_and_moves_no_other_split() -> None:
