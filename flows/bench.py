@@ -245,18 +245,10 @@ def bench_flow(
     root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with in_flow(), WorkspaceLock(root):  # in_flow: a stop signal ends it in seconds
-        tuning: list[dict[str, Any]] = []
-        lrs = None
+        tuning, lrs = [], None
         if tune:
             trials = tune_plan(config, overrides, methods, seeds, rounds, tune)
-            log.info("bench tune: %d campaign(s) on the dev split", len(trials))
-            failed = run_campaigns(trials, config, "bench tune", dev_progress)
-            if failed:
-                raise UserError(
-                    f"bench --tune: {len(failed)} dev campaign(s) failed "
-                    f"({'; '.join(f'{k}: {v}' for k, v in failed.items())}); nothing chosen"
-                )
-            tuning, lrs = tune_lrs(root, trials, tune, base.bench.tune_tolerance)
+            tuning, lrs = run_tuning(root, config, trials, tune, base.bench.tune_tolerance)
         _, members = plan(config, overrides, methods, seeds, rounds, lrs)
         log.info("bench: %d campaign(s) under %s; %s", len(members), root, budget_line(base))
 
@@ -281,6 +273,21 @@ def bench_flow(
             f"{root / 'bench.md'}"
         )
     return rows
+
+
+def run_tuning(
+    root: Path, config: str | None, trials: list[Member], grid: list[float], tolerance: float
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """``--tune``'s dev campaigns, then the choice committed (:mod:`flows.bench_tune`); one
+    that fails leaves nothing to choose from: one line."""
+    log.info("bench tune: %d campaign(s) on the dev split", len(trials))
+    failed = run_campaigns(trials, config, "bench tune", dev_progress)
+    if failed:
+        raise UserError(
+            f"bench --tune: {len(failed)} dev campaign(s) failed "
+            f"({'; '.join(f'{k}: {v}' for k, v in failed.items())}); nothing chosen"
+        )
+    return tune_lrs(root, trials, grid, tolerance)
 
 
 def tune_plan(

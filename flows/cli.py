@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs each method (flows/modes.py) as a campaign in its own workspace "
         "under the config's workspace (the bench root), sharing the stages they have in common, "
         "then writes bench.md, bench.parquet and bench.png there. Default config: "
-        "configs/bench.yaml (sized for a 2-core CPU, under 45 minutes).",
+        "configs/bench.yaml (every method on seeds 0, 1, 2; docs/bench.md).",
     )
     _add_config_args(p, default="configs/bench.yaml")
     p.add_argument("-w", "--workspace", type=Path, help="bench root (overrides config)")
