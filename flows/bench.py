@@ -1,23 +1,27 @@
 """``mpd bench``: MPD against its alternatives, side by side, from the same start.
 
 Every method runs as an ordinary campaign (the same flow, stages and caches as
-``mpd run``), from the same starting student, on the same problems, with the
-same training budget: one config, each method's ``preset`` (flows/modes.py) on
-top, and a check that no method trains with other steps, batch or length. Each
-(method, seed) gets its own workspace below the bench root, so ``mpd status``
-and ``mpd sql`` work on any of them; each names all the others in
-``cache_from:``, so a stage two methods share (round 0's evaluation, round 1's
-sample, the rewriting methods' rewrite and filter) is computed once::
+``mpd run``), on every seed of ``bench.seeds`` (the same for all), from the same
+starting student, on the same problems, with the same training budget: one config,
+each method's ``preset`` (flows/modes.py) on top, and a check that no method trains
+with other steps, batch or length. Each (method, seed) gets its own workspace below
+the bench root, so ``mpd status`` and ``mpd sql`` work on any of them; each names
+all the others in ``cache_from:``, so a stage two methods share (round 0's
+evaluation, round 1's sample, the rewriting methods' rewrite, score and filter) is
+computed once. With ``--tune``, each method's learning rate is first chosen on the
+dev split (:func:`tune_plan`, :mod:`flows.bench_tune`)::
 
     runs/bench/                       the bench root (the config's ``workspace:``)
       bench.json                      its members: method, seed, workspace
       mpd/seed=0/  on_policy/seed=0/  one workspace per (method, seed)
-      catalog.duckdb                  their tables stacked (method, seed columns) + view bench
-      bench.parquet  bench.md  bench.png
+      tune/mpd/lr=3e-05/  tune.json   --tune: the dev campaigns, and the choice
+      catalog.duckdb                  their tables stacked (method, seed columns) + views
+      bench.parquet  bench_family.parquet  bench_paired.parquet  bench.md  bench.png
 
 The numbers come from SQL over the members' ``evals``, ``train_log`` and
-``stage_runs`` (``data/sql/bench.sql``): ``mpd sql -w runs/bench "select * from
-bench"`` is bench.parquet. The report is in ``flows/bench_report.py``.
+``stage_runs`` (``data/sql/bench*.sql``): ``mpd sql -w runs/bench "select * from
+bench"`` is bench.parquet. The report is in ``flows/bench_report.py`` and
+``flows/bench_tables.py``; docs/bench.md says how to read it.
 """
 
 from __future__ import annotations
