@@ -34,10 +34,17 @@ def mean_se(values: Sequence[float | None]) -> tuple[float | None, float | None]
 
 
 def over_seeds(
-    rows: Iterable[dict[str, Any]], keys: Sequence[str], metrics: Sequence[str]
+    rows: Iterable[dict[str, Any]],
+    keys: Sequence[str],
+    metrics: Sequence[str],
+    one_seed_se: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per distinct ``keys`` (in first-seen order): ``seeds`` (how many rows), and per
-    metric its mean over the rows and ``<metric>_se``, the standard error over seeds."""
+    metric its mean over the rows and ``<metric>_se``, the standard error over seeds.
+
+    A group of one seed has no spread over seeds; for a metric named in ``one_seed_se`` its
+    ``_se`` is then that row's own column of that name (the paired s.e. over problems), so a
+    one-seed bench still says how far its numbers can be trusted."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
@@ -48,6 +55,8 @@ def over_seeds(
         agg["seed_list"] = sorted(g["seed"] for g in group if "seed" in g)
         for name in metrics:
             agg[name], agg[f"{name}_se"] = mean_se([g.get(name) for g in group])
+            if len(group) == 1 and name in (one_seed_se or {}):
+                agg[f"{name}_se"] = group[0].get((one_seed_se or {})[name])
         out.append(agg)
     return out
 

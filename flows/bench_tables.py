@@ -33,6 +33,8 @@ METRICS = (
     "wall_s",
 )
 SPLITS = {"test": "Test split", "heldout": "Held-out family"}
+# With one seed, a change's ± is its paired s.e. over problems (the rows' own column).
+PAIRED = {"accuracy_change": "accuracy_change_se"}
 HELDOUT_MEANING = (
     "The held-out split holds problem families that no training problem comes from: no round "
     "trains on them, so their row says whether a method's new length habit carries over to an "
@@ -63,7 +65,7 @@ class ReportData:
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and s.e. over seeds, per (method, round, split), in the rows' order."""
-    return over_seeds(rows, ("method", "round", "split"), METRICS)
+    return over_seeds(rows, ("method", "round", "split"), METRICS, PAIRED)
 
 
 def pts(v: float | None, se: float | None = None) -> str:
@@ -115,6 +117,7 @@ def summary(data: ReportData) -> list[str]:
         (p for p in at_final_round(data.paired, last) if p["split"] == "test"),
         ("method",),
         ("vs_mpd", "think_vs_mpd"),
+        {"vs_mpd": "vs_mpd_se"},
     )
     vs_mpd = {v["method"]: v for v in vs}
     per_seed: dict[str, list[str]] = {}
@@ -147,8 +150,9 @@ def summary(data: ReportData) -> list[str]:
         "",
         "Δ acc: accuracy minus round 0's on the same problems, in points; Δ think: mean think "
         "tokens against round 0's. vs mpd: the method's accuracy minus MPD's on the same "
-        "problems and seed. Cells are mean ± standard error over seeds; per seed, ± is the "
-        "paired standard error over problems.",
+        "problems and seed. Cells are mean ± standard error over seeds (with one seed, a "
+        "change's ± is its paired standard error over problems); per seed, ± is the paired "
+        "standard error over problems.",
         "",
         *_table(header, body),
     ]
@@ -164,6 +168,7 @@ def families(data: ReportData, builtin: bool) -> list[str]:
         at_final_round(data.families, last),
         ("method", "split", "family"),
         ("accuracy_change", "think_change", "eval_n"),
+        PAIRED,
     )
     cols = [
         (s["split"], s["family"])
@@ -192,7 +197,8 @@ def families(data: ReportData, builtin: bool) -> list[str]:
     return [
         "## Per problem family (each method's last round)",
         "",
-        "Δ accuracy in points against round 0 on the family's problems (mean ± s.e. over seeds), "
+        "Δ accuracy in points against round 0 on the family's problems (mean ± s.e. over seeds; "
+        "one seed: ± its paired s.e.), "
         f"and the change of its mean think tokens. Problems per family and seed: {counts}.",
         "",
         *_table(["method", *names], body),

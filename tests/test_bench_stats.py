@@ -152,3 +152,18 @@ def test_bench_change_against_round_0_has_its_paired_se(root: tuple[Path, list[d
         se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
         assert b["accuracy_change"] == pytest.approx(mean)
         assert b["accuracy_change_se"] == pytest.approx(se)
+
+
+def test_one_seed_shows_the_paired_se_and_several_the_se_over_seeds() -> None:
+    rows = [
+        {"method": "a", "seed": 0, "accuracy_change": 0.02, "accuracy_change_se": 0.025},
+        {"method": "b", "seed": 0, "accuracy_change": 0.02, "accuracy_change_se": 0.025},
+        {"method": "b", "seed": 1, "accuracy_change": 0.06, "accuracy_change_se": 0.021},
+    ]
+    paired = {"accuracy_change": "accuracy_change_se"}
+    a, b = over_seeds(rows, ("method",), ("accuracy_change",), paired)
+    assert a["accuracy_change_se"] == 0.025  # one seed: its own paired s.e.
+    assert b["accuracy_change"] == pytest.approx(0.04)
+    assert b["accuracy_change_se"] == pytest.approx(0.02)  # sd 0.0283 / sqrt(2), over seeds
+    (bare,) = over_seeds(rows[:1], ("method",), ("accuracy_change",))
+    assert bare["accuracy_change_se"] is None
