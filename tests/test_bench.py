@@ -17,8 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from data import catalog
+from flows.bench_report import aggregate, pareto
+from flows.bench_tables import HELDOUT_MEANING, ReportData, off_policy_note
+from flows.bench_tune import choose
 from flows.cli import main
 from flows.config import load_config
+from flows.errors import UserError
+from flows.modes import MODES
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -185,8 +190,6 @@ def test_every_method_ran_on_the_same_seeds_and_problems(root: Path) -> None:
 
 
 def test_the_report_has_per_family_rows_and_says_what_the_held_out_family_is(root: Path) -> None:
-    from flows.bench_tables import HELDOUT_MEANING
-
     text = (root / "bench.md").read_text()
     assert "## Summary (test split, each method's last round)" in text
     assert "## Per problem family" in text and "shopping (held out)" in text
@@ -221,8 +224,7 @@ def test_a_rerun_resumes_from_the_cache_with_a_line_per_method_and_seed(root: Pa
 
 def test_off_policy_is_said_to_be_no_contest_on_the_reference_world(tmp_path: Path) -> None:
     """Where off_policy's row is shown, the report says its teacher cannot solve (measured)."""
-    from flows.bench import plan
-    from flows.bench_tables import ReportData, off_policy_note
+    from flows.bench import plan  # Prefect reads its settings at import: after prefect_env()
 
     _, members = plan(None, [f"workspace={tmp_path}"], ["mpd", "off_policy"], [0], 1)
     data = ReportData([], [], [], members, "budget", 1.0, solve_accuracy=0.0225)
@@ -257,8 +259,7 @@ def test_mistakes_are_one_line_and_exit_2(
 
 
 def test_a_method_with_another_budget_is_refused(tmp_path: Path) -> None:
-    from flows.bench import check_budget, plan
-    from flows.errors import UserError
+    from flows.bench import check_budget, plan  # Prefect: imported after prefect_env()
 
     _, members = plan(None, [f"workspace={tmp_path}"], ["mpd", "on_policy"], [0], 1)
     check_budget(members)
@@ -270,7 +271,6 @@ def test_a_method_with_another_budget_is_refused(tmp_path: Path) -> None:
 def test_several_seeds_report_mean_and_standard_error_and_the_front() -> None:
     """bench.md shows mean ± s.e. over seeds per (method, round, split); the Pareto front
     keeps the points no other beats on both accuracy and tokens, round 0 once."""
-    from flows.bench_report import aggregate, pareto
 
     def row(method: str, seed: int, round_: int, acc: float, tokens: float) -> dict:
         base = dict.fromkeys(
@@ -310,8 +310,7 @@ def test_several_seeds_report_mean_and_standard_error_and_the_front() -> None:
 def test_every_method_is_planned_on_the_same_seeds(tmp_path: Path) -> None:
     """The default bench: every method (the ablations too) on seeds 0, 1, 2, seed by seed,
     each with the same problems section; --seeds replaces the three for every method."""
-    from flows.bench import plan
-    from flows.modes import MODES
+    from flows.bench import plan  # Prefect: imported after prefect_env()
 
     _, members = plan(None, [f"workspace={tmp_path}"], None, None, 1)
     assert [(m.method, m.seed) for m in members] == [(m, s) for s in (0, 1, 2) for m in MODES]
@@ -384,8 +383,6 @@ def test_every_method_tried_the_same_grid_and_runs_at_its_choice(tuned: Path) ->
 
 
 def test_the_rule_picks_the_shortest_rate_that_keeps_dev_accuracy() -> None:
-    from flows.bench_tune import choose
-
     def t(method: str, lr: float, acc: float | None, think: float | None) -> dict:
         return {"method": method, "lr": lr, "accuracy_change": acc, "think_change": think}
 

@@ -16,6 +16,8 @@ import pytest
 
 from data.schemas import SAMPLES, conform
 from data.store import StageStore
+from flows.config import load_config
+from flows.configfile import ConfigError
 from tasks.common import read_stage
 from tasks.self_select import select_body, select_shortest
 
@@ -93,9 +95,6 @@ def test_the_stage_body_selects_over_committed_files(tmp_path: Path) -> None:
 
 def test_self_train_refuses_fewer_than_four_samples_per_problem() -> None:
     """n >= 4 is part of the method: a shortest-of-one is no selection, and says so in one line."""
-    from flows.config import load_config
-    from flows.configfile import ConfigError
-
     assert load_config(None, ["method=self_train", "sample.n=4"]).sample.n == 4
     with pytest.raises(ConfigError, match=r"self_train .* needs sample.n >= 4, got 2") as err:
         load_config(None, ["method=self_train", "sample.n=2"])
