@@ -23,14 +23,13 @@ from data.catalog import (
     SqlError,
     committed_files,
     connect,
-    duckdb_type,
-    round_summary_sql,
     run_query,
     views,
     write_catalog,
 )
 from data.schemas import conform
 from data.tables import tables
+from data.view_sources import duckdb_type, round_summary_sql
 from flows.sqlout import format_table, write_parquet_atomic
 from tests.conftest import write_manifest
 

@@ -63,8 +63,13 @@ def _prose(text: str) -> str:
 # -- paths ----------------------------------------------------------------------------------
 
 
+# What runs make in the checkout (`make run`'s runs/, the environments): not the repository's
+# files, so a page naming runs/tiny/summary.png is not checked against whatever run was last.
+NOT_THE_REPOSITORY = {".git", ".venv", ".venv-vllm", "runs"}
+
+
 def _top_level() -> set[str]:
-    return {p.name for p in REPO.iterdir() if p.name not in {".git", ".venv", ".venv-vllm"}}
+    return {p.name for p in REPO.iterdir() if p.name not in NOT_THE_REPOSITORY}
 
 
 def _repo_paths(text: str) -> list[str]:
