@@ -41,7 +41,7 @@ from data.diskfull import naming
 from data.errors import is_disk_full
 from data.fsutil import atomic_write_json, fsync_dir, removed_on_failure, sha256_file
 from data.manifest import MANIFEST, SHARD_MARKERS, STAGING, Manifest
-from data.objwrite import FencedWrites, _etag
+from data.objwrite import FencedWrites, _etag, folder_key, writer_folder
 from data.storage_errors import (
     StorageError,
     StorageUnreachableError,
@@ -215,7 +215,7 @@ class ObjectStore(FencedWrites):
             self.fs.glob, self.path(STAGING, "*", "round=*", "*", SHARD_MARKERS, "*.json")
         ):
             stage, rdir, folder = marker.split("/")[-5:-2]
-            key16 = folder.split("-", 1)[0]
+            key16 = folder_key(folder)
             try:
                 rows = int(json.loads(self._call(self.fs.cat_file, marker)).get("rows", 0))
             except (FileNotFoundError, ValueError):
@@ -261,7 +261,7 @@ class ObjectStore(FencedWrites):
         writer's), and the second read finds the loss and deletes them again before it raises.
         """
         fenced = fence.fence_of(self.url)
-        base = self.staging_path(stage, round_, staging_folder(key16, fenced))
+        base = self.staging_path(stage, round_, writer_folder(key16, fenced))
         uploads = [
             (shard, f"{base}/{shard.name}"),
             (marker, f"{base}/{SHARD_MARKERS}/{marker.name}"),
@@ -289,7 +289,7 @@ class ObjectStore(FencedWrites):
         pattern = self.staging_path(stage, round_, f"{key16}*/{SHARD_MARKERS}/*.json")
         for marker in sorted(self._call(self.fs.glob, pattern)):
             base = marker.rsplit("/", 2)[0]
-            if base.rsplit("/", 1)[1].split("-", 1)[0] != key16:
+            if folder_key(base.rsplit("/", 1)[1]) != key16:
                 continue
             name = marker.rsplit("/", 1)[1]
             local_marker = local_dir / SHARD_MARKERS / name
@@ -348,12 +348,6 @@ class ObjectStore(FencedWrites):
             if is_disk_full(exc) or (error := classify(exc, self.url, self.options)) is None:
                 raise
             raise error from None
-
-
-def staging_folder(key16: str, fenced: fence.Fence | None) -> str:
-    """The staging folder a writer uploads its shards to: its run's key and its lease's
-    token, so a writer fenced out late never writes into its successor's folder."""
-    return key16 if fenced is None else f"{key16}-g{fenced.token}"
 
 
 def attached(workspace: Path) -> ObjectStore | None:

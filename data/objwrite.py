@@ -56,8 +56,7 @@ class FencedWrites:
         """
         fenced = fence.fence_of(self.url)
         token = None if fenced is None else fenced.token
-        tag = "" if token is None else f"g{token}-"
-        objects = f"{man.key[:16]}-{tag}{time.time_ns():x}"
+        objects = f"{writer_folder(man.key[:16], fenced)}-{time.time_ns():x}"
         published = Manifest.from_dict({**man.to_dict(), "objects": objects})
         fence.check(self.url)
         try:
@@ -170,11 +169,24 @@ class FencedWrites:
         for entry in entries:
             name = entry["name"].rstrip("/")
             base = name.rsplit("/", 1)[1]
-            if entry.get("type") != "directory" or keep in (base, base.split("-", 1)[0]):
+            if entry.get("type") != "directory" or keep in (base, folder_key(base)):
                 continue
             if upto is not None and objects_token(base) > upto:
                 continue
             self._call(self.fs.rm, name, recursive=True)
+
+
+def writer_folder(key16: str, fenced: fence.Fence | None) -> str:
+    """A writer's folder for a run of key ``key16``: the key and its lease's token
+    (``<key16>-g<token>``; ``<key16>`` for a process that holds no lease). A commit's objects
+    folder adds its time; a staging folder is this. A writer fenced out late therefore never
+    writes into its successor's folder, and deletes can spare newer tokens' folders."""
+    return key16 if fenced is None else f"{key16}-g{fenced.token}"
+
+
+def folder_key(folder: str) -> str:
+    """The run key (key16) a commit's or staging folder belongs to, whatever writer made it."""
+    return folder.split("-", 1)[0]
 
 
 def objects_token(objects: str) -> int:
