@@ -209,10 +209,10 @@ def load_config(
     if labels.untrusted:
         check_config_path(path, labels.config)
     data, origins = read_yaml(path)
-    as_read = copy.deepcopy(data)
+    as_read = copy.deepcopy(data) if labels.untrusted else None
     for item in overrides or []:
         apply_override(data, item, origins, labels.override)
-    if labels.untrusted:
+    if as_read is not None:
         check_overrides(as_read, data, labels.override)
     if workspace is not None:
         data["workspace"] = str(workspace)
