@@ -40,10 +40,11 @@ from data import catalog
 from data.errors import kind_of
 from data.fsutil import atomic_write_json
 from data.lock import WorkspaceLock
+from flows.bench_pool import run_side_by_side
 from flows.bench_report import print_progress, write_report
 from flows.bench_tune import dev_progress, tune_lrs
 from flows.campaign import campaign_flow
-from flows.config import DEFAULT_CONFIG, RunConfig, load_config
+from flows.config import DEFAULT_CONFIG, BenchConfig, RunConfig, load_config
 from flows.errors import UserError
 from flows.logs import setup_logging
 from flows.modes import MODES
@@ -194,23 +195,32 @@ def write_members(root: Path, members: list[Member]) -> None:
 
 
 def run_campaigns(
-    members: list[Member], config: str | None, label: str, after: Callable[[Member, str], None]
+    members: list[Member],
+    config: str | None,
+    label: str,
+    after: Callable[[Member, str], None],
+    jobs: int = 1,
 ) -> dict[str, str]:
-    """Each member's campaign, one after the other (each a subflow run); ``after`` logs its
-    progress line. A user error (a filter that kept nothing) is returned by member, not
-    raised: the others still run. A bug raises at once, with its traceback."""
-    failures: dict[str, str] = {}
-    for i, m in enumerate(members, 1):
-        where = f"{label} [{i}/{len(members)}] {m.method} " + (
+    """Each member's campaign; ``after`` logs its progress line. With ``jobs`` > 1, that many
+    side by side, each in its own process (:mod:`flows.bench_pool`); with 1, one after the
+    other, each a subflow run of this one. A user error (a filter that kept nothing) is
+    returned by member, not raised: the others still run. A bug raises at once."""
+
+    def where_of(i: int, m: Member) -> str:
+        return f"{label} [{i + 1}/{len(members)}] {m.method} " + (
             f"lr {m.cfg.train.lr:g}" if label.endswith("tune") else f"seed {m.seed}"
         )
+
+    path = str(config or BENCH_CONFIG)
+    if jobs > 1:
+        return run_side_by_side(members, path, label, where_of, after, jobs)
+    failures: dict[str, str] = {}
+    for i, m in enumerate(members):
+        where = where_of(i, m)
         log.info("%s: %d round(s) in %s", where, m.cfg.rounds, m.workspace)
         name = f"{label.replace(' ', '-')}-{m.method}-{m.workspace.name}"
         state = campaign_flow.with_options(flow_run_name=name)(
-            config=str(config or BENCH_CONFIG),
-            workspace=str(m.workspace),
-            overrides=m.overrides,
-            return_state=True,
+            config=path, workspace=str(m.workspace), overrides=m.overrides, return_state=True
         )
         if state.is_failed():
             outcome = state.result(raise_on_failure=False)
@@ -252,7 +262,7 @@ def bench_flow(
         tuning, lrs = [], None
         if tune:
             trials = tune_plan(config, overrides, methods, seeds, rounds, tune)
-            tuning, lrs = run_tuning(root, config, trials, tune, base.bench.tune_tolerance)
+            tuning, lrs = run_tuning(root, config, trials, tune, base.bench)
         _, members = plan(config, overrides, methods, seeds, rounds, lrs)
         log.info("bench: %d campaign(s) under %s; %s", len(members), root, budget_line(base))
 
@@ -260,7 +270,7 @@ def bench_flow(
             write_members(root, members)
             print_progress(root, m.method, m.seed, where)
 
-        failures = run_campaigns(members, config, "bench", after)
+        failures = run_campaigns(members, config, "bench", after, base.bench.jobs)
         catalog.write_catalog(root)
         rows = write_report(
             root,
@@ -280,18 +290,18 @@ def bench_flow(
 
 
 def run_tuning(
-    root: Path, config: str | None, trials: list[Member], grid: list[float], tolerance: float
+    root: Path, config: str | None, trials: list[Member], grid: list[float], bench: BenchConfig
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """``--tune``'s dev campaigns, then the choice committed (:mod:`flows.bench_tune`); one
     that fails leaves nothing to choose from: one line."""
     log.info("bench tune: %d campaign(s) on the dev split", len(trials))
-    failed = run_campaigns(trials, config, "bench tune", dev_progress)
+    failed = run_campaigns(trials, config, "bench tune", dev_progress, bench.jobs)
     if failed:
         raise UserError(
             f"bench --tune: {len(failed)} dev campaign(s) failed "
             f"({'; '.join(f'{k}: {v}' for k, v in failed.items())}); nothing chosen"
         )
-    return tune_lrs(root, trials, grid, tolerance)
+    return tune_lrs(root, trials, grid, bench.tune_tolerance)
 
 
 def tune_plan(

@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
         "0,1,2)",
     )
     p.add_argument(
+        "--jobs",
+        help="campaigns run side by side, each in its own process (default: the config's "
+        "bench.jobs; configs/bench.yaml: 2). Each gets OMP_NUM_THREADS = cores / jobs unless set",
+    )
+    p.add_argument(
         "--tune",
         metavar="lr=GRID",
         help="choose each method's learning rate on the dev split first, from the same grid "

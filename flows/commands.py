@@ -134,7 +134,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except ValueError:
             raise UserError(f"--seeds expects integers, got {args.seeds!r}") from None
     rounds = parse_positive(args.rounds, "rounds")
+    jobs = parse_positive(args.jobs, "jobs")
     overrides = list(args.overrides)
+    if jobs is not None:
+        overrides.append(f"bench.jobs={jobs}")
     if args.workspace is not None:
         overrides.append(f"workspace={args.workspace}")
 

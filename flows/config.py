@@ -61,6 +61,14 @@ class BenchConfig(StrictModel):
         description="Seeds every method runs with, the same for all (mean ± s.e. over them, and "
         "each method against mpd seed by seed). `mpd bench --seeds` overrides.",
     )
+    jobs: int = Field(
+        1,
+        ge=1,
+        description="Campaigns run side by side, each in its own process (a seed's first one "
+        "before the rest of its seed, which read its shared stages; flows/bench_pool.py). "
+        "configs/bench.yaml sets 2, one per core of a 2-core machine. `mpd bench --jobs` "
+        "overrides.",
+    )
     tune_tolerance: float = Field(
         0.02,
         ge=0.0,

@@ -58,6 +58,12 @@ def on_stop(cleanup: Callable[[], None]) -> None:
     _CLEANUPS.append(cleanup)
 
 
+def off_stop(cleanup: Callable[[], None]) -> None:
+    """Forget a cleanup :func:`on_stop` registered (its work is over)."""
+    with contextlib.suppress(ValueError):
+        _CLEANUPS.remove(cleanup)
+
+
 @contextlib.contextmanager
 def stoppable() -> Iterator[None]:
     """Within this block, SIGTERM and SIGINT end the process as this module describes.
@@ -184,7 +190,8 @@ class _Stopper:
             _mark_crashed([r for r in self.runs if r is not None], signal.Signals(signum).name)
         except Exception as exc:  # boundary: as above (the Prefect API may be gone)
             problems.append(f"the Prefect flow run was not marked Crashed: {_short(exc)}")
-        for cleanup in _CLEANUPS:
+        for cleanup in reversed(_CLEANUPS):  # last registered first, as atexit (a bench's
+            # campaigns are told to stop before the API server they report to is killed)
             with contextlib.suppress(Exception):  # boundary: as above, each cleanup tried
                 cleanup()
         with contextlib.suppress(OSError, ValueError):  # a closed or broken stdout

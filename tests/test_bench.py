@@ -61,6 +61,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "1",
         "--seeds",
         ",".join(map(str, SEEDS)),
+        "--jobs",
+        "2",  # side by side, each campaign an `mpd run` process (flows/bench_pool.py)
     ]
     argv += SETS
     assert main(argv) == 0
@@ -211,6 +213,7 @@ def test_a_rerun_resumes_from_the_cache_with_a_line_per_method_and_seed(root: Pa
     logging.getLogger("mpd").addHandler(handler)
     try:
         argv = ["bench", "-w", str(root), "--methods", ",".join(METHODS), "--rounds", "1"]
+        argv += ["--jobs", "1"]  # in this process, where the fixture's ran as processes
         assert main([*argv, "--seeds", ",".join(map(str, SEEDS)), *SETS]) == 0
     finally:
         logging.getLogger("mpd").removeHandler(handler)
@@ -399,3 +402,30 @@ def test_the_rule_picks_the_shortest_rate_that_keeps_dev_accuracy() -> None:
     ]
     assert choose(trials, 0.02) == {"a": 3e-5, "b": 3e-5, "c": 3e-5, "d": 3e-5}
     assert choose(trials, 0.0)["a"] == 1e-5
+
+
+def test_side_by_side_a_seeds_first_campaign_runs_before_the_rest_of_its_seed() -> None:
+    """flows/bench_pool.order: the first campaign of a seed (it computes the stages its seed
+    shares) is ready at once, the others once it finished; first campaigns go first."""
+    from flows.bench_pool import order
+
+    seeds = [0, 0, 0, 1, 1, 1, 2, 2]  # plan order: seed by seed, mpd first
+    assert order(seeds, done=set(), started=set()) == [0, 3, 6]
+    assert order(seeds, done=set(), started={0, 3}) == [6]
+    assert order(seeds, done={0}, started={0, 3}) == [6, 1, 2]
+    assert order(seeds, done={0, 3, 6}, started={0, 3, 6, 1}) == [2, 4, 5, 7]
+    # a naive reference: simulate two workers, each campaign one tick; no campaign of a seed
+    # starts before its first one ended, and every campaign runs once
+    done: set[int] = set()
+    started: dict[int, int] = {}
+    tick = 0
+    while len(done) < len(seeds):
+        for i in order(seeds, done, set(started))[: 2 - (len(started) - len(done))]:
+            started[i] = tick
+        tick += 1
+        done |= {i for i, t in started.items() if t < tick}
+    first = {s: seeds.index(s) for s in set(seeds)}
+    for i, s in enumerate(seeds):
+        if i != first[s]:
+            assert started[i] > started[first[s]], (i, started)
+    assert tick == 4  # 8 campaigns on 2 workers, never idle once the first ones ended

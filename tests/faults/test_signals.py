@@ -303,3 +303,54 @@ print("not stopped")
     assert out.stdout.split("\n")[0] == "alive [1]" and "not stopped" not in out.stdout
     assert out.stderr.strip() == STOPPED.format("SIGTERM")
     assert time.monotonic() - started < 20
+
+
+def test_signal_stops_a_bench_and_every_campaign_it_runs_side_by_side(tmp_path: Path) -> None:
+    """``mpd bench --jobs 2`` runs its campaigns as processes of their own (flows/bench_pool.py),
+    each in a session of its own: SIGTERM to the bench alone ends the bench within 10 s with its
+    one line, every campaign stops too (told at once; they stop as ``mpd run`` does), no process
+    is left, and every campaign's workspace lock is released."""
+    root = tmp_path / "bench"
+    sets = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
+    argv = [sys.executable, "-m", "flows.cli", "bench", "-w", str(root), "--rounds", "1"]
+    argv += ["--methods", "mpd,on_policy", "--seeds", "0,1", "--jobs", "2", *sets]
+    log = tmp_path / "bench.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            argv, stdout=fh, stderr=fh, cwd=REPO, env=env(), start_new_session=True
+        )
+    children: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 300
+        # both seeds' first campaigns (mpd) running side by side, one of them sampling
+        sampling = "mpd/seed=*/.staging/sample/round=1/*/_shards/part-*.json"
+        while True:
+            children = {p: cmdline(p) for p in _descendants(proc.pid)}
+            running = sum("flows.cli run" in c for c in children.values())
+            if running >= 2 and list(root.glob(sampling)):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the bench never ran two campaigns:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        campaigns = [p for p, c in children.items() if "flows.cli run" in c]
+        assert len(campaigns) == 2, children
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=EXIT_WITHIN_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {EXIT_WITHIN_S:g} s after the signal")
+        deadline = time.monotonic() + EXIT_WITHIN_S + 5
+        while not all(gone(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = {p: cmdline(p) for p in children if not gone(p)}
+    finally:
+        stop(proc, children)
+    err = log.read_text()
+    assert proc.returncode == 143, (proc.returncode, err[-3000:])
+    assert left == {}, f"left running after the bench ended: {left}"
+    assert err.strip().splitlines()[-1] == STOPPED.format("SIGTERM"), err[-2000:]
+    for ws in (p for p in root.glob("mpd/seed=*") if p.is_dir()):
+        record = (ws / ".lock").read_text()  # empty: stopped before its lease was written
+        logs = ws.with_name(ws.name + ".log").read_text()[-2000:]
+        assert not record.strip() or "pid" not in json.loads(record), f"{ws}: held\n{logs}"
+        assert logs.strip().splitlines()[-1] == STOPPED.format("SIGTERM"), logs
