@@ -9,9 +9,12 @@ by a few record batches whatever the iterator's length.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -60,3 +63,26 @@ def read_ahead(items: Iterator[T], depth: int = 4) -> Iterator[T]:
     finally:
         stop.set()
         worker.join()
+
+
+def prefetched(calls: Iterable[Callable[[], T]], ahead: int = 2) -> Iterator[T]:
+    """Each call's result, in order, the next ``ahead`` calls running on threads meanwhile.
+
+    The train stage's join reads its Parquet files one after the other, and one file's decode
+    keeps about one core busy (a thread per column, and one column holds most of the bytes):
+    decoding the next files while this one is joined uses the others. At most ``ahead``
+    results wait, so memory stays bounded by a few files. A call's exception is raised here, at
+    its turn; a caller that stops early cancels what has not started."""
+    todo = iter(calls)
+    with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="mpd-prefetch") as pool:
+        pending = deque(pool.submit(call) for call in itertools.islice(todo, ahead))
+        try:
+            while pending:
+                done = pending.popleft()
+                following = next(todo, None)
+                if following is not None:
+                    pending.append(pool.submit(following))
+                yield done.result()
+        finally:
+            for future in pending:
+                future.cancel()

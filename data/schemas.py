@@ -121,7 +121,11 @@ def logprob_gaps(quantised: np.ndarray) -> np.ndarray:
 def logprobs_from_gaps(gaps: np.ndarray | list[int], k: int) -> np.ndarray:
     """The stored gaps (flat t*k + j, or [T, k]) -> [T, k] float32 nats: the one decoder."""
     g = np.asarray(gaps, dtype=np.int32).reshape(-1, k)
-    return dequantize_logprobs(-np.cumsum(g, axis=1))
+    # Summed in int32, not numpy's default int64: a partial sum is at most k x 32,768 in
+    # magnitude, and the trainer decodes every example it reads (the int64 sum was a quarter
+    # of reading one). tests/test_schemas.py holds it to the int64 reference, bit for bit.
+    sums = np.cumsum(g, axis=1, dtype=np.int32 if k < 2**16 else np.int64)
+    return dequantize_logprobs(np.negative(sums, out=sums))
 
 
 def encode_topk_logprobs(logprobs: np.ndarray) -> np.ndarray:

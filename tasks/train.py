@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.readahead import prefetched
 from data.schemas import SCORES, TRAIN_LOG, decode_topk
 from data.stage_writer import StageWriter
 from data.tables import TRAIN_LOG as TRAIN_LOG_TABLE
@@ -63,14 +64,17 @@ def training_rows(
 def _payload_batches(
     keys: pa.Table, targets: list[Path], scores: list[Path] | None, batch_rows: int
 ) -> Iterator[pa.RecordBatch]:
-    """Step 2 of :func:`training_rows`: the keys' rows, with their columns, in the keys' order."""
+    """Step 2 of :func:`training_rows`: the keys' rows, with their columns, in the keys' order.
+
+    The files are read in the order they are used (a target file, then each score file its rows
+    move on to), the next ones decoded on other threads meanwhile (``data.readahead.prefetched``)."""
     tf = keys.column("tf").to_numpy()
     tr = keys.column("tr").to_numpy()
-    score_file: dict[int, pa.Table] = {}  # the one score file in use
-    for f in np.unique(tf):  # ascending: the committed order of the target files
-        rows = np.flatnonzero(tf == f)
-        part = pq.read_table(targets[f], columns=["problem_id", "sample_idx", "token_ids"])
-        part = _take(part, tr[rows])
+    plan = [(int(f), np.flatnonzero(tf == f)) for f in np.unique(tf)]  # committed order
+    files = prefetched(_loads(plan, keys, targets, scores))
+    current = -1  # the score file in use
+    for _, rows in plan:  # each target file, its rows
+        part = _take(next(files), tr[rows])
         if scores is not None:
             sf = keys.column("sf").take(pa.array(rows))
             if sf.null_count:
@@ -81,17 +85,39 @@ def _payload_batches(
             sr_np = keys.column("sr").to_numpy()[rows]
             pieces = []
             for g in _runs(sf_np):  # consecutive rows from the same score file
-                file = int(sf_np[g[0]])
-                if file not in score_file:
-                    score_file.clear()
-                    score_file[file] = _score_columns(scores[file])
-                pieces.append(_take(score_file[file], sr_np[g]))
+                if int(sf_np[g[0]]) != current:
+                    current, table = int(sf_np[g[0]]), next(files)
+                pieces.append(_take(table, sr_np[g]))
             payload = pa.concat_tables(pieces)
             for name in SCORE_COLUMNS:
                 part = part.append_column(name, payload.column(name))
         yield from part.to_batches(max_chunksize=batch_rows)
 
 
+def _loads(
+    plan: list[tuple[int, np.ndarray]],
+    keys: pa.Table,
+    targets: list[Path],
+    scores: list[Path] | None,
+) -> Iterator[Callable[[], pa.Table]]:
+    """The file reads :func:`_payload_batches` makes, in its order: each target file, then
+    each score file its rows switch to (one in use at a time). A target file whose rows lack a
+    score ends the list: it is refused when its turn comes, and nothing after it is read."""
+    current = -1
+    for f, rows in plan:
+        yield functools.partial(pq.read_table, targets[f], columns=TARGET_COLUMNS)
+        if scores is None:
+            continue
+        sf = keys.column("sf").take(pa.array(rows))
+        if sf.null_count:
+            return
+        for file in sf.to_numpy()[np.flatnonzero(np.diff(sf.to_numpy(), prepend=-1))]:
+            if int(file) != current:
+                current = int(file)
+                yield functools.partial(_score_columns, scores[current])
+
+
+TARGET_COLUMNS = ["problem_id", "sample_idx", "token_ids"]
 SCORE_COLUMNS = ["num_tokens", "k", "topk_ids", "topk_logprob_gaps", "topk_counts"]
 
 

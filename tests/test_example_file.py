@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data.readahead import read_ahead
+from data.readahead import prefetched, read_ahead
 from tasks.train import build_examples, example_prompts, training_rows
 from tests.conftest import REPO
 from tests.test_training_rows import _naive
@@ -328,6 +328,45 @@ def test_read_ahead_keeps_order_raises_where_it_failed_and_stops_with_its_caller
     ahead.close()  # the caller stops: the worker stops and closes the source
     assert source.gi_frame is None, "the source was not closed"
     assert not [t for t in threading.enumerate() if t.name == "mpd-read-ahead"]
+
+
+def test_prefetched_keeps_order_bounds_what_runs_ahead_and_raises_at_its_turn() -> None:
+    """data.readahead.prefetched (the join's file reads): results in the calls' order, never
+    more than ``ahead`` calls started beyond the one consumed, a failure raised at its turn,
+    and a caller that stops early leaves nothing running."""
+    import time
+
+    started: list[int] = []
+
+    def call(i: int, fail: bool = False):
+        def run() -> int:
+            started.append(i)
+            time.sleep(0.01 * ((7 * i) % 3))  # finishing out of order
+            if fail:
+                raise ValueError(f"call {i}")
+            return i
+
+        return run
+
+    def calls(n: int, fail_at: int | None = None):
+        for i in range(n):
+            yield call(i, i == fail_at)
+
+    got = []
+    for i in prefetched(calls(20), ahead=3):
+        assert max(started) <= i + 3, (i, started)
+        got.append(i)
+    assert got == list(range(20))
+    started.clear()
+    with pytest.raises(ValueError, match="call 5"):
+        list(prefetched(calls(20, fail_at=5), ahead=2))
+    assert max(started) <= 7
+    started.clear()
+    stream = prefetched(calls(10**6), ahead=2)
+    assert next(stream) == 0
+    stream.close()
+    assert len(started) <= 3
+    assert not [t for t in threading.enumerate() if t.name.startswith("mpd-prefetch")]
 
 
 def test_kill_9_mid_train_resumes_the_same_data_order(tmp_path: Path, tok) -> None:

@@ -107,6 +107,21 @@ def test_logprob_gaps_are_lossless(sort: bool) -> None:
         assert (stored >= 0).all(), "rank order gives non-negative gaps"
 
 
+@pytest.mark.parametrize("k", [1, 32, 64, 512])
+def test_logprobs_from_gaps_equals_its_integer_reference_bit_for_bit(k: int) -> None:
+    """The decode summed in int32 gives exactly what the int64 sum did, for any int16 gaps (not
+    only those an encoder writes: corrupt or adversarial ones too, the extremes included)."""
+    rng = np.random.default_rng(k)
+    gaps = rng.integers(-(2**15), 2**15, size=(40, k)).astype(np.int16)
+    gaps[0] = 2**15 - 1
+    gaps[1] = -(2**15)
+    gaps[2, :] = rng.integers(0, 2000, size=k)
+    want = (np.cumsum(gaps.astype(np.int64), axis=1) * -1).astype(np.float32) * np.float32(1e-3)
+    got = logprobs_from_gaps(gaps.reshape(-1), k)
+    assert got.dtype == np.float32 and got.shape == (40, k)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def test_logprob_gaps_naive_reference() -> None:
     q = np.array([[-5, -2000, -2001], [0, -32000, -100]], np.int16)
     want = [[5 - 0, -5 - -2000, -2000 - -2001], [0, 32000, -32000 - -100]]

@@ -8,6 +8,7 @@ their targets, every row at once, before any training step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -54,52 +55,90 @@ class Prompts(Protocol):
 
 
 def example_batch(
-    batch: pa.RecordBatch, prompts: Prompts, schema: pa.Schema = EXAMPLES
+    batches: Sequence[pa.RecordBatch], prompts: Prompts, schema: pa.Schema = EXAMPLES
 ) -> pa.RecordBatch:
-    """One batch of training rows (problem_id, sample_idx, token_ids [+ the scores' columns])
-    as a batch of the examples file (``schema``: its ids' width), its scores checked against
-    its targets."""
-    pids = batch.column("problem_id").to_pylist()
-    pairs = prompts.many(pids)
-    n = batch.num_rows
-    ids = schema.field("prompt_ids").type.value_type
+    """Training rows (problem_id, sample_idx, token_ids [+ the scores' columns]), one or more
+    record batches of them, as one record batch of the examples file (``schema``: its ids'
+    width), the scores checked against their targets.
 
-    def narrowed(name: str) -> pa.Array:
-        return _narrowed(batch, name, ids, pids)
+    The join's batches are mostly zero-copy slices (runs of kept rows, ``tasks.train._take``):
+    written one by one, the file held record batches of ~10 rows, each its own header to read,
+    prompt call and checks. Packed, each list column is copied once, narrowed on the way, into
+    one buffer (:func:`_packed`): the copy the narrowing made anyway."""
+    pids = [p for b in batches for p in b.column("problem_id").to_pylist()]
+    pairs = prompts.many(pids)
+    n = len(pids)
+    ids = schema.field("prompt_ids").type.value_type
+    rows = _Rows(batches, pids)
 
     columns = {
         "prompt_ids": pa.array([p for p, _ in pairs], pa.list_(ids)),
         "teacher_prompt_ids": pa.array([t for _, t in pairs], pa.list_(ids)),
-        "target_ids": narrowed("token_ids"),
+        "target_ids": _packed(rows, "token_ids", ids),
     }
-    if "k" in batch.schema.names:
-        _check_scores(batch, pids)
-        columns["k"] = batch.column("k").cast(pa.int32())
-        columns["topk_ids"] = narrowed("topk_ids")
-        columns["topk_logprob_gaps"] = batch.column("topk_logprob_gaps").cast(_SMALL)
-        columns["topk_counts"] = batch.column("topk_counts").cast(_SMALL)
+    if "k" in batches[0].schema.names:
+        start = 0
+        for b in batches:
+            _check_scores(b, pids[start : start + b.num_rows])
+            start += b.num_rows
+        columns["k"] = pa.concat_arrays([b.column("k").cast(pa.int32()) for b in batches])
+        columns["topk_ids"] = _packed(rows, "topk_ids", ids)
+        columns["topk_logprob_gaps"] = _packed(rows, "topk_logprob_gaps", pa.int16())
+        columns["topk_counts"] = pa.concat_arrays(
+            [b.column("topk_counts").cast(_SMALL) for b in batches]
+        )
     else:
         columns |= {f.name: pa.nulls(n, f.type) for f in schema if f.name not in columns}
     return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
-def _narrowed(batch: pa.RecordBatch, name: str, ids: pa.DataType, pids: list[str]) -> pa.Array:
-    """An id column as lists of ``ids``; an id a uint16 cannot hold is a ValueError naming its
-    row (a corrupt score, or a vocabulary the tokenizer does not describe)."""
-    column = batch.column(name)
-    if ids != pa.uint16():
-        return column.cast(pa.list_(ids))
-    values = pc.list_flatten(column)
-    low, high = (pc.min_max(values)[m].as_py() for m in ("min", "max"))
-    if low is not None and (low < 0 or high >= NARROW_VOCAB):
-        bad = pc.or_(pc.less(values, 0), pc.greater_equal(values, NARROW_VOCAB))
-        i = pc.list_parent_indices(column).filter(bad)[0].as_py()
-        value = values.filter(bad)[0].as_py()
-        raise ValueError(
-            f"{pids[i]} sample {batch.column('sample_idx')[i]}: {name} holds {value}, "
-            f"outside the tokenizer's vocabulary (ids 0..{NARROW_VOCAB - 1})"
-        )
-    return column.cast(pa.list_(ids), safe=False)
+class _Rows:
+    """The input batches of one packed batch, and their rows' names for an error message."""
+
+    def __init__(self, batches: Sequence[pa.RecordBatch], pids: list[str]) -> None:
+        self.batches, self.pids = batches, pids
+
+    def name(self, row: int) -> str:
+        for b in self.batches:
+            if row < b.num_rows:
+                return f"{self.pids[row]} sample {b.column('sample_idx')[row]}"
+            row -= b.num_rows
+        raise IndexError(row)
+
+
+def _packed(rows: _Rows, name: str, ids: pa.DataType) -> pa.ListArray:
+    """A list column of every input batch (lists never null) as one list array of ``ids``: each
+    batch's values copied once into one buffer, narrowed on the way. A value ``ids`` cannot
+    hold is a ValueError naming its row (a corrupt score, or a vocabulary the tokenizer does
+    not describe)."""
+    dtype = np.dtype(ids.to_pandas_dtype())
+    info = np.iinfo(dtype)
+    lengths = np.concatenate([list_lengths(b.column(name)) for b in rows.batches])
+    offsets = np.zeros(len(lengths) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    # from Arrow's memory pool, which keeps freed pages for the next batch: a fresh numpy
+    # buffer each batch (tens of MB) was mapped and faulted in page by page, every time
+    buffer = pa.allocate_buffer(int(offsets[-1]) * dtype.itemsize)
+    values = np.frombuffer(buffer, dtype)
+    at, first_row = 0, 0
+    for b in rows.batches:
+        column = b.column(name)
+        got = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+        if got.size and got.dtype != dtype:
+            low, high = int(got.min()), int(got.max())
+            if low < info.min or high > info.max:
+                bad = (got < info.min) | (got > info.max)
+                parents = pc.list_parent_indices(column).to_numpy()
+                i, value = int(parents[np.argmax(bad)]), int(got[np.argmax(bad)])
+                raise ValueError(
+                    f"{rows.name(first_row + i)}: {name} holds {value}, outside the "
+                    f"tokenizer's vocabulary (ids {info.min}..{info.max})"
+                )
+        values[at : at + got.size] = got
+        at += got.size
+        first_row += b.num_rows
+    flat = pa.Array.from_buffers(ids, len(values), [None, buffer])
+    return pa.ListArray.from_arrays(pa.array(offsets), flat)
 
 
 def _check_scores(batch: pa.RecordBatch, pids: list[str]) -> None:

@@ -120,8 +120,8 @@ def write_examples(path: Path, rows: Iterable[pa.RecordBatch], prompts: Prompts)
     boot = _boot_id()
     with naming(path), removed_on_failure(tmp), removed_on_failure(tmp_lengths):
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as out:
-            for batch in read_ahead(iter(rows)):  # the join decodes while this writes
-                examples = example_batch(batch, prompts, schema)
+            for group in _grouped(read_ahead(iter(rows))):  # the join decodes while this writes
+                examples = example_batch(group, prompts, schema)
                 out.write_batch(examples)
                 parts.append(_row_lengths(examples, len(parts)))
         written = {b"boot": boot or SYNCED, b"examples_bytes": str(tmp.stat().st_size).encode()}
@@ -137,6 +137,27 @@ def write_examples(path: Path, rows: Iterable[pa.RecordBatch], prompts: Prompts)
     if boot is None:
         fsync_dir(path.parent)
     return lengths.num_rows
+
+
+# A record batch of the file: the join's batches packed up to this many rows or input bytes
+# (~330 rows of 1,024 tokens x top-32): few headers to read, a few MB of pages to map per batch.
+BATCH_ROWS = 2048
+BATCH_BYTES = 64 * 2**20
+
+
+def _grouped(batches: Iterable[pa.RecordBatch]) -> Iterator[list[pa.RecordBatch]]:
+    """Consecutive batches, in order, grouped up to BATCH_ROWS rows or BATCH_BYTES (a batch
+    larger than that is a group of its own): what one record batch of the file packs."""
+    group: list[pa.RecordBatch] = []
+    rows = size = 0
+    for batch in batches:
+        if group and (rows + batch.num_rows > BATCH_ROWS or size + batch.nbytes > BATCH_BYTES):
+            yield group
+            group, rows, size = [], 0, 0
+        group.append(batch)
+        rows, size = rows + batch.num_rows, size + batch.nbytes
+    if group:
+        yield group
 
 
 SYNCED = b"fsynced"  # the lengths file's boot when both files were fsynced (no boot id here)
