@@ -352,6 +352,8 @@ def test_partial_checkpoints_are_never_picked_up(tmp_path: Path, world, examples
         )
 
 
+# quiet logs: DCP's "assuming single process" warning at every checkpoint is filtered
+@pytest.mark.filterwarnings("error:torch.distributed is disabled:UserWarning")
 @pytest.mark.parametrize("merge", [True, False])
 def test_lora_resume_and_save(tmp_path: Path, world, scored, merge: bool) -> None:
     """Adapters only; a resumed LoRA run (adapter dropout on) equals an uninterrupted one."""

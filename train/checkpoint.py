@@ -29,12 +29,15 @@ Several hosts: out_dir must be one shared filesystem (every process writes its s
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,13 +138,26 @@ def _trainable_state(module: Any, optimizer: torch.optim.Optimizer) -> dict[str,
 LOW_SPACE = 1 << 20  # bytes free, after a failed write, below which the disk is called full
 
 
+# What DCP warns at every save and load of a run on one process (no process group): the intent
+# it assumes is ours. A log line per checkpoint, with a source line, in every campaign's log.
+_SINGLE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
+
+
+@contextlib.contextmanager
+def single_process_quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS, category=UserWarning)
+        yield
+
+
 def _dcp_save(dcp: Any, state: dict[str, Any], where: Path) -> None:
     """``dcp.save``, with its failures told apart: it wraps every rank's exception in a
     ``CheckpointException``, a BaseException that no ``except Exception`` sees; and torch's zip
     writer loses a full disk's ENOSPC ("unexpected pos 704 vs 598"). A full disk becomes an
     OSError ENOSPC (``naming`` makes it one line); anything else stays a bug, with its text."""
     try:
-        dcp.save(state, checkpoint_id=str(where))
+        with single_process_quiet():
+            dcp.save(state, checkpoint_id=str(where))
     except dcp.api.CheckpointException as exc:
         causes = [failure[0] for failure in exc.failures.values()]
         full = any(is_disk_full(cause) for cause in causes)
@@ -242,7 +258,8 @@ def restore(
         raise CheckpointMismatchError(f"{path} is not a checkpoint of this version: remove it")
     target = _trainable_state(module, optimizer)
     try:
-        dcp.load(target, checkpoint_id=str(path / DCP))
+        with single_process_quiet():
+            dcp.load(target, checkpoint_id=str(path / DCP))
     except (RuntimeError, KeyError, ValueError) as exc:  # the planner: names or shapes differ
         raise CheckpointMismatchError(
             f"{path}: its trainable parameters differ from this model's ({one_line(exc)})"
