@@ -55,6 +55,15 @@ def _torch_threads() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _interruptible() -> None:
+    """Ctrl-C as in a terminal. A pytest-xdist worker starts with SIGINT ignored, which every
+    process a test starts would inherit (an ignored signal stays ignored across exec): the
+    tests that stop a run with SIGINT need it delivered."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture
 def python() -> str:
     """The interpreter running the tests, for subprocess-based tests."""

@@ -61,7 +61,7 @@ def example_batch(
     record batches of them, as one record batch of the examples file (``schema``: its ids'
     width), the scores checked against their targets.
 
-    The join's batches are mostly zero-copy slices (runs of kept rows, ``tasks.train._take``):
+    The join's batches are mostly zero-copy slices (runs of kept rows, ``tasks.train_rows._take``):
     written one by one, the file held record batches of ~10 rows, each its own header to read,
     prompt call and checks. Packed, each list column is copied once, narrowed on the way, into
     one buffer (:func:`_packed`): the copy the narrowing made anyway."""
