@@ -62,7 +62,7 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 
 # One torch thread: the tiny models' decode steps are too small to split, and two threads on two
 # shared cores spin against each other (measured: sampling 10x slower under load).
-bench: $(STAMP)  ## MPD against its alternatives: mpd bench (configs/bench.yaml: 8 methods x 3 seeds; docs/bench.md)
+bench: $(STAMP)  ## MPD against its alternatives: mpd bench (configs/bench.yaml: 8 methods x 3 seeds, 2 at a time, ~50 min on 2 cores; docs/bench.md)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/mpd bench $(ARGS)
 
 benchmarks: $(STAMP)  ## run every performance benchmark script (prints side-by-side ratios)

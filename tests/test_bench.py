@@ -244,6 +244,8 @@ def test_off_policy_is_said_to_be_no_contest_on_the_reference_world(tmp_path: Pa
         (["--rounds", "0"], "--rounds must be at least 1, got 0"),
         (["--rounds", "two"], "--rounds expects a positive integer, got 'two'"),
         (["--seeds", "0,x"], "--seeds expects integers, got '0,x'"),
+        (["--jobs", "0"], "--jobs must be at least 1, got 0"),
+        (["--jobs", "two"], "--jobs expects a positive integer, got 'two'"),
         (["--set", "train.lrr=1"], "unknown key 'train.lrr'"),
         (["--tune", "lr=1e-5"], "--tune lr needs at least two distinct rates"),
         (["--tune", "beta=1,2"], "--tune expects lr=V1,V2,..."),

@@ -163,6 +163,27 @@ def stop(proc: subprocess.Popen, children: dict[int, str] | None = None) -> None
     proc.wait(timeout=30)
 
 
+def ended(
+    proc: subprocess.Popen,
+    children: dict[int, str],
+    sig: signal.Signals,
+    linger_s: float,
+    sent: float,
+) -> tuple[dict[int, str], float]:
+    """Wait for ``proc`` to end within EXIT_WITHIN_S of ``sig`` (sent at ``sent``; else the test
+    fails), then up to ``linger_s`` for what it started: what is still running then, and the
+    seconds ``proc`` took to end."""
+    try:
+        proc.wait(timeout=EXIT_WITHIN_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{sig.name}: still running {EXIT_WITHIN_S:g} s after the signal")
+    took = time.monotonic() - sent
+    deadline = time.monotonic() + linger_s
+    while not all(gone(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {p: cmdline(p) for p in children if not gone(p)}, took
+
+
 @pytest.mark.parametrize(
     ("sig", "group", "stage", "code", "resume"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
@@ -185,15 +206,7 @@ def test_signal_stops_the_run_in_seconds_and_leaves_no_server(
         assert servers, f"the run started no API server of its own: {children}"
         sent = time.monotonic()
         (os.killpg if group else os.kill)(proc.pid, sig)
-        try:
-            proc.wait(timeout=EXIT_WITHIN_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{sig.name}: still running {EXIT_WITHIN_S:g} s after the signal")
-        took = time.monotonic() - sent
-        deadline = time.monotonic() + 5
-        while not all(gone(p) for p in children) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        left = {p: cmdline(p) for p in children if not gone(p)}
+        left, took = ended(proc, children, sig, linger_s=5, sent=sent)
     finally:
         stop(proc, children)
     err = log.read_text()
@@ -335,14 +348,7 @@ def test_signal_stops_a_bench_and_every_campaign_it_runs_side_by_side(tmp_path: 
         campaigns = [p for p, c in children.items() if "flows.cli run" in c]
         assert len(campaigns) == 2, children
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=EXIT_WITHIN_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running {EXIT_WITHIN_S:g} s after the signal")
-        deadline = time.monotonic() + EXIT_WITHIN_S + 5
-        while not all(gone(p) for p in children) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        left = {p: cmdline(p) for p in children if not gone(p)}
+        left, _ = ended(proc, children, signal.SIGTERM, EXIT_WITHIN_S + 5, time.monotonic())
     finally:
         stop(proc, children)
     err = log.read_text()
