@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -96,12 +96,12 @@ def _die_with_parent() -> None:
 
 @dataclass
 class Running:
-    index: int
+    """A campaign under way: its member, progress label, process and open log."""
+
     member: Member
     where: str
     proc: subprocess.Popen[bytes]
     out: IO[bytes]
-    started: float = field(default_factory=time.monotonic)
 
 
 def outcome(r: Running) -> str | None:
@@ -165,7 +165,7 @@ def run_side_by_side(
                     start_new_session=True,  # a terminal's Ctrl-C reaches the bench, which stops it
                     preexec_fn=_die_with_parent,
                 )
-                running[i] = Running(i, m, where, proc, out)
+                running[i] = Running(m, where, proc, out)
                 log.info(
                     "%s: %d round(s) in %s (process %d, log %s)",
                     where,
