@@ -54,13 +54,16 @@ def _payload_batches(
     move on to), the next ones decoded on other threads meanwhile (``data.readahead.prefetched``)."""
     tf = keys.column("tf").to_numpy()
     tr = keys.column("tr").to_numpy()
-    plan = [(int(f), np.flatnonzero(tf == f)) for f in np.unique(tf)]  # committed order
-    files = prefetched(_loads(plan, keys, targets, scores))
+    sf_all = None if scores is None else keys.column("sf")
+    plan = []  # each target file in committed order: its rows, and their score files (or None)
+    for f in np.unique(tf):
+        rows = np.flatnonzero(tf == f)
+        plan.append((int(f), rows, None if sf_all is None else sf_all.take(pa.array(rows))))
+    files = prefetched(_loads(plan, targets, scores))
     current = -1  # the score file in use
-    for _, rows in plan:  # each target file, its rows
+    for _, rows, sf in plan:
         part = _take(next(files), tr[rows])
-        if scores is not None:
-            sf = keys.column("sf").take(pa.array(rows))
+        if sf is not None:
             if sf.null_count:
                 first = int(np.flatnonzero(sf.is_null().to_numpy(zero_copy_only=False))[0])
                 pid, idx = part.column("problem_id")[first], part.column("sample_idx")[first]
@@ -79,25 +82,25 @@ def _payload_batches(
 
 
 def _loads(
-    plan: list[tuple[int, np.ndarray]],
-    keys: pa.Table,
+    plan: list[tuple[int, np.ndarray, pa.Array | None]],
     targets: list[Path],
     scores: list[Path] | None,
 ) -> Iterator[Callable[[], pa.Table]]:
     """The file reads :func:`_payload_batches` makes, in its order: each target file, then
-    each score file its rows switch to (one in use at a time). A target file whose rows lack a
-    score ends the list: it is refused when its turn comes, and nothing after it is read."""
+    each score file its rows switch to (one in use at a time, runs as :func:`_runs` finds
+    them). A target file whose rows lack a score ends the list: it is refused when its turn
+    comes, and nothing after it is read."""
     current = -1
-    for f, rows in plan:
+    for f, _, sf in plan:
         yield functools.partial(pq.read_table, targets[f], columns=TARGET_COLUMNS)
-        if scores is None:
+        if sf is None:
             continue
-        sf = keys.column("sf").take(pa.array(rows))
         if sf.null_count:
             return
-        for file in sf.to_numpy()[np.flatnonzero(np.diff(sf.to_numpy(), prepend=-1))]:
-            if int(file) != current:
-                current = int(file)
+        sf_np = sf.to_numpy()
+        for g in _runs(sf_np):
+            if int(sf_np[g[0]]) != current:
+                current = int(sf_np[g[0]])
                 yield functools.partial(_score_columns, scores[current])
 
 
