@@ -85,13 +85,21 @@ def child_env(jobs: int) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the bench's process ends, however it ends."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """In the child, before exec: SIGTERM when the bench's process (pid ``parent``) ends,
+    however it ends; a child whose parent ended before the request exits at once (as
+    ``train.launch.die_with_parent`` does for the training processes, with SIGKILL)."""
 
-        pr_set_pdeathsig = 1  # <linux/prctl.h>
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    def tie() -> None:
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            pr_set_pdeathsig = 1  # <linux/prctl.h>
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return tie
 
 
 @dataclass
@@ -163,7 +171,7 @@ def run_side_by_side(
                     stderr=subprocess.STDOUT,
                     env=env,
                     start_new_session=True,  # a terminal's Ctrl-C reaches the bench, which stops it
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=_die_with_parent(os.getpid()),
                 )
                 running[i] = Running(m, where, proc, out)
                 log.info(
