@@ -120,12 +120,18 @@ def logprob_gaps(quantised: np.ndarray) -> np.ndarray:
 
 def logprobs_from_gaps(gaps: np.ndarray | list[int], k: int) -> np.ndarray:
     """The stored gaps (flat t*k + j, or [T, k]) -> [T, k] float32 nats: the one decoder."""
-    g = np.asarray(gaps, dtype=np.int32).reshape(-1, k)
-    # Summed in int32, not numpy's default int64: a partial sum is at most k x 32,768 in
-    # magnitude, and the trainer decodes every example it reads (the int64 sum was a quarter
-    # of reading one). tests/test_schemas.py holds it to the int64 reference, bit for bit.
-    sums = np.cumsum(g, axis=1, dtype=np.int32 if k < 2**16 else np.int64)
-    return dequantize_logprobs(np.negative(sums, out=sums))
+    g = np.asarray(gaps)
+    if g.dtype.kind not in "iu":
+        g = g.astype(np.int32)
+    # Summed in int32 straight from the stored int16, not numpy's default int64: a partial sum
+    # is at most k x 32,768 in magnitude, and the trainer decodes every example it reads (the
+    # int64 sum was a quarter of reading one), negated and scaled in place: what
+    # dequantize_logprobs computes, with no array made twice. tests/test_schemas.py holds it to
+    # the int64 reference, bit for bit (a zero stays +0.0).
+    sums = np.cumsum(g.reshape(-1, k), axis=1, dtype=np.int32 if k < 2**16 else np.int64)
+    logprobs = np.negative(sums, out=sums).astype(np.float32)
+    logprobs *= np.float32(LOGPROB_SCALE)
+    return logprobs
 
 
 def encode_topk_logprobs(logprobs: np.ndarray) -> np.ndarray:
@@ -169,15 +175,21 @@ def decode_topk(
     k: int,
     counts: np.ndarray | list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One scores row -> ([T, k] int64 ids, [T, k] float32 logprobs): the one decoder.
+    """One scores row -> ([T, k] ids, [T, k] float32 logprobs): the one decoder.
+
+    The ids keep an integer array's type (the examples file's uint16, the table's int32: the
+    trainer's collate widens them into its batch tensor, one copy, not two); anything else
+    becomes int64.
 
     A candidate a position did not keep (``counts``) has id 0 and logprob +inf, which no real
     logprob is ("not stored"; NaN stays a broken value the trainer skips, −inf a candidate of
     zero probability): the top-k losses leave it out of both sides' buckets, its mass in the
     tail bucket.
     """
-    ids = np.asarray(topk_ids, dtype=np.int64)
-    gaps = np.asarray(topk_logprob_gaps, dtype=np.int32)
+    ids = np.asarray(topk_ids)
+    if ids.dtype.kind not in "iu":
+        ids = ids.astype(np.int64)
+    gaps = np.asarray(topk_logprob_gaps)
     if counts is None:
         if len(ids) % k or len(gaps) != len(ids):
             raise ValueError(f"scores hold {len(ids)} ids and {len(gaps)} logprobs, not T x k={k}")
@@ -189,7 +201,7 @@ def decode_topk(
             f"{counts.sum()} (each must be 1..k={k})"
         )
     kept = np.arange(k)[None, :] < counts[:, None]
-    full_ids = np.zeros((len(counts), k), dtype=np.int64)
+    full_ids = np.zeros((len(counts), k), dtype=ids.dtype)
     full_gaps = np.zeros((len(counts), k), dtype=np.int32)
     full_ids[kept], full_gaps[kept] = ids, gaps
     logprobs = logprobs_from_gaps(full_gaps, k)

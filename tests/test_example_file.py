@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -255,6 +256,52 @@ def test_an_id_a_narrow_file_cannot_hold_is_named(tmp_path: Path, tok) -> None:
     with pytest.raises(ValueError, match=r"p\d+ sample 2: topk_ids holds 70000, outside"):
         write_examples(out, rows, example_prompts(PROBLEMS, tok))
     assert not out.exists() and not lengths_path(out).exists()
+
+
+def _mapped_kb(path: Path) -> int:
+    """Resident KB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):  # a mapping's first line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's smaps")
+def test_reading_the_file_keeps_no_page_of_it_mapped(tmp_path: Path, tok, monkeypatch) -> None:
+    """Every example read, in the trainer's random order, over a file of many record batches:
+    after each, none of the file's pages stays mapped in the process (what the trainer holds
+    does not grow with the rows read), whichever batch the row was in; each release covers its
+    own batch only (the kernel's cost grows with the range: a whole 6.7 GB map per row was
+    most of a 50k-row read)."""
+    import train.example_file as example_file
+
+    monkeypatch.setattr(example_file, "BATCH_BYTES", 2**20)  # ~4 rows a record batch
+    rng = np.random.default_rng(5)
+    n, k = 2000, 32  # 256 KB of top-k a row: 64 pages
+    targets, scores = [], []
+    for j in range(40):
+        targets.append(
+            {"problem_id": f"p{j % 11}", "sample_idx": j, "token_ids": rng.integers(0, 500, n)}
+        )
+        scores.append({"problem_id": f"p{j % 11}", "sample_idx": j, "k": k, "num_tokens": n,
+                       "topk_ids": rng.integers(0, 500, n * k), "topk_counts": None,
+                       "topk_logprob_gaps": rng.integers(0, 900, n * k).astype(np.int16)})  # fmt: skip
+    for name, rows in (("targets", targets), ("scores", scores)):
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{name}.parquet")
+    files = [tmp_path / "targets.parquet"], [tmp_path / "scores.parquet"]
+    rows = training_rows(files[0], scores=files[1], batch_rows=3)
+    path = tmp_path / EXAMPLES_FILE
+    write_examples(path, rows, example_prompts(PROBLEMS, tok))
+    view = open_examples(path)
+    assert pa.ipc.open_file(path).num_record_batches >= 8
+    plan = BatchPlan(view.lengths, 4, seed=1)
+    for i in (i for step in range(plan.per_epoch) for i in plan.batch(step)):
+        ex = view[i]
+        assert ex.topk_ids.shape == (n, k) and ex.topk_ids.base is None  # a copy, not the map
+        assert _mapped_kb(path) <= 64, i  # at most a fault-around of pages (the lengths are read)
 
 
 def _with_metadata(path: Path, **changes: bytes) -> None:

@@ -55,7 +55,11 @@ class Prompts(Protocol):
 
 
 def example_batch(
-    batches: Sequence[pa.RecordBatch], prompts: Prompts, schema: pa.Schema = EXAMPLES
+    batches: Sequence[pa.RecordBatch],
+    prompts: Prompts,
+    schema: pa.Schema = EXAMPLES,
+    *,
+    pairs: list[tuple[list[int], list[int] | None]] | None = None,
 ) -> pa.RecordBatch:
     """Training rows (problem_id, sample_idx, token_ids [+ the scores' columns]), one or more
     record batches of them, as one record batch of the examples file (``schema``: its ids'
@@ -64,9 +68,11 @@ def example_batch(
     The join's batches are mostly zero-copy slices (runs of kept rows, ``tasks.train_rows._take``):
     written one by one, the file held record batches of ~10 rows, each its own header to read,
     prompt call and checks. Packed, each list column is copied once, narrowed on the way, into
-    one buffer (:func:`_packed`): the copy the narrowing made anyway."""
+    one buffer (:func:`_packed`): the copy the narrowing made anyway. ``pairs``: the rows'
+    prompts if they were made already (``prompts.many`` of the rows' problem ids)."""
     pids = [p for b in batches for p in b.column("problem_id").to_pylist()]
-    pairs = prompts.many(pids)
+    if pairs is None:
+        pairs = prompts.many(pids)
     n = len(pids)
     ids = schema.field("prompt_ids").type.value_type
     rows = _Rows(batches, pids)

@@ -14,8 +14,9 @@ uncompressed Arrow IPC file in its staging directory::
     topk_counts         list<int16>  candidates kept per position (null: all k)
 
 where ``ids`` is uint16 when the tokenizer's vocabulary fits in 65,536 ids, int32 otherwise
-(:func:`id_type`; the file's schema says which, and an Example's ids are Python ints and int64
-arrays either way), and reads it memory-mapped (``mmap``, read-only): every column of a record
+(:func:`id_type`; the file's schema says which: an Example's prompt and target ids are Python
+ints either way, its top-k ids an array of the file's width, which collate widens into the
+batch's int64 tensor), and reads it memory-mapped (``mmap``, read-only): every column of a record
 batch is a numpy view of the map. The per-row lengths (prompt, teacher prompt, target, k: a few integers a row, what
 the batch plan sorts by) are written beside it (``examples.lengths.arrow``) and read whole, so
 opening touches none of the big file. :class:`ExampleView` is the ``Sequence[Example]`` the
@@ -120,8 +121,9 @@ def write_examples(path: Path, rows: Iterable[pa.RecordBatch], prompts: Prompts)
     boot = _boot_id()
     with naming(path), removed_on_failure(tmp), removed_on_failure(tmp_lengths):
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as out:
-            for group in _grouped(read_ahead(iter(rows))):  # the join decodes while this writes
-                examples = example_batch(group, prompts, schema)
+            # The join decodes, and the next group's prompts are made, while this packs and writes.
+            for group, pairs in read_ahead(_prompted(_grouped(rows), prompts), depth=2):
+                examples = example_batch(group, prompts, schema, pairs=pairs)
                 out.write_batch(examples)
                 parts.append(_row_lengths(examples, len(parts)))
         written = {b"boot": boot or SYNCED, b"examples_bytes": str(tmp.stat().st_size).encode()}
@@ -159,6 +161,20 @@ def _grouped(batches: Iterable[pa.RecordBatch]) -> Iterator[list[pa.RecordBatch]
     if group:
         yield group
 
+
+def _prompted(
+    groups: Iterable[list[pa.RecordBatch]], prompts: Prompts
+) -> Iterator[tuple[list[pa.RecordBatch], list[tuple[list[int], list[int] | None]]]]:
+    """Each group with its rows' prompts (one batched template and tokenizer call): made in
+    the read-ahead thread, they no longer wait for the packing and the write (the chat template
+    is Python, a quarter of the join's own time at one problem a row)."""
+    for group in groups:
+        yield group, prompts.many([p for b in group for p in b.column("problem_id").to_pylist()])
+
+
+# Linux maps up to this many bytes of cached pages around a faulting one (fault_around_bytes,
+# 64 KB by default), past a record batch's ends too: a release covers them.
+FAULT_AROUND = 2**16
 
 SYNCED = b"fsynced"  # the lengths file's boot when both files were fsynced (no boot id here)
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -241,7 +257,8 @@ class _Mapped:
         if not lengths.schema.equals(LENGTHS):
             raise pa.ArrowInvalid(f"{lengths_path(path)} does not hold an examples file's lengths")
         self.recorded = lengths.schema.metadata or {}
-        self.reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self.map)))
+        self.base = pa.py_buffer(self.map)
+        self.reader = pa.ipc.open_file(pa.BufferReader(self.base))
         if not any(self.reader.schema.equals(s) for s in (EXAMPLES, NARROW)):
             raise pa.ArrowInvalid(f"{path} is not an examples file: {self.reader.schema}")
         cols = {name: lengths.column(name).to_numpy() for name in LENGTHS.names}
@@ -259,22 +276,33 @@ class _Mapped:
         self.counts = cols["counts"]
         self._batch = functools.lru_cache(maxsize=self.CACHED_BATCHES)(self._load)
 
-    def _load(self, b: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _load(self, b: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[int, int]]:
+        """Batch ``b``'s columns as numpy views, and the byte range of the map they span."""
         batch = self.reader.get_batch(b)
         if batch.num_rows != self.sizes[b]:
             raise pa.ArrowInvalid(f"{self.path}: batch {b} does not match its lengths")
-        return {name: _view(batch.column(name)) for name in EXAMPLES.names if name != "k"}
+        # Its header was read to make the views: those pages go now, the body's after each row.
+        self.release((0, len(self.map)))
+        spans = [
+            (buf.address, buf.address + buf.size)
+            for column in batch.columns
+            for buf in _buffers(column)
+        ]
+        start = min(a for a, _ in spans) - self.base.address
+        end = max(e for _, e in spans) - self.base.address
+        cols = {name: _view(batch.column(name)) for name in EXAMPLES.names if name != "k"}
+        return cols, (start, end)
 
     def example(self, row: int, cut: int) -> Example:
         """Row ``row`` of the file, its target (and top-k) cut to ``cut`` tokens."""
         b = int(self.batch_of[row])
-        i, cols = row - int(self.starts[b]), self._batch(b)
+        i, (cols, span) = row - int(self.starts[b]), self._batch(b)
         prompt = _row(cols["prompt_ids"], i).tolist()
         teacher = _row(cols["teacher_prompt_ids"], i).tolist() or None
         target = _row(cols["target_ids"], i)[:cut].tolist()
         k = int(self.ks[row])
         if k == 0:
-            self.release()
+            self.release(span)
             return Example(prompt, target, teacher_prompt_ids=teacher)
         if self.counts[row]:
             counts = _row(cols["topk_counts"], i)[:cut]
@@ -287,16 +315,31 @@ class _Mapped:
         topk_ids, topk_lp = decode_topk(
             ids[start : start + entries], gaps[g : g + entries], k, counts
         )
-        self.release()
+        if topk_ids.base is not None:  # a view of the map (all k kept): the Example owns a copy
+            topk_ids = topk_ids.copy()
+        self.release(span)
         return Example(prompt, target, topk_ids, topk_lp, teacher)
 
-    def release(self) -> None:
-        """Unmap the pages read so far (MADV_DONTNEED; they stay in the page cache).
+    def release(self, span: tuple[int, int]) -> None:
+        """Unmap the pages of ``span`` (bytes of the map) read so far (MADV_DONTNEED; they stay
+        in the page cache).
 
         The Example owns copies (lists, decoded arrays), so nothing points into them. Without
         this, every page a step touched would stay mapped, and the kernel maps whole page-cache
-        folios around a fault (up to MBs for a 200 KB row): RSS growing with the rows read."""
-        self.map.madvise(mmap.MADV_DONTNEED)
+        folios around a fault (up to MBs for a 200 KB row): RSS growing with the rows read.
+        Only the row's record batch (at most BATCH_BYTES and its offsets) and the kernel's
+        fault-around on either side of it: the cost of MADV_DONTNEED grows with the range, and
+        the whole map of a 50k-row round is 6.7 GB."""
+        start = max(0, span[0] - FAULT_AROUND)
+        start -= start % mmap.PAGESIZE
+        self.map.madvise(
+            mmap.MADV_DONTNEED, start, min(span[1] + FAULT_AROUND, len(self.map)) - start
+        )
+
+
+def _buffers(column: pa.Array) -> Iterator[pa.Buffer]:
+    """Every buffer of ``column``, its list values' included."""
+    yield from (b for b in column.buffers() if b is not None and b.size)
 
 
 def _view(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
