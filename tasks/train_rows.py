@@ -92,7 +92,7 @@ def _loads(
     comes, and nothing after it is read."""
     current = -1
     for f, _, sf in plan:
-        yield functools.partial(pq.read_table, targets[f], columns=TARGET_COLUMNS)
+        yield functools.partial(_columns, targets[f], TARGET_COLUMNS)
         if sf is None:
             continue
         if sf.null_count:
@@ -108,11 +108,17 @@ TARGET_COLUMNS = ["problem_id", "sample_idx", "token_ids"]
 SCORE_COLUMNS = ["num_tokens", "k", "topk_ids", "topk_logprob_gaps", "topk_counts"]
 
 
+def _columns(path: Path, columns: list[str]) -> pa.Table:
+    """``columns`` of a Parquet file (ParquetFile: one open, no dataset discovery)."""
+    return pq.ParquetFile(path).read(columns=columns)
+
+
 def _score_columns(path: Path) -> pa.Table:
     """The columns training reads from a scores file; one written before ``topk_counts``
     existed kept all k at every position (its counts are null)."""
-    names = set(pq.read_schema(path).names)
-    table = pq.read_table(path, columns=[c for c in SCORE_COLUMNS if c in names])
+    file = pq.ParquetFile(path)
+    names = set(file.schema_arrow.names)
+    table = file.read(columns=[c for c in SCORE_COLUMNS if c in names])
     if "topk_counts" not in names:
         counts = pa.nulls(table.num_rows, SCORES.field("topk_counts").type)
         table = table.append_column("topk_counts", counts)
