@@ -137,7 +137,8 @@ def kill_and_resume(args: argparse.Namespace, ws: Path) -> str:
         cmd = [sys.executable, "-m", "tests.order_child", str(ws / f"{name}.json")]
         cmd += [str(ws / f"{name}.digests")] + ([str(hold_at)] if hold_at else [])
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}  # its step lines
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, **quiet)
 
     def lines(name: str) -> list[str]:
         path = ws / f"{name}.digests"
