@@ -121,8 +121,9 @@ def write_examples(path: Path, rows: Iterable[pa.RecordBatch], prompts: Prompts)
     boot = _boot_id()
     with naming(path), removed_on_failure(tmp), removed_on_failure(tmp_lengths):
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as out:
-            # The join decodes, and the next group's prompts are made, while this packs and writes.
-            for group, pairs in read_ahead(_prompted(_grouped(rows), prompts), depth=2):
+            # The join decodes, and the next group's prompts are made, while this packs and writes;
+            # one group waits (two raised the join's peak from 1.18 GB at 5k rows to 1.30 at 50k).
+            for group, pairs in read_ahead(_prompted(_grouped(rows), prompts), depth=1):
                 examples = example_batch(group, prompts, schema, pairs=pairs)
                 out.write_batch(examples)
                 parts.append(_row_lengths(examples, len(parts)))
