@@ -276,9 +276,9 @@ def test_reading_the_file_keeps_no_page_of_it_mapped(tmp_path: Path, tok, monkey
     does not grow with the rows read), whichever batch the row was in; each release covers its
     own batch only (the kernel's cost grows with the range: a whole 6.7 GB map per row was
     most of a 50k-row read)."""
-    import train.example_file as example_file
+    import train.example_batch as example_batch
 
-    monkeypatch.setattr(example_file, "BATCH_BYTES", 2**20)  # ~4 rows a record batch
+    monkeypatch.setattr(example_batch, "BATCH_BYTES", 2**20)  # ~4 rows a record batch
     rng = np.random.default_rng(5)
     n, k = 2000, 32  # 256 KB of top-k a row: 64 pages
     targets, scores = [], []

@@ -8,7 +8,7 @@ their targets, every row at once, before any training step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -185,3 +185,34 @@ def _check_scores(batch: pa.RecordBatch, pids: list[str]) -> None:
 def list_lengths(column: pa.Array) -> np.ndarray:
     """Per-row list lengths (0 for a null list) as int64."""
     return pc.list_value_length(column).fill_null(0).to_numpy().astype(np.int64)
+
+
+# A record batch of the file: the join's batches packed up to this many rows or input bytes
+# (~330 rows of 1,024 tokens x top-32): few headers to read, a few MB of pages to map per batch.
+BATCH_ROWS = 2048
+BATCH_BYTES = 64 * 2**20
+
+
+def grouped(batches: Iterable[pa.RecordBatch]) -> Iterator[list[pa.RecordBatch]]:
+    """Consecutive batches, in order, grouped up to BATCH_ROWS rows or BATCH_BYTES (a batch
+    larger than that is a group of its own): what one record batch of the file packs."""
+    group: list[pa.RecordBatch] = []
+    rows = size = 0
+    for batch in batches:
+        if group and (rows + batch.num_rows > BATCH_ROWS or size + batch.nbytes > BATCH_BYTES):
+            yield group
+            group, rows, size = [], 0, 0
+        group.append(batch)
+        rows, size = rows + batch.num_rows, size + batch.nbytes
+    if group:
+        yield group
+
+
+def prompted(
+    groups: Iterable[list[pa.RecordBatch]], prompts: Prompts
+) -> Iterator[tuple[list[pa.RecordBatch], list[tuple[list[int], list[int] | None]]]]:
+    """Each group with its rows' prompts (one batched template and tokenizer call): made in
+    the read-ahead thread, they no longer wait for the packing and the write (the chat template
+    is Python, a quarter of the join's own time at one problem a row)."""
+    for group in groups:
+        yield group, prompts.many([p for b in group for p in b.column("problem_id").to_pylist()])

@@ -63,8 +63,10 @@ from train.example_batch import (
     Prompts,
     example_batch,
     examples_schema,
+    grouped,
     id_type,
     list_lengths,
+    prompted,
 )
 
 log = logging.getLogger("mpd")
@@ -123,7 +125,7 @@ def write_examples(path: Path, rows: Iterable[pa.RecordBatch], prompts: Prompts)
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as out:
             # The join decodes, and the next group's prompts are made, while this packs and writes;
             # one group waits (two raised the join's peak from 1.18 GB at 5k rows to 1.30 at 50k).
-            for group, pairs in read_ahead(_prompted(_grouped(rows), prompts), depth=1):
+            for group, pairs in read_ahead(prompted(grouped(rows), prompts), depth=1):
                 examples = example_batch(group, prompts, schema, pairs=pairs)
                 out.write_batch(examples)
                 parts.append(_row_lengths(examples, len(parts)))
@@ -140,37 +142,6 @@ def write_examples(path: Path, rows: Iterable[pa.RecordBatch], prompts: Prompts)
     if boot is None:
         fsync_dir(path.parent)
     return lengths.num_rows
-
-
-# A record batch of the file: the join's batches packed up to this many rows or input bytes
-# (~330 rows of 1,024 tokens x top-32): few headers to read, a few MB of pages to map per batch.
-BATCH_ROWS = 2048
-BATCH_BYTES = 64 * 2**20
-
-
-def _grouped(batches: Iterable[pa.RecordBatch]) -> Iterator[list[pa.RecordBatch]]:
-    """Consecutive batches, in order, grouped up to BATCH_ROWS rows or BATCH_BYTES (a batch
-    larger than that is a group of its own): what one record batch of the file packs."""
-    group: list[pa.RecordBatch] = []
-    rows = size = 0
-    for batch in batches:
-        if group and (rows + batch.num_rows > BATCH_ROWS or size + batch.nbytes > BATCH_BYTES):
-            yield group
-            group, rows, size = [], 0, 0
-        group.append(batch)
-        rows, size = rows + batch.num_rows, size + batch.nbytes
-    if group:
-        yield group
-
-
-def _prompted(
-    groups: Iterable[list[pa.RecordBatch]], prompts: Prompts
-) -> Iterator[tuple[list[pa.RecordBatch], list[tuple[list[int], list[int] | None]]]]:
-    """Each group with its rows' prompts (one batched template and tokenizer call): made in
-    the read-ahead thread, they no longer wait for the packing and the write (the chat template
-    is Python, a quarter of the join's own time at one problem a row)."""
-    for group in groups:
-        yield group, prompts.many([p for b in group for p in b.column("problem_id").to_pylist()])
 
 
 # A record batch's header (its flatbuffer message: ~1 KB for these 7 columns) is at most this far

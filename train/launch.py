@@ -41,6 +41,7 @@ from pydantic import Field
 
 from data.configbase import StrictModel
 from data.errors import InternalError, TransientError, UserError, kind_of, one_line
+from data.fsutil import atomic_write_bytes
 from data.memory import MemoryExhaustedError
 from train.config import DistributedConfig, TrainConfig
 
@@ -118,11 +119,14 @@ def rank_failures(spec_path: str) -> Iterator[None]:
     run_dir = json.loads(Path(spec_path).read_text()).get("run_dir")
     rank = int(os.environ.get("RANK", "0"))
     if run_dir is not None:
-        (Path(run_dir) / f"rank-{rank}.pid").write_text(str(os.getpid()))
+        # renamed into place whole: the launcher and a stop read it while ranks start
+        atomic_write_bytes(Path(run_dir) / f"rank-{rank}.pid", str(os.getpid()).encode())
     try:
         yield
         if run_dir is not None:
-            (Path(run_dir) / f"rank-{rank}.json").write_text(json.dumps(peak_memory()))
+            atomic_write_bytes(
+                Path(run_dir) / f"rank-{rank}.json", json.dumps(peak_memory()).encode()
+            )
     except BaseException as exc:  # boundary: every failure of the process is recorded by kind
         kind = rank_kind(exc)
         if run_dir is not None:
