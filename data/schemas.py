@@ -101,8 +101,10 @@ def quantize_logprobs(logprobs: np.ndarray) -> np.ndarray:
 
 
 def dequantize_logprobs(quantised: np.ndarray | list[int]) -> np.ndarray:
-    """int16 logprobs in units of LOGPROB_SCALE -> float32 nats."""
-    return np.asarray(quantised, dtype=np.float32) * np.float32(LOGPROB_SCALE)
+    """int16 logprobs in units of LOGPROB_SCALE -> float32 nats (one new array, scaled in place)."""
+    nats = np.array(quantised, dtype=np.float32)
+    nats *= np.float32(LOGPROB_SCALE)
+    return nats
 
 
 def logprob_gaps(quantised: np.ndarray) -> np.ndarray:
@@ -125,13 +127,10 @@ def logprobs_from_gaps(gaps: np.ndarray | list[int], k: int) -> np.ndarray:
         g = g.astype(np.int32)
     # Summed in int32 straight from the stored int16, not numpy's default int64: a partial sum
     # is at most k x 32,768 in magnitude, and the trainer decodes every example it reads (the
-    # int64 sum was a quarter of reading one), negated and scaled in place: what
-    # dequantize_logprobs computes, with no array made twice. tests/test_schemas.py holds it to
-    # the int64 reference, bit for bit (a zero stays +0.0).
+    # int64 sum was a quarter of reading one), negated in place. tests/test_schemas.py holds it
+    # to the int64 reference, bit for bit (a zero stays +0.0).
     sums = np.cumsum(g.reshape(-1, k), axis=1, dtype=np.int32 if k < 2**16 else np.int64)
-    logprobs = np.negative(sums, out=sums).astype(np.float32)
-    logprobs *= np.float32(LOGPROB_SCALE)
-    return logprobs
+    return dequantize_logprobs(np.negative(sums, out=sums))
 
 
 def encode_topk_logprobs(logprobs: np.ndarray) -> np.ndarray:

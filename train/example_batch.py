@@ -54,12 +54,11 @@ class Prompts(Protocol):
     def many(self, pids: list[str]) -> list[tuple[list[int], list[int] | None]]: ...
 
 
+PromptPairs = list[tuple[list[int], list[int] | None]]  # (student prompt ids, teacher's or None)
+
+
 def example_batch(
-    batches: Sequence[pa.RecordBatch],
-    prompts: Prompts,
-    schema: pa.Schema = EXAMPLES,
-    *,
-    pairs: list[tuple[list[int], list[int] | None]] | None = None,
+    batches: Sequence[pa.RecordBatch], pids: list[str], pairs: PromptPairs, schema: pa.Schema
 ) -> pa.RecordBatch:
     """Training rows (problem_id, sample_idx, token_ids [+ the scores' columns]), one or more
     record batches of them, as one record batch of the examples file (``schema``: its ids'
@@ -68,11 +67,8 @@ def example_batch(
     The join's batches are mostly zero-copy slices (runs of kept rows, ``tasks.train_rows._take``):
     written one by one, the file held record batches of ~10 rows, each its own header to read,
     prompt call and checks. Packed, each list column is copied once, narrowed on the way, into
-    one buffer (:func:`_packed`): the copy the narrowing made anyway. ``pairs``: the rows'
-    prompts if they were made already (``prompts.many`` of the rows' problem ids)."""
-    pids = [p for b in batches for p in b.column("problem_id").to_pylist()]
-    if pairs is None:
-        pairs = prompts.many(pids)
+    one buffer (:func:`_packed`): the copy the narrowing made anyway. ``pids`` and ``pairs``:
+    the rows' problem ids and prompts, as :func:`prompted` made them."""
     n = len(pids)
     ids = schema.field("prompt_ids").type.value_type
     rows = _Rows(batches, pids)
@@ -210,9 +206,10 @@ def grouped(batches: Iterable[pa.RecordBatch]) -> Iterator[list[pa.RecordBatch]]
 
 def prompted(
     groups: Iterable[list[pa.RecordBatch]], prompts: Prompts
-) -> Iterator[tuple[list[pa.RecordBatch], list[tuple[list[int], list[int] | None]]]]:
-    """Each group with its rows' prompts (one batched template and tokenizer call): made in
-    the read-ahead thread, they no longer wait for the packing and the write (the chat template
-    is Python, a quarter of the join's own time at one problem a row)."""
+) -> Iterator[tuple[list[pa.RecordBatch], list[str], PromptPairs]]:
+    """Each group with its rows' problem ids and prompts (one batched template and tokenizer
+    call): made in the read-ahead thread, they no longer wait for the packing and the write (the
+    chat template is Python, a quarter of the join's own time at one problem a row)."""
     for group in groups:
-        yield group, prompts.many([p for b in group for p in b.column("problem_id").to_pylist()])
+        pids = [p for b in group for p in b.column("problem_id").to_pylist()]
+        yield group, pids, prompts.many(pids)

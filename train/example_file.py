@@ -125,8 +125,8 @@ def write_examples(path: Path, rows: Iterable[pa.RecordBatch], prompts: Prompts)
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as out:
             # The join decodes, and the next group's prompts are made, while this packs and writes;
             # one group waits (two raised the join's peak from 1.18 GB at 5k rows to 1.30 at 50k).
-            for group, pairs in read_ahead(prompted(grouped(rows), prompts), depth=1):
-                examples = example_batch(group, prompts, schema, pairs=pairs)
+            for group, pids, pairs in read_ahead(prompted(grouped(rows), prompts), depth=1):
+                examples = example_batch(group, pids, pairs, schema)
                 out.write_batch(examples)
                 parts.append(_row_lengths(examples, len(parts)))
         written = {b"boot": boot or SYNCED, b"examples_bytes": str(tmp.stat().st_size).encode()}
