@@ -21,9 +21,9 @@ delivered once, as a ratio to the bare scan's kept rows per second (the issue as
 trainer's reads alone (every later epoch, a resume) are printed beside it. The join writes an
 uncompressed file (uint16 ids: the world tokenizer's 805) about 1.4x the Parquet it reads, so
 at sizes past the page cache's dirty limit the disk's write bandwidth bounds it (see
-docs/floors.md). The trainer unmaps the pages of
-each example it read (they stay in the page cache), so ``read`` and ``train`` report what the
-process itself holds; ``read`` prints its anonymous and file-backed RSS at the end. At the
+docs/floors.md). The trainer reads each example with positional reads from
+the page cache (no page of the file stays mapped), so ``read`` and ``train`` report what the
+process itself holds; ``read`` prints its anonymous and file-backed RSS (libraries) at the end. At the
 largest size a launched training run is killed with SIGKILL mid-run and run again, and its
 micro-batches compared with an uninterrupted run's (``--no-kill`` skips it). The last line is
 ``peak_rss_gb <train peak at the largest size> growth <(largest - smallest) / smallest>``.
@@ -235,7 +235,7 @@ def _read(args, files, decisions, examples) -> dict:
         for i in plan.batch(step):
             entries += view[i].topk_ids.size
     anon, file = _status_kb("RssAnon") / 2**20, _status_kb("RssFile") / 2**20
-    note = f"at the end: {anon:.2f} GB anonymous, {file:.2f} GB file-backed (the map)"
+    note = f"at the end: {anon:.2f} GB anonymous, {file:.2f} GB file-backed"
     return {"rows": plan.per_epoch * args.batch_size, "note": note}
 
 

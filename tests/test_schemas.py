@@ -122,6 +122,17 @@ def test_logprobs_from_gaps_equals_its_integer_reference_bit_for_bit(k: int) -> 
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+def test_logprobs_from_gaps_is_exact_where_its_running_sum_wraps() -> None:
+    """8,192 positions x top-32 of the largest gap: the int32 running sum over the row passes
+    2**31 (8.6e9), each position's own sum does not; the decode equals the int64 sum."""
+    gaps = np.full((8192, 32), 2**15 - 1, np.int16)
+    gaps[::7] = -(2**15)
+    want = (np.cumsum(gaps.astype(np.int64), axis=1) * -1).astype(np.float32) * np.float32(1e-3)
+    assert np.abs(np.cumsum(gaps.astype(np.int64))).max() > 2**31
+    got = logprobs_from_gaps(gaps.reshape(-1), 32)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def test_logprob_gaps_naive_reference() -> None:
     q = np.array([[-5, -2000, -2001], [0, -32000, -100]], np.int16)
     want = [[5 - 0, -5 - -2000, -2000 - -2001], [0, 32000, -32000 - -100]]

@@ -61,7 +61,9 @@ def test_distributed_two_processes_match_one_process_with_the_same_config(tmp_pa
     log = json.loads((out / "log.json").read_text())
     for key in ("step", "tokens", "lr"):
         assert [r[key] for r in log] == [r[key] for r in ref.log]
-    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in ref.log], rel=1e-5)
+    # float32 sums in another order (each rank's half, then gloo's all-reduce): 1.2e-5 apart at
+    # a step whose loss is 5.7e-5 on one machine here, within 1e-5 on another
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in ref.log], rel=1e-4)
     assert [r["grad_norm"] for r in log] == pytest.approx(
         [r["grad_norm"] for r in ref.log], rel=1e-4
     )

@@ -1,4 +1,4 @@
-"""A round's training examples, written once as an Arrow IPC file and read memory-mapped.
+"""A round's training examples, written once as an Arrow IPC file and read a row at a time.
 
 A real round is 10⁴–10⁶ kept traces of 1–8k tokens with top-32 teacher scores per token: tens
 of GB as Python objects. So the train stage never holds its examples as a whole. It writes them
@@ -16,21 +16,23 @@ uncompressed Arrow IPC file in its staging directory::
 where ``ids`` is uint16 when the tokenizer's vocabulary fits in 65,536 ids, int32 otherwise
 (:func:`id_type`; the file's schema says which: an Example's prompt and target ids are Python
 ints either way, its top-k ids an array of the file's width, which collate widens into the
-batch's int64 tensor), and reads it memory-mapped (``mmap``, read-only): every column of a record
-batch is a numpy view of the map. The per-row lengths (prompt, teacher prompt, target, k: a few integers a row, what
-the batch plan sorts by) are written beside it (``examples.lengths.arrow``) and read whole, so
-opening touches none of the big file. :class:`ExampleView` is the ``Sequence[Example]`` the
-trainer indexes; an Example is cut from the buffers when its micro-batch is collated (top-k
-decoded then, for that example only), and the pages it read are unmapped right after
-(MADV_DONTNEED; they stay in the page cache): what the trainer holds is the model, the lengths
-and the current micro-batch, whatever the round's size. The order is the trainer's
+batch's int64 tensor). The per-row lengths (prompt, teacher prompt, target, k: a few integers
+a row, what the batch plan sorts by) are written beside it (``examples.lengths.arrow``) and read
+whole, so opening touches none of the big file. :class:`ExampleView` is the ``Sequence[Example]``
+the trainer indexes. A record batch's header is read through a read-only memory map of the file
+when a row of it is first read, its columns' offsets copied and the pages unmapped; an Example
+is read when its micro-batch is collated, with positional reads (``os.preadv``) from the page
+cache straight into the arrays it owns (top-k decoded then, for that example only): what the
+trainer holds is the model, the lengths, a few KB per record batch and the current micro-batch,
+whatever the round's size, and no page of the file stays mapped. The order is the trainer's
 ``BatchPlan``: a pure function of (seed, step, lengths), so the same file gives the same
 batches, before a kill -9 and after.
 
 Why not the ``datasets`` library's Arrow-backed Dataset: it maps the same format (as an IPC
 stream), but a row read through it is formatted per call; random reads of decoded examples
-(1,024 tokens x top-32) measured 3,792/s here against 2,087/s for ``datasets``' numpy format
-and 731/s for its Python lists (docs/floors.md).
+(1,024 tokens x top-32) measured 3,792/s through numpy views of the map against 2,087/s for
+``datasets``' numpy format and 731/s for its Python lists; the positional reads that replaced
+the views took 35-50% less time than they did for the same rows (docs/floors.md).
 
 Both files are written to temporary names and renamed, the examples file last: a killed stage
 finds either a complete pair, which it reuses (same stage key, same staging directory, same
@@ -45,6 +47,7 @@ import functools
 import logging
 import mmap
 import os
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import overload
@@ -216,15 +219,21 @@ def open_examples(path: Path) -> ExampleView:
 
 
 class _Mapped:
-    """The examples file memory-mapped, and its rows' lengths (read whole: a few integers a row).
+    """The examples file, and its rows' lengths (read whole: a few integers a row).
 
-    A record batch's columns become numpy views of the map when a row of it is first read
-    (its header is read then), and kept: the views hold no page of the map, ~7 KB a batch.
+    The file is memory-mapped to find its record batches: a batch's header is read (through the
+    map) when a row of it is first read, its list columns' offsets copied (a few KB) and where
+    their values lie in the file kept, then the batch's pages unmapped. A row's values are read
+    with positional reads (``os.preadv``) from the page cache straight into the arrays its
+    Example owns: one copy, and no page of the file mapped. Reading rows through numpy views of
+    the map took 20-30% more time for the same rows: the views' page faults, the copies the
+    Example needs anyway, and an MADV_DONTNEED after each row whose page-table walk grew with
+    its record batch (64 MB: 24 us a row; docs/floors.md).
 
     The trainer's order is random over the whole round: a cache of 64 batches reloaded one for
     most reads at 50k rows (152 batches; 28,805 loads in 50,000 reads), and the read took 1.5x
-    the CPU it takes with all of them kept. 4,096 (~27 MB) holds over a million rows of 1k tokens
-    x top-32; past that the least recently used are reloaded."""
+    the CPU it takes with all of them kept. 4,096 (~8 KB each at ~330 rows a batch) holds over
+    a million rows of 1k tokens x top-32; past that the least recently used are reloaded."""
 
     CACHED_BATCHES = 4096
 
@@ -232,6 +241,8 @@ class _Mapped:
         self.path = path
         with open(path, "rb") as fh:
             self.map = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        weakref.finalize(self, os.close, self.fd)
         with pa.OSFile(str(lengths_path(path))) as source:  # read into memory, not mapped
             lengths = pa.ipc.open_file(source).read_all()
         if not lengths.schema.equals(LENGTHS):
@@ -257,8 +268,8 @@ class _Mapped:
         self.counts = cols["counts"]
         self._batch = functools.lru_cache(maxsize=self.CACHED_BATCHES)(self._load)
 
-    def _load(self, b: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[int, int]]:
-        """Batch ``b``'s columns as numpy views, and the byte range of the map they span."""
+    def _load(self, b: int) -> dict[str, _Column]:
+        """Batch ``b``'s list columns: their offsets (copied) and their values' place in the file."""
         batch = self.reader.get_batch(b)
         if batch.num_rows != self.sizes[b]:
             raise pa.ArrowInvalid(f"{self.path}: batch {b} does not match its lengths")
@@ -267,49 +278,52 @@ class _Mapped:
             for column in batch.columns
             for buf in _buffers(column)
         ]
-        # the batch's header, read to make the views, lies just before its body
-        start = min(a for a, _ in spans) - self.base.address - HEADER_BYTES
-        end = max(e for _, e in spans) - self.base.address
-        cols = {name: _view(batch.column(name)) for name in EXAMPLES.names if name != "k"}
-        return cols, (start, end)
+        base = self.base.address
+        cols = {name: _Column(batch.column(name), base) for name in EXAMPLES.names if name != "k"}
+        # the batch's header, read to find the columns, lies just before its body
+        self.release(
+            (min(a for a, _ in spans) - base - HEADER_BYTES, max(e for _, e in spans) - base)
+        )
+        return cols
 
     def example(self, row: int, cut: int) -> Example:
         """Row ``row`` of the file, its target (and top-k) cut to ``cut`` tokens."""
         b = int(self.batch_of[row])
-        i, (cols, span) = row - int(self.starts[b]), self._batch(b)
-        prompt = _row(cols["prompt_ids"], i).tolist()
-        teacher = _row(cols["teacher_prompt_ids"], i).tolist() or None
-        target = _row(cols["target_ids"], i)[:cut].tolist()
+        i, cols = row - int(self.starts[b]), self._batch(b)
+        prompt = self._read(cols["prompt_ids"], i).tolist()
+        teacher = self._read(cols["teacher_prompt_ids"], i).tolist() or None
+        target = self._read(cols["target_ids"], i, cut).tolist()
         k = int(self.ks[row])
         if k == 0:
-            self.release(span)
             return Example(prompt, target, teacher_prompt_ids=teacher)
         if self.counts[row]:
-            counts = _row(cols["topk_counts"], i)[:cut]
+            counts = self._read(cols["topk_counts"], i, cut)
             entries = int(counts.sum())
         else:
             counts, entries = None, cut * k
-        ids_off, ids = cols["topk_ids"]
-        gaps_off, gaps = cols["topk_logprob_gaps"]
-        start, g = int(ids_off[i]), int(gaps_off[i])
         topk_ids, topk_lp = decode_topk(
-            ids[start : start + entries], gaps[g : g + entries], k, counts
+            self._read(cols["topk_ids"], i, entries),
+            self._read(cols["topk_logprob_gaps"], i, entries),
+            k,
+            counts,
         )
-        if topk_ids.base is not None:  # a view of the map (all k kept): the Example owns a copy
-            topk_ids = topk_ids.copy()
-        self.release(span)
         return Example(prompt, target, topk_ids, topk_lp, teacher)
+
+    def _read(self, column: _Column, i: int, limit: int | None = None) -> np.ndarray:
+        """Row ``i``'s values of ``column`` (its first ``limit``), read into a new array."""
+        lo, hi = int(column.offsets[i]), int(column.offsets[i + 1])
+        if limit is not None:
+            hi = min(hi, lo + limit)
+        out = np.empty(max(hi - lo, 0), column.dtype)
+        if out.nbytes and os.preadv(self.fd, [out], column.at + lo * out.itemsize) != out.nbytes:
+            raise pa.ArrowInvalid(f"{self.path} ends inside a record batch")
+        return out
 
     def release(self, span: tuple[int, int]) -> None:
         """Unmap the pages of ``span`` (bytes of the map) read so far (MADV_DONTNEED; they stay
-        in the page cache).
-
-        The Example owns copies (lists, decoded arrays), so nothing points into them. Without
-        this, every page a step touched would stay mapped, and the kernel maps whole page-cache
-        folios around a fault (up to MBs for a 200 KB row): RSS growing with the rows read.
-        Only the row's record batch (at most BATCH_BYTES and its offsets) and the kernel's
-        fault-around on either side of it: the cost of MADV_DONTNEED grows with the range, and
-        the whole map of a 50k-row round is 6.7 GB."""
+        in the page cache), and the kernel's fault-around on either side: without it, a record
+        batch's header and offsets read through the map would stay mapped, RSS growing with
+        the batches read."""
         start = max(0, span[0] - FAULT_AROUND)
         start -= start % mmap.PAGESIZE
         self.map.madvise(
@@ -317,19 +331,21 @@ class _Mapped:
         )
 
 
+class _Column:
+    """A list column of a mapped record batch: its offsets, copied (4 bytes a row), and where
+    its values start in the file and of what type. Holds no page of the map."""
+
+    def __init__(self, column: pa.ListArray, base: int) -> None:
+        values = column.values
+        self.dtype = np.dtype(values.type.to_pandas_dtype())
+        self.offsets = np.array(column.offsets.to_numpy(), np.int64)
+        data = values.buffers()[1]  # None where no row holds a value (nothing to read then)
+        self.at = 0 if data is None else data.address - base + values.offset * self.dtype.itemsize
+
+
 def _buffers(column: pa.Array) -> Iterator[pa.Buffer]:
     """Every buffer of ``column``, its list values' included."""
     yield from (b for b in column.buffers() if b is not None and b.size)
-
-
-def _view(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """A list column as (offsets, values) numpy views of its buffers."""
-    return column.offsets.to_numpy(), column.values.to_numpy(zero_copy_only=False)
-
-
-def _row(view: tuple[np.ndarray, np.ndarray], i: int) -> np.ndarray:
-    offsets, values = view
-    return values[offsets[i] : offsets[i + 1]]
 
 
 class ExampleView(Sequence[Example]):
