@@ -102,9 +102,13 @@ def quantize_logprobs(logprobs: np.ndarray) -> np.ndarray:
 
 def dequantize_logprobs(quantised: np.ndarray | list[int]) -> np.ndarray:
     """int16 logprobs in units of LOGPROB_SCALE -> float32 nats (one new array, scaled in place)."""
-    nats = np.array(quantised, dtype=np.float32)
-    nats *= np.float32(LOGPROB_SCALE)
-    return nats
+    return _in_nats(np.array(quantised, dtype=np.float32))
+
+
+def _in_nats(units: np.ndarray) -> np.ndarray:
+    """float32 logprobs in units of LOGPROB_SCALE, scaled to nats in place."""
+    units *= np.float32(LOGPROB_SCALE)
+    return units
 
 
 def logprob_gaps(quantised: np.ndarray) -> np.ndarray:
@@ -133,14 +137,16 @@ def logprobs_from_gaps(gaps: np.ndarray | list[int], k: int) -> np.ndarray:
     # of 32 ran its inner loop per row, 1.8 ns), then each position's total before it taken off:
     # exact although the running sum wraps past 2**31 on long rows, because int32 arithmetic
     # is modulo 2**32 and a position's own partial sums (at most k x 32,768) fit. Negated by
-    # that subtraction, so a zero stays +0.0. tests/test_schemas.py holds it to numpy's int64
-    # sum, bit for bit.
+    # that subtraction (in int32, written out as float32: no third pass), so a zero stays +0.0.
+    # tests/test_schemas.py holds it to numpy's int64 sum, bit for bit.
     sums = np.empty(g.size, np.int32)
     np.add.accumulate(g.reshape(-1), dtype=np.int32, out=sums)
     sums = sums.reshape(-1, k)
     before = np.zeros((len(sums), 1), np.int32)
     before[1:, 0] = sums[:-1, -1]
-    return dequantize_logprobs(np.subtract(before, sums, out=sums))
+    units = np.empty(sums.shape, np.float32)
+    np.subtract(before, sums, out=units, dtype=np.int32, casting="unsafe")
+    return _in_nats(units)
 
 
 def encode_topk_logprobs(logprobs: np.ndarray) -> np.ndarray:

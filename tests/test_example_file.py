@@ -243,17 +243,18 @@ def test_a_complete_file_is_reused_and_a_broken_one_rewritten(tmp_path: Path, to
     assert len(again) == 60 and lengths_path(path).is_file()
 
 
-def test_an_id_a_narrow_file_cannot_hold_is_named(tmp_path: Path, tok) -> None:
+@pytest.mark.parametrize("bad", [70_000, -1])
+def test_an_id_a_narrow_file_cannot_hold_is_named(tmp_path: Path, tok, bad: int) -> None:
     """A vocabulary that fits uint16 but a stored top-k id that does not (a corrupt score, or
     a tokenizer that does not describe the teacher's ids): one line naming the row, nothing
     written; never an id wrapped around modulo 65,536."""
     files = write_round(tmp_path, rows=6, shards=1)
     table = pq.read_table(files["scores"][0]).to_pylist()
-    table[2]["topk_ids"][3] = 70_000
+    table[2]["topk_ids"][3] = bad
     pq.write_table(pa.Table.from_pylist(table), files["scores"][0])
     out = tmp_path / EXAMPLES_FILE
     rows = training_rows(files["targets"], scores=files["scores"])
-    with pytest.raises(ValueError, match=r"p\d+ sample 2: topk_ids holds 70000, outside"):
+    with pytest.raises(ValueError, match=rf"p\d+ sample 2: topk_ids holds {bad}, outside"):
         write_examples(out, rows, example_prompts(PROBLEMS, tok))
     assert not out.exists() and not lengths_path(out).exists()
 
