@@ -57,7 +57,7 @@ from data.store import StageStore  # noqa: E402
 from world.config import TinyModelConfig  # noqa: E402
 
 TOKENIZER = ROOT / "world" / "assets" / "tokenizer"
-STEPS = ("scan", "filter", "join", "read", "train")
+STEPS = ("scan", "filter", "join", "read", "train", "write")
 SMALL = TinyModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128)
 
 
@@ -102,6 +102,10 @@ def main() -> None:
             print(
                 f"{size:7d} into the trainer: join once + one epoch read {into:.0f} rows/s = "
                 f"{into / scan:.2f}x bare scan; the trainer's reads alone {read / scan:.2f}x"
+            )
+            print(
+                f"{size:7d} a bare write of the examples file's bytes to a new file took "
+                f"{got['write']['s']:.1f} s of the join's {got['join']['s']:.1f} s"
             )
             train_peaks.append(got["train"]["peak_mb"] / 1024)
             if size == args.sizes[-1] and args.kill:
@@ -222,6 +226,22 @@ def _join(args, files, decisions, examples) -> dict:
     prompts = example_prompts(_problems(files), _tokenizer())
     n = write_examples(examples, rows, prompts)
     return {"rows": n, "note": f"examples file {examples.stat().st_size / 1e9:.2f} GB"}
+
+
+def _write(args, files, decisions, examples) -> dict:
+    """The examples file's bytes written to a new file (no fsync, then removed): the join's
+    floor for its output, as the scan is for its input. Where the machine's new memory is
+    expensive (a VM's host mapping each fresh page on first touch) it is most of the join."""
+    block = np.full(64 * 2**20, 7, np.uint8)
+    size = left = examples.stat().st_size
+    out = examples.with_name("bare-write.bin")
+    try:
+        with open(out, "wb", buffering=0) as fh:
+            while left > 0:
+                left -= fh.write(block[: min(left, block.size)])
+    finally:
+        out.unlink(missing_ok=True)
+    return {"rows": 0, "note": f"{size / 1e9:.2f} GB, the examples file's size, to a new file"}
 
 
 def _read(args, files, decisions, examples) -> dict:

@@ -59,7 +59,7 @@ class LaunchSpec(StrictModel):
     model: str = Field(description="Hugging Face model directory of the student.")
     examples: str = Field(
         description="JSON lines written by batching.save_examples, or an examples file (.arrow,"
-        " train.example_file: memory-mapped by every process)"
+        " train.example_file: read a row at a time by every process)"
     )
     out_dir: str = Field(description="Checkpoints, out_dir/model and out_dir/log.json go here.")
     config: TrainConfig = Field(default_factory=TrainConfig)

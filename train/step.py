@@ -60,7 +60,7 @@ class Run:
     peft: Any  # its PeftModel wrapper, or None
     module: nn.Module  # HiddenStates(lm), DDP-wrapped under several processes
     teacher: Any
-    examples: Sequence[Example]  # a list, or an ExampleView of a memory-mapped examples file
+    examples: Sequence[Example]  # a list, or an ExampleView of an examples file on disk
     target_lengths: np.ndarray  # per example: the steps' token counts without building one
     plan: BatchPlan
     optimizer: torch.optim.Optimizer

@@ -11,8 +11,8 @@ One optimizer step, and why it is built this way:
    from `batching.BatchPlan`, a function of (seed, step): resuming needs only the step number.
    Each of N processes takes its share of every micro-batch (`share`), so 1 and N processes
    train on the same batches and make the same steps, within float rounding. The
-   examples are a list or a `train.example_file.ExampleView` (the train stage's: a memory-mapped
-   Arrow file, each example cut from it when its micro-batch is collated); the plan and each
+   examples are a list or a `train.example_file.ExampleView` (the train stage's: an Arrow file on
+   disk, each example read from it when its micro-batch is collated); the plan and each
    step's token count read their lengths, never the examples.
 2. N = the target tokens of the whole global batch, and each micro-batch contributes
    Σ per-token loss / N, so accumulation and data parallelism give the gradient of one big batch
