@@ -32,7 +32,7 @@ Why not the ``datasets`` library's Arrow-backed Dataset: it maps the same format
 stream), but a row read through it is formatted per call; random reads of decoded examples
 (1,024 tokens x top-32) measured 3,792/s through numpy views of the map against 2,087/s for
 ``datasets``' numpy format and 731/s for its Python lists; the positional reads that replaced
-the views took 35-50% less time than they did for the same rows (docs/floors.md).
+the views took 25-55% less time than they did for the same rows (docs/floors.md).
 
 Both files are written to temporary names and renamed, the examples file last: a killed stage
 finds either a complete pair, which it reuses (same stage key, same staging directory, same
@@ -225,10 +225,10 @@ class _Mapped:
     map) when a row of it is first read, its list columns' offsets copied (a few KB) and where
     their values lie in the file kept, then the batch's pages unmapped. A row's values are read
     with positional reads (``os.preadv``) from the page cache straight into the arrays its
-    Example owns: one copy, and no page of the file mapped. Reading rows through numpy views of
-    the map took 20-30% more time for the same rows: the views' page faults, the copies the
-    Example needs anyway, and an MADV_DONTNEED after each row whose page-table walk grew with
-    its record batch (64 MB: 24 us a row; docs/floors.md).
+    Example owns: one copy, and no page of the file mapped. Rows read through numpy views of
+    the map took 1.3-2x this time (the same rows, the same order): the views' page faults, the
+    copies the Example needs anyway, and an MADV_DONTNEED after each row whose page-table walk
+    grew with its record batch (64 MB: 24 us a row; docs/floors.md).
 
     The trainer's order is random over the whole round: a cache of 64 batches reloaded one for
     most reads at 50k rows (152 batches; 28,805 loads in 50,000 reads), and the read took 1.5x
@@ -338,7 +338,7 @@ class _Column:
     def __init__(self, column: pa.ListArray, base: int) -> None:
         values = column.values
         self.dtype = np.dtype(values.type.to_pandas_dtype())
-        self.offsets = np.array(column.offsets.to_numpy(), np.int64)
+        self.offsets = column.offsets.to_numpy().copy()
         data = values.buffers()[1]  # None where no row holds a value (nothing to read then)
         self.at = 0 if data is None else data.address - base + values.offset * self.dtype.itemsize
 
