@@ -11,21 +11,24 @@ process (so one step's peak does not hide in another's; Linux VmHWM of that proc
 - ``filter``: the filter stage (``filter_body``: the shipped rule in DuckDB, decisions committed);
 - ``join``: the train stage's data path: ``training_rows`` (DuckDB key join, payloads taken a
   target/score file at a time) written by ``write_examples`` into the Arrow examples file;
-- ``read``: every example read back from the memory-mapped file in the trainer's order
+- ``read``: every example read back from the examples file in the trainer's order
   (``BatchPlan``, top-k decoded): one epoch of the trainer's data access, no model;
 - ``train``: ``open_examples`` + ``--steps`` optimizer steps of a tiny Qwen3 (offline top-k
-  reverse KL, ``--batch-size`` sequences a step): what the train stage holds while it trains.
+  reverse KL, ``--batch-size`` sequences a step): what the train stage holds while it trains;
+- ``write``: the examples file's bytes written to a new file, no fsync, then removed: the floor
+  of the join's output, as ``scan`` is of its input.
 
 "Into the trainer" is the kept rows over (join + read) seconds: every row joined, written and
 delivered once, as a ratio to the bare scan's kept rows per second (the issue asks >= 0.5); the
 trainer's reads alone (every later epoch, a resume) are printed beside it. The join writes an
 uncompressed file (uint16 ids: the world tokenizer's 805) about 1.4x the Parquet it reads, so
 at sizes past the page cache's dirty limit the disk's write bandwidth bounds it (see
-docs/floors.md). The trainer reads each example with positional reads from
-the page cache (no page of the file stays mapped), so ``read`` and ``train`` report what the
-process itself holds; ``read`` prints its anonymous and file-backed RSS (libraries) at the end. At the
-largest size a launched training run is killed with SIGKILL mid-run and run again, and its
-micro-batches compared with an uninterrupted run's (``--no-kill`` skips it). The last line is
+docs/floors.md; ``write`` measures that floor). The trainer reads each example with positional
+reads from the page cache (no page of the file stays mapped), so ``read`` and ``train`` report
+what the process itself holds; ``read`` prints its anonymous and file-backed RSS (libraries) at
+the end. At the largest size a launched training run is killed with SIGKILL mid-run and run
+again, and its micro-batches compared with an uninterrupted run's (``--no-kill`` skips it). The
+last line is
 ``peak_rss_gb <train peak at the largest size> growth <(largest - smallest) / smallest>``.
 
     python benchmarks/bench_real_size.py [--sizes 5000 20000 50000] [--tokens 1024] [--k 32]

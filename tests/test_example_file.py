@@ -274,9 +274,9 @@ def _mapped_kb(path: Path) -> int:
 def test_reading_the_file_keeps_no_page_of_it_mapped(tmp_path: Path, tok, monkeypatch) -> None:
     """Every example read, in the trainer's random order, over a file of many record batches:
     after each, none of the file's pages stays mapped in the process (what the trainer holds
-    does not grow with the rows read), whichever batch the row was in; each release covers its
-    own batch only (the kernel's cost grows with the range: a whole 6.7 GB map per row was
-    most of a 50k-row read)."""
+    does not grow with the rows read), whichever batch the row was in: rows are read with
+    positional reads, and a batch's header and offsets, read through the map, are unmapped with
+    the kernel's fault-around on either side."""
     import train.example_batch as example_batch
 
     monkeypatch.setattr(example_batch, "BATCH_BYTES", 2**20)  # ~4 rows a record batch
