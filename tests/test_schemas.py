@@ -10,6 +10,7 @@ import pytest
 
 from data.schemas import (
     DECISIONS,
+    PRODUCT_K,
     TRACE_FIELDS,
     SchemaError,
     conform,
@@ -123,13 +124,31 @@ def test_logprobs_from_gaps_equals_its_integer_reference_bit_for_bit(k: int) -> 
 
 
 def test_logprobs_from_gaps_is_exact_where_its_running_sum_wraps() -> None:
-    """8,192 positions x top-32 of the largest gap: the int32 running sum over the row passes
-    2**31 (8.6e9), each position's own sum does not; the decode equals the int64 sum."""
-    gaps = np.full((8192, 32), 2**15 - 1, np.int16)
+    """2,048 positions x top-128 of the largest gap (past PRODUCT_K: the running sum): the int32
+    running sum over the row passes 2**31 (8.6e9), each position's own sum does not; the
+    decode equals the int64 sum."""
+    k = 128
+    assert k > PRODUCT_K
+    gaps = np.full((2048, k), 2**15 - 1, np.int16)
     gaps[::7] = -(2**15)
     want = (np.cumsum(gaps.astype(np.int64), axis=1) * -1).astype(np.float32) * np.float32(1e-3)
     assert np.abs(np.cumsum(gaps.astype(np.int64))).max() > 2**31
-    got = logprobs_from_gaps(gaps.reshape(-1), 32)
+    got = logprobs_from_gaps(gaps.reshape(-1), k)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16])
+def test_logprobs_from_gaps_by_product_is_exact_at_its_largest_sums(dtype: type) -> None:
+    """At PRODUCT_K, the float32 product's largest sums (k x the largest 16-bit gap, of either
+    sign) and a zero (+0.0, as the integer decode gives) equal numpy's int64 sum, bit for bit;
+    many positions (several of the product's row blocks) included."""
+    k, info = PRODUCT_K, np.iinfo(dtype)
+    rng = np.random.default_rng(1)
+    gaps = rng.integers(info.min, int(info.max) + 1, size=(3000, k)).astype(dtype)
+    gaps[0], gaps[1], gaps[2] = info.max, info.min, 0
+    want = (np.cumsum(gaps.astype(np.int64), axis=1) * -1).astype(np.float32) * np.float32(1e-3)
+    got = logprobs_from_gaps(gaps.reshape(-1), k)
+    assert got.shape == (3000, k) and not np.signbit(got[2]).any()
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
